@@ -1,0 +1,573 @@
+"""The compressing cache: storage, eviction mechanics and exact memory accounting.
+
+:class:`CompressedCache` is a ``transformers`` ``Cache`` made of one :class:`CompressedLayer` per
+decoder layer. A layer owns its tensors (``(batch, kv_heads, slots, ...)``, see
+:mod:`kvpress_aqua.accounting` for the layout) and asks its policies only two questions: which
+slots to keep (a :class:`~kvpress_aqua.policies.base.TokenPolicy` ranks them) and how many rotated
+key channels to store (a :class:`~kvpress_aqua.policies.base.ChannelPolicy`).
+
+Contract of :meth:`CompressedLayer.update` (called with ``n`` new post-RoPE tokens):
+
+1. If the layer holds more slots than its budget, it first evicts down to the budget, keeping the
+   highest-ranked slots (the ranking sees the attention of every earlier step). A decode step on
+   a full ``budget + 1`` buffer instead overwrites the lowest-ranked slot in place (static shape).
+2. It stores the new tokens (keys rotated and pruned under AQUA) and counts them as seen.
+3. It hands the new tokens at full precision to the attention call that follows
+   (:mod:`kvpress_aqua.attention`), which marks padding tokens invalid and adds attention scores.
+
+So the layer holds at most ``budget + n`` slots, ``budget + 1`` while decoding. Positions come from
+``get_seq_length()``, which counts tokens *seen*, never tokens held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rich.table import Table
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+
+from . import attention
+from .accounting import dense_layer_tokens
+from .model_info import ModelInfo
+from .policies.base import ChannelPolicy, SlotView, TokenPolicy
+
+__all__ = ["CompressedCache", "CompressedLayer", "MemoryReport"]
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One decoder layer's compressed storage.
+
+    Parameters
+    ----------
+    layer_idx : int
+        The decoder layer this storage belongs to.
+    num_kv_heads, head_dim : int
+        The layer's KV heads and per-head key/value width.
+    token_policy : TokenPolicy or None
+        Ranks held slots for eviction; ``None`` keeps every token (unless ``window`` is set).
+    channel : ChannelPolicy or None
+        Rotates keys/queries and sets the stored key width; ``None`` stores keys as they come.
+    window : int or None
+        The model's own sliding window for this layer: older tokens are never attended again, so
+        the budget is capped at ``window - 1`` and such tokens are evicted first.
+
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(
+        self,
+        layer_idx: int,
+        num_kv_heads: int,
+        head_dim: int,
+        token_policy: TokenPolicy | None = None,
+        channel: ChannelPolicy | None = None,
+        window: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.token_policy = token_policy
+        self.channel = channel
+        self.window = window
+        budget = token_policy.budget if token_policy is not None else None
+        if window is not None:
+            budget = window - 1 if budget is None else min(budget, window - 1)
+        self.budget = budget
+        self.needs_scores = bool(token_policy is not None and token_policy.needs_scores)
+        self.key_dim = channel.key_dim(layer_idx) if channel is not None else head_dim
+        self.seen = 0
+        self.index: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self.score: torch.Tensor | None = None
+        self.start: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ storage
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        """Allocate empty ``(batch, kv_heads, 0, ...)`` tensors matching the first update."""
+        batch = key_states.shape[0]
+        dev, dtype = key_states.device, key_states.dtype
+        self.dtype, self.device = dtype, dev
+        v_dim = value_states.shape[-1] if value_states is not None else self.head_dim
+        self.keys = key_states.new_empty(batch, self.num_kv_heads, 0, self.key_dim)
+        self.values = key_states.new_empty(batch, self.num_kv_heads, 0, v_dim)
+        self.index = torch.empty(batch, self.num_kv_heads, 0, dtype=torch.int32, device=dev)
+        self.valid = torch.empty(batch, self.num_kv_heads, 0, dtype=torch.bool, device=dev)
+        self.score = (
+            torch.empty(batch, self.num_kv_heads, 0, dtype=torch.float32, device=dev) if self.needs_scores else None
+        )
+        self.start = torch.zeros(batch, 1, 1, dtype=torch.int32, device=dev)
+        self.is_initialized = True
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        names = ("keys", "values", "index", "valid", "score", "start")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def _check_new(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.ndim != 4 or key_states.shape[1] != self.num_kv_heads or key_states.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"layer {self.layer_idx}: expected keys of shape (batch, {self.num_kv_heads}, new, {self.head_dim}), "
+                f"got {tuple(key_states.shape)}; is this cache built for this model?"
+            )
+        if value_states.shape[:-1] != key_states.shape[:-1]:
+            raise ValueError(
+                f"layer {self.layer_idx}: values {tuple(value_states.shape)} do not match keys {tuple(key_states.shape)}"
+            )
+        if self.is_initialized and key_states.shape[0] != self.keys.shape[0]:
+            raise ValueError(
+                f"this cache holds {self.keys.shape[0]} sequences but was given a batch of {key_states.shape[0]}; "
+                "build a new CompressedCache for a different batch size (or call cache.reset())"
+            )
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evict if over budget, store ``n`` new tokens, and hand them to the attention call.
+
+        Parameters
+        ----------
+        key_states, value_states : torch.Tensor
+            Post-RoPE keys and values ``(batch, kv_heads, n, head_dim)``.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            The stored keys ``(batch, kv_heads, slots, key_dim)`` and values; only
+            :func:`~kvpress_aqua.attention.compressed_attention` reads them correctly.
+
+        """
+        self._check_new(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        keys_new = self.channel.rotate(self.layer_idx, key_states) if self.channel is not None else key_states
+        slots = self.keys.shape[-2]
+        if self.budget is not None and n == 1 and slots == self.budget + 1:
+            new_slots = self._overwrite(keys_new, value_states)
+        else:
+            if self.budget is not None and slots > self.budget:
+                self._keep(self._priority().topk(self.budget, dim=-1).indices.sort(dim=-1).values)
+            new_slots = self._append(keys_new, value_states)
+            if self.budget is not None and n == 1 and self.keys.shape[-2] < self.budget + 1:
+                self._pad_to(self.budget + 1)
+        self.seen += n
+        attention.hand_off(attention.Handoff(self, keys_new, value_states, new_slots))
+        return self.keys, self.values
+
+    def _new_meta(self, n: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.arange(self.seen, self.seen + n, dtype=torch.int32, device=self.index.device)
+        index = index.expand(batch, self.num_kv_heads, n)
+        valid = torch.ones(batch, self.num_kv_heads, n, dtype=torch.bool, device=self.valid.device)
+        return index, valid
+
+    def _append(self, keys_new: torch.Tensor, values_new: torch.Tensor) -> torch.Tensor:
+        batch, _, n, _ = keys_new.shape
+        first = self.keys.shape[-2]
+        index, valid = self._new_meta(n, batch)
+        self.keys = torch.cat([self.keys, keys_new[..., : self.key_dim]], dim=-2)
+        self.values = torch.cat([self.values, values_new], dim=-2)
+        self.index = torch.cat([self.index, index], dim=-1)
+        self.valid = torch.cat([self.valid, valid], dim=-1)
+        if self.score is not None:
+            self.score = torch.cat([self.score, self.score.new_zeros(batch, self.num_kv_heads, n)], dim=-1)
+        slots = torch.arange(first, first + n, device=self.keys.device)
+        return slots.expand(batch, self.num_kv_heads, n)
+
+    def _overwrite(self, keys_new: torch.Tensor, values_new: torch.Tensor) -> torch.Tensor:
+        """Write one new token over each row's lowest-ranked slot, in place (static shapes)."""
+        victim = self._priority().argmin(dim=-1, keepdim=True)  # (batch, kv_heads, 1)
+        index, valid = self._new_meta(1, keys_new.shape[0])
+        self.keys.scatter_(2, victim[..., None].expand(-1, -1, -1, self.key_dim), keys_new[..., : self.key_dim])
+        self.values.scatter_(2, victim[..., None].expand(-1, -1, -1, self.values.shape[-1]), values_new)
+        self.index.scatter_(2, victim, index)
+        self.valid.scatter_(2, victim, valid)
+        if self.score is not None:
+            self.score.scatter_(2, victim, 0.0)
+        return victim
+
+    def _keep(self, slots: torch.Tensor) -> None:
+        """Keep only ``slots`` ``(batch, kv_heads, k)``; the result is new, compact tensors."""
+        width = self.keys.shape[-1], self.values.shape[-1]
+        self.keys = self.keys.gather(2, slots[..., None].expand(-1, -1, -1, width[0]))
+        self.values = self.values.gather(2, slots[..., None].expand(-1, -1, -1, width[1]))
+        self.index = self.index.gather(2, slots)
+        self.valid = self.valid.gather(2, slots)
+        if self.score is not None:
+            self.score = self.score.gather(2, slots)
+
+    def _pad_to(self, total: int) -> None:
+        """Append empty slots so that the decode buffer has its fixed ``budget + 1`` size."""
+        batch, heads, slots, _ = self.keys.shape
+        extra = total - slots
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(batch, heads, extra, self.keys.shape[-1])], dim=2)
+        self.values = torch.cat([self.values, self.values.new_zeros(batch, heads, extra, self.values.shape[-1])], 2)
+        self.index = torch.cat([self.index, self.index.new_full((batch, heads, extra), -1)], dim=-1)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(batch, heads, extra)], dim=-1)
+        if self.score is not None:
+            self.score = torch.cat([self.score, self.score.new_zeros(batch, heads, extra)], dim=-1)
+
+    def view(self) -> SlotView:
+        """The read-only view a token policy decides from."""
+        return SlotView(self.index, self.valid, self.score, self.seen, self.start, self.layer_idx)
+
+    def _priority(self) -> torch.Tensor:
+        if self.token_policy is not None:
+            rank = self.token_policy.priority(self.view())
+        else:
+            rank = self.index.float()
+        if self.window is not None:
+            rank = rank.masked_fill(self.index <= self.seen - self.window, float("-inf"))
+        return rank.masked_fill(~self.valid, float("-inf"))
+
+    # ------------------------------------------------------------ attention side
+    def past_mask(self, new_slots: torch.Tensor, n: int) -> torch.Tensor:
+        """Which held slots the chunk's queries see: ``(batch, kv_heads, 1, 1 or n, slots)``.
+
+        Excludes the slots just written (the chunk sees itself through the new block at full
+        precision) and, on sliding-window layers, tokens outside each query's window.
+        """
+        visible = self.valid.scatter(2, new_slots, False)[:, :, None, None, :]
+        if self.window is not None:
+            query_index = torch.arange(self.seen - n, self.seen, device=visible.device)
+            lowest = (query_index - self.window)[:, None]  # (n, 1)
+            visible = visible & (self.index[:, :, None, None, :] > lowest)
+        return visible
+
+    def after_attention(
+        self, new_slots: torch.Tensor, new_valid: torch.Tensor, mass_past: torch.Tensor, mass_new: torch.Tensor
+    ) -> None:
+        """Record what the attention call learnt: padding among the new tokens, and attention mass.
+
+        Parameters
+        ----------
+        new_slots : torch.Tensor
+            ``(batch, kv_heads, n)`` slots of the new tokens.
+        new_valid : torch.Tensor
+            bool ``(batch, n)``: False for padding tokens.
+        mass_past, mass_new : torch.Tensor
+            Attention mass per KV head received by each held slot ``(batch, kv_heads, slots)`` and
+            by each new token ``(batch, kv_heads, n)``, summed over the group's queries.
+
+        """
+        heads = self.num_kv_heads
+        self.valid.scatter_(2, new_slots, new_valid[:, None, :].expand(-1, heads, -1))
+        self.start += (~new_valid).sum(-1, dtype=torch.int32)[:, None, None]
+        if self.score is not None:
+            self.score += mass_past
+            self.score.scatter_add_(2, new_slots, mass_new)
+
+    # --------------------------------------------------- transformers contract
+    def get_seq_length(self) -> int:
+        """Tokens seen (not held): ``generate`` derives positions from it."""
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        """Announce a key axis of just the new chunk, placed right after the tokens seen.
+
+        ``query_length`` is an int since transformers 5.4 and a ``cache_position`` tensor before.
+        """
+        n = query_length if isinstance(query_length, int) else int(query_length.shape[0])
+        return n, self.seen
+
+    def get_max_length(self) -> int:
+        """No fixed maximum of tokens seen."""
+        return -1
+
+    get_max_cache_shape = get_max_length
+
+    def reset(self) -> None:
+        """Drop every token; the layer starts empty."""
+        for name in self._tensors():
+            setattr(self, name, None)
+        self.seen = 0
+        self.is_initialized = False
+
+    def _apply_rows(self, fn: Any) -> None:
+        if self.is_initialized:
+            for name, tensor in self._tensors().items():
+                setattr(self, name, fn(tensor))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder sequences for beam search (every per-slot tensor follows)."""
+        self._apply_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each sequence ``repeats`` times (``num_return_sequences``)."""
+        self._apply_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the sequences ``indices``."""
+        self._apply_rows(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Cropping would need evicted tokens back; a compressing layer refuses it."""
+        if tokens_to_remove != 0:
+            raise ValueError(
+                "a compressing cache cannot be cropped (evicted or pruned keys cannot be restored); "
+                "assisted/speculative decoding needs a plain DynamicCache"
+            )
+
+    # --------------------------------------------------------------- accounting
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer holds, metadata included."""
+        return sum(t.nbytes for t in self._tensors().values())
+
+    def held_tokens(self) -> int:
+        """Valid tokens held, summed over sequences and KV heads."""
+        return int(self.valid.sum()) if self.is_initialized else 0
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """One layer's line in a :class:`MemoryReport`."""
+
+    layer: int
+    kind: str
+    slots: int
+    held: int
+    key_bytes: int
+    value_bytes: int
+    meta_bytes: int
+    dense_bytes: int
+
+    @property
+    def total(self) -> int:
+        """All bytes the layer holds."""
+        return self.key_bytes + self.value_bytes + self.meta_bytes
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Bytes held per layer and per kind, with what ``DynamicCache`` would hold; rich-renderable."""
+
+    rows: tuple[MemoryRow, ...]
+    policy_bytes: int
+    seen: int
+
+    @property
+    def total(self) -> int:
+        """Every byte the cache holds, projection matrices included."""
+        return sum(r.total for r in self.rows) + self.policy_bytes
+
+    @property
+    def dense(self) -> int:
+        """Bytes ``DynamicCache`` would hold after the same tokens."""
+        return sum(r.dense_bytes for r in self.rows)
+
+    def by_kind(self) -> dict[str, int]:
+        """Bytes per kind: keys, values, slot metadata, policy tensors."""
+        return {
+            "keys": sum(r.key_bytes for r in self.rows),
+            "values": sum(r.value_bytes for r in self.rows),
+            "metadata": sum(r.meta_bytes for r in self.rows),
+            "policy": self.policy_bytes,
+        }
+
+    def __rich__(self) -> Table:
+        ratio = self.total / self.dense if self.dense else float("nan")
+        table = Table(title=f"KV cache after {self.seen} tokens: {_fmt(self.total)} held, "
+                      f"{_fmt(self.dense)} dense ({ratio:.1%})")
+        for col in ("layer", "kind", "slots", "held tokens", "keys", "values", "metadata", "total", "dense"):
+            table.add_column(col, justify="left" if col == "kind" else "right")
+        for r in self.rows:
+            table.add_row(str(r.layer), r.kind, str(r.slots), str(r.held), _fmt(r.key_bytes), _fmt(r.value_bytes),
+                          _fmt(r.meta_bytes), _fmt(r.total), _fmt(r.dense_bytes))
+        kinds = self.by_kind()
+        table.add_section()
+        table.add_row("all", "", "", str(sum(r.held for r in self.rows)), _fmt(kinds["keys"]), _fmt(kinds["values"]),
+                      _fmt(kinds["metadata"]), _fmt(self.total), _fmt(self.dense))
+        if self.policy_bytes:
+            table.caption = f"total includes {_fmt(self.policy_bytes)} of AQUA projection matrices"
+        return table
+
+    def __str__(self) -> str:
+        kinds = ", ".join(f"{k} {_fmt(v)}" for k, v in self.by_kind().items())
+        return f"KV cache: {_fmt(self.total)} held ({kinds}) vs {_fmt(self.dense)} dense after {self.seen} tokens"
+
+
+def _fmt(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+class CompressedCache(Cache):
+    """A drop-in ``DynamicCache`` replacement that evicts tokens and prunes key channels.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        The decoder the cache serves. Its attention implementation is switched to
+        :func:`~kvpress_aqua.attention.compressed_attention` (registered through
+        ``transformers.AttentionInterface``) when a policy needs it; :meth:`detach` restores it.
+    *policies : TokenPolicy or ChannelPolicy
+        At most one of each kind, in any order. None at all gives a plain ``DynamicCache``.
+    prefill_chunk : int, optional
+        Chunk size used by :meth:`prefill` so that peak memory follows the budget, not the prompt.
+
+    Examples
+    --------
+    >>> cache = CompressedCache(model, H2O(heavy=256, recent=64), Aqua(k_ratio=0.5))  # doctest: +SKIP
+    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)  # doctest: +SKIP
+    >>> cache.nbytes(), cache.dense_nbytes()  # doctest: +SKIP
+
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, *policies: TokenPolicy | ChannelPolicy, prefill_chunk: int | None = None
+    ) -> None:
+        if prefill_chunk is not None and prefill_chunk <= 0:
+            raise ValueError(f"prefill_chunk={prefill_chunk}: give a positive token count, or None for no chunking")
+        self.info = ModelInfo.from_config(model.config)
+        self.token_policy, self.channel = _split_policies(policies)
+        self.policies = tuple(policies)
+        self.prefill_chunk = prefill_chunk
+        self._model = model
+        if self.policies and not type(model).is_backend_compatible():
+            raise ValueError(
+                f"model type {self.info.model_type!r} ({type(model).__name__}) does not use transformers' "
+                "AttentionInterface, so its attention cannot read a compressed cache; use a model that supports "
+                "attn_implementation switching (Llama, Qwen, Mistral, Gemma, Phi-3...)"
+            )
+        if self.token_policy is not None:
+            self.token_policy.check(self.info)
+        _check_sinks(self.token_policy, self.info)
+        param = next(model.parameters())
+        if self.channel is not None:
+            self.channel.bind(self.info, param.device, param.dtype)
+        super().__init__(layers=[self._make_layer(i) for i in range(self.info.num_layers)])
+        self._previous_attention: str | None = None
+        if self.policies:
+            attention.register()
+            self._previous_attention = model.config._attn_implementation
+            _set_attention(model, attention.ATTENTION_NAME)
+
+    def _make_layer(self, layer_idx: int) -> CacheLayerMixin:
+        window = self.info.sliding_window if self.info.is_sliding(layer_idx) else None
+        if not self.policies:
+            return DynamicSlidingWindowLayer(sliding_window=window) if window else DynamicLayer()
+        return CompressedLayer(
+            layer_idx, self.info.num_kv_heads, self.info.head_dim, self.token_policy, self.channel, window
+        )
+
+    def detach(self) -> None:
+        """Give the model back the attention implementation it had before this cache."""
+        if self._previous_attention is not None:
+            _set_attention(self._model, self._previous_attention)
+            self._previous_attention = None
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed a prompt through the model in chunks of ``prefill_chunk``, evicting between chunks.
+
+        Parameters
+        ----------
+        input_ids : torch.Tensor
+            ``(batch, prompt)`` token ids (left-padded for batches).
+        attention_mask : torch.Tensor, optional
+            ``(batch, prompt)`` 1 for tokens, 0 for padding, covering only ``input_ids``: the cache
+            keeps what it needs of earlier padding itself.
+
+        Returns
+        -------
+        torch.Tensor
+            Logits of the last prompt token, ``(batch, vocab)``.
+
+        """
+        total = input_ids.shape[1]
+        if total == 0:
+            raise ValueError("prefill needs at least one token")
+        chunk = self.prefill_chunk or total
+        offset = self.get_seq_length()
+        positions = None
+        if attention_mask is not None:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0) + self._real_tokens_seen()
+        logits = None
+        with torch.no_grad():
+            for lo in range(0, total, chunk):
+                hi = min(lo + chunk, total)
+                kwargs: dict[str, Any] = {}
+                if attention_mask is not None:
+                    ones = attention_mask.new_ones(attention_mask.shape[0], offset)
+                    kwargs["attention_mask"] = torch.cat([ones, attention_mask[:, :hi]], dim=1)
+                    kwargs["position_ids"] = positions[:, lo:hi]
+                out = self._model(input_ids[:, lo:hi], past_key_values=self, use_cache=True,
+                                  logits_to_keep=1, **kwargs)
+                logits = out.logits[:, -1]
+        return logits
+
+    def _real_tokens_seen(self) -> torch.Tensor | int:
+        layer = self.layers[0]
+        if isinstance(layer, CompressedLayer) and layer.is_initialized:
+            return (layer.seen - layer.start[:, 0]).long()
+        return self.get_seq_length()
+
+    # --------------------------------------------------------------- accounting
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds now: keys, values, slot metadata, projection matrices."""
+        return self.memory_report().total
+
+    def dense_nbytes(self) -> int:
+        """Bytes a ``DynamicCache`` would hold after the same tokens (sliding layers keep their window)."""
+        return self.memory_report().dense
+
+    def memory_report(self) -> MemoryReport:
+        """Per-layer, per-kind bytes held and what ``DynamicCache`` would hold."""
+        rows = []
+        for i, layer in enumerate(self.layers):
+            window = self.info.sliding_window if self.info.is_sliding(i) else None
+            if not layer.is_initialized:
+                rows.append(MemoryRow(i, "empty", 0, 0, 0, 0, 0, 0))
+                continue
+            batch, heads, slots, _ = layer.keys.shape
+            elem = layer.values.element_size()
+            dense = batch * heads * dense_layer_tokens(self.get_seq_length(i), window) * 2 * self.info.head_dim * elem
+            if isinstance(layer, CompressedLayer):
+                kind = "sliding" if window else "compressed"
+                meta = layer.nbytes() - layer.keys.nbytes - layer.values.nbytes
+                rows.append(MemoryRow(i, kind, slots, layer.held_tokens(), layer.keys.nbytes, layer.values.nbytes,
+                                      meta, dense))
+            else:
+                rows.append(MemoryRow(i, "dense", slots, batch * heads * slots, layer.keys.nbytes,
+                                      layer.values.nbytes, 0, dense))
+        policy_bytes = self.channel.nbytes() if self.channel is not None else 0
+        return MemoryReport(tuple(rows), policy_bytes, self.get_seq_length())
+
+
+def _split_policies(policies: Sequence[Any]) -> tuple[TokenPolicy | None, ChannelPolicy | None]:
+    tokens = [p for p in policies if isinstance(p, TokenPolicy)]
+    channels = [p for p in policies if isinstance(p, ChannelPolicy)]
+    others = [p for p in policies if not isinstance(p, TokenPolicy | ChannelPolicy)]
+    if others:
+        raise ValueError(f"not a policy: {others[0]!r}; pass TokenPolicy/ChannelPolicy objects (see kvpress_aqua.policies)")
+    if len(tokens) > 1 or len(channels) > 1:
+        raise ValueError(
+            f"give at most one token policy and one channel policy, got {len(tokens)} and {len(channels)}: "
+            f"{', '.join(type(p).__name__ for p in policies)}"
+        )
+    return (tokens[0] if tokens else None), (channels[0] if channels else None)
+
+
+def _check_sinks(policy: TokenPolicy | None, info: ModelInfo) -> None:
+    sinks = getattr(policy, "sinks", 0) or 0
+    window = info.sliding_window
+    if window is not None and any(info.is_sliding(i) for i in range(info.num_layers)) and sinks > window - 1:
+        raise ValueError(
+            f"{type(policy).__name__}(sinks={sinks}) cannot fit in the model's sliding-window layers, which hold "
+            f"at most {window - 1} past tokens; use sinks <= {window - 1}"
+        )
+
+
+def _set_attention(model: PreTrainedModel, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name

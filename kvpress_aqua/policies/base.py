@@ -1,0 +1,133 @@
+"""The two kinds of policy and the read-only view of a cache layer that they decide from.
+
+A policy only *decides*; the cache owns and writes every tensor. There are two kinds:
+
+- :class:`TokenPolicy` decides which tokens a layer keeps. It states a token ``budget`` and ranks the
+  held slots with :meth:`TokenPolicy.priority`; the cache keeps the highest-ranked slots.
+- :class:`ChannelPolicy` decides which key channels are stored. It maps keys and queries into a
+  (possibly rotated) basis and states how many leading channels of the keys the cache stores.
+
+A cache holds at most one policy of each kind, so the two never need to know about each other.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..model_info import ModelInfo
+
+__all__ = ["ChannelPolicy", "Policy", "SlotView", "TokenPolicy"]
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """What a token policy may read about one layer's held slots.
+
+    Every tensor has shape ``(batch, kv_heads, slots)`` unless stated.
+
+    Attributes
+    ----------
+    index : torch.Tensor
+        int32, the cache index of the token in each slot: its rank among all tokens the sequence has
+        fed through the cache (0 for the first prompt token, left padding included).
+    valid : torch.Tensor
+        bool, False for empty slots and padding tokens. The cache never keeps an invalid slot in
+        preference to a valid one, whatever the policy says.
+    score : torch.Tensor or None
+        float32 attention mass each slot has received so far, summed over the query heads of its
+        KV group and over every query that attended it (prefill and decode). ``None`` unless the
+        policy sets ``needs_scores``.
+    seen : int
+        Tokens seen by the layer so far (the next token's cache index).
+    start : torch.Tensor
+        int32 of shape ``(batch, 1, 1)``: the number of left-padding tokens of each row, so that
+        ``index - start`` is the position among the row's real tokens.
+    layer_idx : int
+        The decoder layer.
+
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    score: torch.Tensor | None
+    seen: int
+    start: torch.Tensor
+    layer_idx: int
+
+
+class TokenPolicy(ABC):
+    """Decides which tokens a layer keeps (eviction).
+
+    Subclasses are dataclasses whose fields are their knobs. The cache evicts down to ``budget``
+    held tokens before it stores new ones; with a fixed budget a decode step holds ``budget + 1``
+    slots (the budget plus the new token) and a prefill chunk of ``n`` tokens ``budget + n``.
+    """
+
+    needs_scores: bool = False
+    """Whether :meth:`priority` reads ``SlotView.score`` (makes the cache keep a float32 score per slot)."""
+
+    @property
+    @abstractmethod
+    def budget(self) -> int:
+        """Tokens kept per layer, KV head and sequence after eviction."""
+
+    @abstractmethod
+    def priority(self, view: SlotView) -> torch.Tensor:
+        """Rank the held slots; higher is kept first.
+
+        Parameters
+        ----------
+        view : SlotView
+            The layer's slots.
+
+        Returns
+        -------
+        torch.Tensor
+            float32 of shape ``(batch, kv_heads, slots)``. ``+inf`` marks slots that must be kept.
+
+        """
+
+    def check(self, info: ModelInfo) -> None:  # noqa: B027 - optional hook
+        """Raise ``ValueError`` if the policy cannot work on this model; called when a cache is built."""
+
+
+class ChannelPolicy(ABC):
+    """Decides which key channels are stored.
+
+    Keys and queries are mapped into a basis per layer and KV head by :meth:`rotate`; the cache
+    stores the leading :meth:`key_dim` channels of rotated keys. Attention is computed in the rotated
+    space, so the basis must be orthogonal for unpruned channels to give exact attention.
+    """
+
+    @abstractmethod
+    def bind(self, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
+        """Prepare per-layer state (projection matrices) for a model; called once per cache."""
+
+    @abstractmethod
+    def key_dim(self, layer_idx: int) -> int:
+        """Number of leading rotated key channels stored for a layer."""
+
+    @abstractmethod
+    def rotate(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
+        """Map keys ``(batch, kv_heads, seq, head_dim)`` or queries ``(batch, heads, seq, head_dim)``.
+
+        Under GQA query head ``h`` uses the basis of KV head ``h // (heads // kv_heads)``.
+        """
+
+    def query_channels(self, layer_idx: int, q_rot: torch.Tensor) -> torch.Tensor:
+        """Return the rotated query restricted to the stored channels, shape ``(..., key_dim)``.
+
+        The default keeps every stored channel; a policy may zero the channels it drops (dynamic
+        selection) but must keep the width.
+        """
+        return q_rot[..., : self.key_dim(layer_idx)]
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of the policy's own tensors (projection matrices) held on the device."""
+
+
+Policy = TokenPolicy | ChannelPolicy

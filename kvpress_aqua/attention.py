@@ -6,8 +6,8 @@ over two blocks:
 
 - the *past* block: every held slot except the ones just written, masked by the layer's own
   per-slot validity (padding, empty slots) and, on the model's sliding-window layers, by the window;
-  keys are in their stored form (rotated and pruned under AQUA);
-- the *new* block: the chunk's own tokens at full precision, masked by the causal/padding mask
+  keys are in their stored form (rotated and pruned under AQUA) and queries are projected the same way;
+- the *new* block: the chunk's own tokens with raw queries and keys (full precision), masked by the causal/padding mask
   ``transformers`` built for the chunk (``get_mask_sizes`` announces just the chunk).
 
 Keys are never expanded across a GQA group: queries are regrouped per KV head instead. A call that
@@ -43,7 +43,7 @@ class Handoff:
     layer : CompressedLayer
         The layer just updated (its tensors already hold the new tokens).
     keys_new : torch.Tensor
-        The chunk's keys, rotated but not pruned, ``(batch, kv_heads, new, head_dim)``.
+        The chunk's post-RoPE keys as the model made them, ``(batch, kv_heads, new, head_dim)``.
     values_new : torch.Tensor
         The chunk's values, ``(batch, kv_heads, new, head_dim)``.
     new_slots : torch.Tensor
@@ -143,10 +143,9 @@ def compressed_attention(
     group = heads // kv_heads
     scale = head_dim**-0.5 if scaling is None else scaling
 
-    q_rot = layer.channel.rotate(layer.layer_idx, query) if layer.channel else query
-    q_past = layer.channel.query_channels(layer.layer_idx, q_rot) if layer.channel else q_rot
+    q_past = layer.channel.project_queries(layer.layer_idx, query) if layer.channel else query
     q_past = q_past.reshape(batch, kv_heads, group * n, q_past.shape[-1])
-    q_new = q_rot.reshape(batch, kv_heads, group * n, head_dim)
+    q_new = query.reshape(batch, kv_heads, group * n, head_dim)
 
     scores_past = (q_past @ layer.keys.transpose(-1, -2)).float().mul_(scale)
     scores_new = (q_new @ handoff.keys_new.transpose(-1, -2)).float().mul_(scale)

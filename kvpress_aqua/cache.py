@@ -118,7 +118,8 @@ class CompressedLayer(CacheLayerMixin):
             )
         if value_states.shape[:-1] != key_states.shape[:-1]:
             raise ValueError(
-                f"layer {self.layer_idx}: values {tuple(value_states.shape)} do not match keys {tuple(key_states.shape)}"
+                f"layer {self.layer_idx}: values {tuple(value_states.shape)} "
+                f"do not match keys {tuple(key_states.shape)}"
             )
         if self.is_initialized and key_states.shape[0] != self.keys.shape[0]:
             raise ValueError(
@@ -147,18 +148,18 @@ class CompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        keys_new = self.channel.rotate(self.layer_idx, key_states) if self.channel is not None else key_states
+        stored = self.channel.project_keys(self.layer_idx, key_states) if self.channel is not None else key_states
         slots = self.keys.shape[-2]
         if self.budget is not None and n == 1 and slots == self.budget + 1:
-            new_slots = self._overwrite(keys_new, value_states)
+            new_slots = self._overwrite(stored, value_states)
         else:
             if self.budget is not None and slots > self.budget:
                 self._keep(self._priority().topk(self.budget, dim=-1).indices.sort(dim=-1).values)
-            new_slots = self._append(keys_new, value_states)
+            new_slots = self._append(stored, value_states)
             if self.budget is not None and n == 1 and self.keys.shape[-2] < self.budget + 1:
                 self._pad_to(self.budget + 1)
         self.seen += n
-        attention.hand_off(attention.Handoff(self, keys_new, value_states, new_slots))
+        attention.hand_off(attention.Handoff(self, key_states, value_states, new_slots))
         return self.keys, self.values
 
     def _new_meta(self, n: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,10 +169,11 @@ class CompressedLayer(CacheLayerMixin):
         return index, valid
 
     def _append(self, keys_new: torch.Tensor, values_new: torch.Tensor) -> torch.Tensor:
+        """Store new tokens (keys already in stored form) after the held slots; returns their slots."""
         batch, _, n, _ = keys_new.shape
         first = self.keys.shape[-2]
         index, valid = self._new_meta(n, batch)
-        self.keys = torch.cat([self.keys, keys_new[..., : self.key_dim]], dim=-2)
+        self.keys = torch.cat([self.keys, keys_new], dim=-2)
         self.values = torch.cat([self.values, values_new], dim=-2)
         self.index = torch.cat([self.index, index], dim=-1)
         self.valid = torch.cat([self.valid, valid], dim=-1)
@@ -184,7 +186,7 @@ class CompressedLayer(CacheLayerMixin):
         """Write one new token over each row's lowest-ranked slot, in place (static shapes)."""
         victim = self._priority().argmin(dim=-1, keepdim=True)  # (batch, kv_heads, 1)
         index, valid = self._new_meta(1, keys_new.shape[0])
-        self.keys.scatter_(2, victim[..., None].expand(-1, -1, -1, self.key_dim), keys_new[..., : self.key_dim])
+        self.keys.scatter_(2, victim[..., None].expand(-1, -1, -1, self.key_dim), keys_new)
         self.values.scatter_(2, victim[..., None].expand(-1, -1, -1, self.values.shape[-1]), values_new)
         self.index.scatter_(2, victim, index)
         self.valid.scatter_(2, victim, valid)
@@ -547,7 +549,9 @@ def _split_policies(policies: Sequence[Any]) -> tuple[TokenPolicy | None, Channe
     channels = [p for p in policies if isinstance(p, ChannelPolicy)]
     others = [p for p in policies if not isinstance(p, TokenPolicy | ChannelPolicy)]
     if others:
-        raise ValueError(f"not a policy: {others[0]!r}; pass TokenPolicy/ChannelPolicy objects (see kvpress_aqua.policies)")
+        raise ValueError(
+            f"not a policy: {others[0]!r}; pass TokenPolicy/ChannelPolicy objects (see kvpress_aqua.policies)"
+        )
     if len(tokens) > 1 or len(channels) > 1:
         raise ValueError(
             f"give at most one token policy and one channel policy, got {len(tokens)} and {len(channels)}: "

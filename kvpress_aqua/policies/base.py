@@ -97,9 +97,11 @@ class TokenPolicy(ABC):
 class ChannelPolicy(ABC):
     """Decides which key channels are stored.
 
-    Keys and queries are mapped into a basis per layer and KV head by :meth:`rotate`; the cache
-    stores the leading :meth:`key_dim` channels of rotated keys. Attention is computed in the rotated
-    space, so the basis must be orthogonal for unpruned channels to give exact attention.
+    Keys are projected per layer and KV head onto ``key_dim`` channels by :meth:`project_keys`
+    (for AQUA: rotated by an orthogonal basis and cut to the leading channels) and stored in that
+    form; queries are projected the same way by :meth:`project_queries` when they read stored keys.
+    The chunk being processed attends to itself with raw queries and keys, so only stored keys are
+    approximated. With an orthogonal basis and every channel kept, attention is exact.
     """
 
     @abstractmethod
@@ -108,22 +110,19 @@ class ChannelPolicy(ABC):
 
     @abstractmethod
     def key_dim(self, layer_idx: int) -> int:
-        """Number of leading rotated key channels stored for a layer."""
+        """Number of key channels stored for a layer."""
 
     @abstractmethod
-    def rotate(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
-        """Map keys ``(batch, kv_heads, seq, head_dim)`` or queries ``(batch, heads, seq, head_dim)``.
+    def project_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
+        """Map keys ``(batch, kv_heads, seq, head_dim)`` to their stored form ``(batch, kv_heads, seq, key_dim)``."""
 
-        Under GQA query head ``h`` uses the basis of KV head ``h // (heads // kv_heads)``.
+    @abstractmethod
+    def project_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
+        """Map queries ``(batch, heads, seq, head_dim)`` to ``(batch, heads, seq, key_dim)``.
+
+        Under GQA query head ``h`` uses the basis of KV head ``h // (heads // kv_heads)``. A policy may
+        zero channels it drops per query (dynamic selection) but keeps the width.
         """
-
-    def query_channels(self, layer_idx: int, q_rot: torch.Tensor) -> torch.Tensor:
-        """Return the rotated query restricted to the stored channels, shape ``(..., key_dim)``.
-
-        The default keeps every stored channel; a policy may zero the channels it drops (dynamic
-        selection) but must keep the width.
-        """
-        return q_rot[..., : self.key_dim(layer_idx)]
 
     @abstractmethod
     def nbytes(self) -> int:

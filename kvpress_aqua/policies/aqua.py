@@ -1,0 +1,151 @@
+"""AQUA: store keys in a calibrated orthogonal basis, cut to their leading channels."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..model_info import ModelInfo
+from .base import ChannelPolicy
+
+if TYPE_CHECKING:
+    from ..calibration import AquaArtifact
+
+_BASES = ("svd", "identity", "think")
+_SPLITS = ("uniform", "spectrum")
+CHANNEL_MULTIPLE = 8
+"""Stored key widths are multiples of this (kernel-friendly); the last layer of a split may differ."""
+
+
+@dataclass
+class Aqua(ChannelPolicy):
+    """Store the leading ``k_ratio`` of key channels in a calibrated basis; pick query channels at run time.
+
+    Based on "AQUA: Attention via QUery mAgnitudes for memory and compute efficient inference in
+    LLMs" (arXiv 2509.11155). Offline, an SVD of calibration queries and keys gives an orthogonal
+    ``P`` per layer and KV head (``kvtool calibrate``); online keys ``(batch, kv_heads, seq, head_dim)``
+    are stored as ``K @ P[:, :r]`` with ``r = round(k_ratio * head_dim)`` and queries are projected
+    the same way, so ``q·k`` is approximated by the leading ``r`` channels of the rotated space.
+
+    Parameters
+    ----------
+    k_ratio : float, default 0.5
+        Fraction of key channels **kept** in memory (memory mode). 1 keeps all (exact attention).
+    q_ratio : float, default 1.0
+        Fraction of the stored channels each query keeps, chosen per query by ``|projected q|``
+        (compute mode). The dropped channels are zeroed: same result as skipping them, but this
+        PyTorch path does not save the FLOPs (a kernel would).
+    per_layer : {"uniform", "spectrum"}
+        ``uniform`` stores ``r`` channels in every layer; ``spectrum`` spreads the same total over
+        layers, keeping the channel blocks of 8 that hold the most calibration energy overall.
+    basis : {"svd", "identity", "think"}
+        ``svd`` is AQUA. ``identity`` keeps the first raw channels (plain slicing) and ``think`` the
+        raw channels with the largest calibration ``|q_c|·|k_c|`` (ThinK, arXiv 2407.21018): both
+        are ablations at the same bytes.
+    artifact : path or AquaArtifact, optional
+        Calibration artifact; by default the one ``kvtool calibrate`` wrote for this model.
+
+    Notes
+    -----
+    Values are untouched. The tokens of the chunk being processed attend to each other with raw
+    (exact) keys before their keys are stored pruned. Memory: the projections ``(kv_heads, head_dim,
+    r)`` per layer are held in the model dtype and counted by :meth:`nbytes`.
+
+    Known limitations: the basis is fixed offline, so text far from the calibration text is
+    compressed less well; ``q_ratio < 1`` saves no time in this implementation.
+    """
+
+    k_ratio: float = 0.5
+    q_ratio: float = 1.0
+    per_layer: str = "uniform"
+    basis: str = "svd"
+    artifact: str | Path | AquaArtifact | None = None
+    _proj: list[torch.Tensor] = field(init=False, default_factory=list, repr=False)
+    _dims: list[int] = field(init=False, default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.k_ratio <= 1:
+            raise ValueError(f"Aqua(k_ratio={self.k_ratio}): the fraction of key channels kept must be in (0, 1]")
+        if not 0 < self.q_ratio <= 1:
+            raise ValueError(f"Aqua(q_ratio={self.q_ratio}): the fraction of query channels used must be in (0, 1]")
+        if self.per_layer not in _SPLITS:
+            raise ValueError(f"Aqua(per_layer={self.per_layer!r}): use one of {_SPLITS}")
+        if self.basis not in _BASES:
+            raise ValueError(f"Aqua(basis={self.basis!r}): use one of {_BASES}")
+
+    def bind(self, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
+        """Load the artifact for ``info``'s model and keep ``P[:, :, :r]`` per layer on ``device``."""
+        d = info.head_dim
+        artifact = self._load_artifact(info) if self.basis != "identity" or self.per_layer == "spectrum" else None
+        self._dims = self._split(info, artifact)
+        self._proj = []
+        for layer, r in enumerate(self._dims):
+            if self.basis == "svd":
+                p = artifact.projections[layer, :, :, :r]
+            elif self.basis == "identity":
+                p = torch.eye(d).expand(info.num_kv_heads, d, d)[:, :, :r]
+            else:
+                importance = artifact.query_norms[layer] * artifact.key_norms[layer]  # (kv_heads, d)
+                chosen = importance.topk(r, dim=-1).indices.sort(dim=-1).values
+                p = torch.eye(d)[:, chosen].permute(1, 0, 2)  # (kv_heads, d, r)
+            self._proj.append(p.to(device=device, dtype=dtype).contiguous())
+
+    def _load_artifact(self, info: ModelInfo) -> AquaArtifact:
+        from ..calibration import AquaArtifact, find_artifact
+
+        if self.artifact is None:
+            artifact = find_artifact(info)
+        elif isinstance(self.artifact, AquaArtifact):
+            artifact = self.artifact
+        else:
+            artifact = AquaArtifact.load(self.artifact)
+        artifact.check_model(info)
+        return artifact
+
+    def _split(self, info: ModelInfo, artifact: AquaArtifact | None) -> list[int]:
+        d, layers = info.head_dim, info.num_layers
+        r = max(1, min(d, round(self.k_ratio * d)))
+        if self.per_layer == "uniform":
+            return [r] * layers
+        # Blocks of CHANNEL_MULTIPLE leading channels, ranked by their share of each layer's energy
+        # (mean over KV heads); singular values are sorted, so a layer's chosen blocks form a prefix.
+        energy = artifact.spectrum.double().pow(2)
+        share = (energy / energy.sum(-1, keepdim=True)).mean(1)  # (layers, d)
+        blocks = share.view(layers, d // CHANNEL_MULTIPLE, CHANNEL_MULTIPLE).sum(-1)
+        total = layers * r // CHANNEL_MULTIPLE
+        first = blocks[:, :1]  # every layer keeps at least one block
+        rest = blocks[:, 1:].flatten().topk(max(0, total - layers)).indices
+        counts = torch.ones(layers, dtype=torch.long) + torch.bincount(
+            rest // (blocks.shape[1] - 1), minlength=layers
+        )
+        del first
+        return [int(c) * CHANNEL_MULTIPLE for c in counts]
+
+    def key_dim(self, layer_idx: int) -> int:
+        """Stored key channels of a layer."""
+        return self._dims[layer_idx]
+
+    def project_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
+        """``K @ P_r`` per KV head: ``(batch, kv_heads, seq, r)``."""
+        return torch.einsum("bhsd,hdr->bhsr", keys, self._proj[layer_idx])
+
+    def project_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
+        """``Q @ P_r`` with each query head using its KV group's basis, then per-query channel selection."""
+        batch, heads, seq, d = queries.shape
+        proj = self._proj[layer_idx]
+        kv_heads = proj.shape[0]
+        grouped = queries.reshape(batch, kv_heads, heads // kv_heads, seq, d)
+        q = torch.einsum("bhgsd,hdr->bhgsr", grouped, proj).reshape(batch, heads, seq, proj.shape[-1])
+        keep = math.ceil(self.q_ratio * q.shape[-1])
+        if keep < q.shape[-1]:
+            top = q.abs().topk(keep, dim=-1).indices
+            q = torch.zeros_like(q).scatter_(-1, top, q.gather(-1, top))
+        return q
+
+    def nbytes(self) -> int:
+        """Bytes of the stored projections."""
+        return sum(p.nbytes for p in self._proj)

@@ -1,0 +1,1 @@
+"""Shipped policy presets (TOML), loadable by name: see kvpress_aqua.spec."""

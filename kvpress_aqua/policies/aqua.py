@@ -57,6 +57,7 @@ class Aqua(ChannelPolicy):
 
     Known limitations: the basis is fixed offline, so text far from the calibration text is
     compressed less well; ``q_ratio < 1`` saves no time in this implementation.
+
     """
 
     k_ratio: float = 0.5

@@ -132,7 +132,7 @@ class Aqua(ChannelPolicy):
 
     def project_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
         """``K @ P_r`` per KV head: ``(batch, kv_heads, seq, r)``."""
-        return torch.einsum("bhsd,hdr->bhsr", keys, self._proj[layer_idx])
+        return keys @ self._proj[layer_idx]
 
     def project_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
         """``Q @ P_r`` with each query head using its KV group's basis, then per-query channel selection."""
@@ -140,7 +140,7 @@ class Aqua(ChannelPolicy):
         proj = self._proj[layer_idx]
         kv_heads = proj.shape[0]
         grouped = queries.reshape(batch, kv_heads, heads // kv_heads, seq, d)
-        q = torch.einsum("bhgsd,hdr->bhgsr", grouped, proj).reshape(batch, heads, seq, proj.shape[-1])
+        q = (grouped @ proj[:, None]).reshape(batch, heads, seq, proj.shape[-1])
         keep = math.ceil(self.q_ratio * q.shape[-1])
         if keep < q.shape[-1]:
             top = q.abs().topk(keep, dim=-1).indices

@@ -1,0 +1,93 @@
+"""When does AQUA's projection pay for itself? A CPU micro-benchmark of one decode step's scores.
+
+Per decode step, per layer, dense attention scores cost ``Hq * S * d`` multiply-adds (``S`` held
+tokens, ``d`` head_dim, ``Hq`` query heads). AQUA first projects the new query (``Hq * d * r``) and
+the new key (``Hkv * d * r``), then scores cost ``Hq * S * r``. Counting multiply-adds, AQUA is
+cheaper once
+
+    S > d * r * (Hq + Hkv) / (Hq * (d - r))
+
+and, reading memory instead, it always reads fewer key bytes (``S * r`` instead of ``S * d``) at the
+cost of the ``Hkv * d * r`` projection matrix. This script times both ways side by side, in one run,
+for several ``S``, and reports the measured ratio next to the predicted break-even.
+
+Run: python benchmarks/aqua_breakeven.py [--head-dim 64] [--heads 9] [--kv-heads 3] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def predicted_breakeven(head_dim: int, rank: int, heads: int, kv_heads: int) -> float:
+    """Held tokens above which AQUA's scores take fewer multiply-adds than dense scores."""
+    return head_dim * rank * (heads + kv_heads) / (heads * (head_dim - rank))
+
+
+def _time(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(head_dim: int, rank: int, heads: int, kv_heads: int, seq: int, repeats: int) -> dict:
+    """Time dense scores vs project-then-score for one decode query against ``seq`` held keys."""
+    gen = torch.Generator().manual_seed(0)
+    group = heads // kv_heads
+    q = torch.randn(1, kv_heads, group, head_dim, generator=gen)
+    k_new = torch.randn(1, kv_heads, 1, head_dim, generator=gen)
+    keys = torch.randn(1, kv_heads, seq, head_dim, generator=gen)
+    proj = torch.linalg.qr(torch.randn(kv_heads, head_dim, head_dim, generator=gen)).Q[:, :, :rank].contiguous()
+    keys_r = torch.randn(1, kv_heads, seq, rank, generator=gen)
+
+    def dense() -> torch.Tensor:
+        return q @ keys.transpose(-1, -2)
+
+    def aqua() -> torch.Tensor:
+        q_r = q @ proj
+        k_new @ proj
+        return q_r @ keys_r.transpose(-1, -2)
+
+    t_dense, t_aqua = _time(dense, repeats), _time(aqua, repeats)
+    return {"seq": seq, "dense_us": t_dense * 1e6, "aqua_us": t_aqua * 1e6, "aqua_over_dense": t_aqua / t_dense}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=9)
+    parser.add_argument("--kv-heads", type=int, default=3)
+    parser.add_argument("--k-ratio", type=float, nargs="+", default=[0.5, 0.75])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[16, 64, 256, 1024, 4096, 16384])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "aqua_breakeven.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for k_ratio in args.k_ratio:
+        rank = round(k_ratio * args.head_dim)
+        predicted = predicted_breakeven(args.head_dim, rank, args.heads, args.kv_heads)
+        for seq in args.seqs:
+            row = measure(args.head_dim, rank, args.heads, args.kv_heads, seq, args.repeats)
+            row.update(k_ratio=k_ratio, rank=rank, predicted_breakeven_tokens=predicted)
+            rows.append(row)
+            print(f"k_ratio {k_ratio:.3f} S={seq:6d}: dense {row['dense_us']:8.1f} us, aqua {row['aqua_us']:8.1f} us,"
+                  f" ratio {row['aqua_over_dense']:.2f} (predicted break-even S={predicted:.0f})")
+    report = {"benchmark": "aqua_breakeven", "device": "cpu, 1 thread", "head_dim": args.head_dim,
+              "heads": args.heads, "kv_heads": args.kv_heads, "results": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

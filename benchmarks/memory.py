@@ -1,0 +1,110 @@
+"""Held KV bytes and peak RSS for a 4k-token prompt on SmolLM2: full vs SlidingWindow vs H2O at 25%.
+
+Each configuration runs in its own process (peak RSS is a per-process high-water mark): load the
+model, note RSS, feed the prompt (chunked for the compressed caches, so peak memory follows the
+budget), decode a few tokens, then report the cache's measured bytes and the peak RSS above the
+post-load baseline. The prompt is random token ids from a fixed seed: bytes do not depend on text.
+
+Run: python benchmarks/memory.py [--tokens 4096] [--out benchmarks/results/memory.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CONFIGS = {
+    "full": "full",
+    "full-chunked": "full",
+    "sliding-25": "streaming-25",
+    "h2o-25": "h2o-25",
+}
+CHUNK = 512
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, so the model load's peak is forgotten."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def run_one(name: str, tokens: int, new_tokens: int) -> dict:
+    import torch
+    from kvpress_aqua.loading import load_model
+
+    from kvpress_aqua import CompressedCache
+    from kvpress_aqua.spec import parse_policy
+
+    model, _ = load_model()
+    ids = torch.randint(100, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    spec = parse_policy(CONFIGS[name])
+    chunk = None if name == "full" else CHUNK
+    cache = CompressedCache(model, *spec.build(context=tokens), prefill_chunk=chunk)
+    gc.collect()
+    baseline = _status_bytes("VmRSS")
+    _reset_peak()
+    with torch.inference_mode():
+        logits = cache.prefill(ids)
+        after_prefill = cache.nbytes()
+        for _ in range(new_tokens):
+            nxt = logits.argmax(-1, keepdim=True)
+            logits = model(nxt, past_key_values=cache).logits[:, -1]
+    peak = _status_bytes("VmHWM")
+    layer = cache.layers[0]
+    return {
+        "config": name,
+        "policy": spec.name,
+        "policies": [repr(p) for p in spec.build(context=tokens)],
+        "prompt_tokens": tokens,
+        "new_tokens": new_tokens,
+        "prefill_chunk": chunk,
+        "kv_bytes": cache.nbytes(),
+        "kv_bytes_after_prefill": after_prefill,
+        "dense_kv_bytes": cache.dense_nbytes(),
+        "fraction_of_dense": cache.nbytes() / cache.dense_nbytes(),
+        "slots_per_layer": int(layer.keys.shape[-2]),
+        "peak_rss_above_baseline": peak - baseline,
+        "baseline_rss": baseline,
+        "peak_rss": peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "memory.json")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.tokens, args.new_tokens)))
+        return
+    results = []
+    for name in CONFIGS:
+        cmd = [sys.executable, __file__, "--one", name, "--tokens", str(args.tokens),
+               "--new-tokens", str(args.new_tokens)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"{name:>13}: KV {r['kv_bytes'] / 2**20:8.2f} MiB ({r['fraction_of_dense']:.1%} of dense), "
+              f"peak RSS +{r['peak_rss_above_baseline'] / 2**20:8.1f} MiB", file=sys.stderr)
+    report = {"benchmark": "memory", "model": "SmolLM2-135M-Instruct (fp32, CPU)", "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -65,8 +65,8 @@ class Aqua(ChannelPolicy):
     per_layer: str = "uniform"
     basis: str = "svd"
     artifact: str | Path | AquaArtifact | None = None
-    _proj: list[torch.Tensor] = field(init=False, default_factory=list, repr=False)
-    _dims: list[int] = field(init=False, default_factory=list, repr=False)
+    _proj: list[torch.Tensor] = field(init=False, default_factory=list, repr=False, compare=False)
+    _dims: list[int] = field(init=False, default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.k_ratio <= 1:
@@ -118,12 +118,9 @@ class Aqua(ChannelPolicy):
         share = (energy / energy.sum(-1, keepdim=True)).mean(1)  # (layers, d)
         blocks = share.view(layers, d // CHANNEL_MULTIPLE, CHANNEL_MULTIPLE).sum(-1)
         total = layers * r // CHANNEL_MULTIPLE
-        first = blocks[:, :1]  # every layer keeps at least one block
+        # every layer keeps its first block; the other blocks compete across layers
         rest = blocks[:, 1:].flatten().topk(max(0, total - layers)).indices
-        counts = torch.ones(layers, dtype=torch.long) + torch.bincount(
-            rest // (blocks.shape[1] - 1), minlength=layers
-        )
-        del first
+        counts = 1 + torch.bincount(rest // (blocks.shape[1] - 1), minlength=layers)
         return [int(c) * CHANNEL_MULTIPLE for c in counts]
 
     def key_dim(self, layer_idx: int) -> int:

@@ -1,0 +1,134 @@
+"""Aqua: exactness at full rank, real byte savings, stacking with eviction, per-layer split, artifact checks."""
+
+import math
+
+import pytest
+import torch
+from tiny_models import ARCHS, byte_tokenizer, make_tiny_model
+from transformers import DynamicCache
+
+from kvpress_aqua import CompressedCache, ModelInfo
+from kvpress_aqua.accounting import layer_nbytes
+from kvpress_aqua.calibration import AquaArtifact, calibrate
+from kvpress_aqua.policies import H2O
+from kvpress_aqua.policies.aqua import CHANNEL_MULTIPLE, Aqua
+
+TEXT = "A lighthouse keeper counts the ships that pass the harbour each night and logs the weather. " * 10
+
+
+def _artifact(model):
+    return calibrate(model, byte_tokenizer(model.config.vocab_size), TEXT, tokens=400, chunk=128, progress=False)
+
+
+def _logits(model, ids, cache, steps=5):
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, past_key_values=cache,
+                             output_logits=True, return_dict_in_generate=True)
+    return torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_rank_is_exact(arch):
+    model = make_tiny_model(arch)
+    ids = torch.randint(3, 128, (2, 19), generator=torch.Generator().manual_seed(0))
+    ref = _logits(model, ids, DynamicCache())
+    cache = CompressedCache(model, Aqua(k_ratio=1.0, artifact=_artifact(model)))
+    got = _logits(model, ids, cache)
+    cache.detach()
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_stacks_with_h2o_without_knowing_it():
+    model = make_tiny_model("llama")
+    artifact = _artifact(model)
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(1))
+    policy = H2O(heavy=8, recent=4, sinks=1)
+    alone = _logits(model, ids, CompressedCache(model, policy))
+    both = _logits(model, ids, CompressedCache(model, policy, Aqua(k_ratio=1.0, artifact=artifact)))
+    assert (alone - both).abs().max().item() < 1e-4
+    cache = CompressedCache(model, Aqua(k_ratio=0.5, artifact=artifact), policy)
+    _logits(model, ids, cache)
+    assert all(layer.keys.shape[-2:] == (policy.budget + 1, 8) for layer in cache.layers)
+    assert all(layer.score is not None and layer.score.sum() > 0 for layer in cache.layers)
+
+
+def test_key_bytes_really_shrink_and_accounting_is_exact():
+    model = make_tiny_model("qwen2")
+    cfg = model.config
+    ids = torch.randint(3, 128, (3, 25), generator=torch.Generator().manual_seed(2))
+    aqua = Aqua(k_ratio=0.5, artifact=_artifact(model))
+    cache = CompressedCache(model, aqua)
+    _logits(model, ids, cache, steps=4)
+    seen = cache.get_seq_length()
+    r = round(0.5 * cfg.head_dim)
+    for layer in cache.layers:
+        assert layer.keys.shape == (3, cfg.num_key_value_heads, seen, r)
+        assert layer.keys.untyped_storage().nbytes() == layer.keys.nbytes
+    projections = cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * r * 4
+    assert aqua.nbytes() == projections
+    per_layer = layer_nbytes(3, cfg.num_key_value_heads, seen, r, cfg.head_dim, 4, compressed=True)
+    assert cache.nbytes() == per_layer * cfg.num_hidden_layers + projections
+    assert cache.memory_report().by_kind()["keys"] == cache.memory_report().by_kind()["values"] // 2
+
+
+def test_query_selection_keeps_top_channels():
+    model = make_tiny_model("llama")
+    aqua = Aqua(k_ratio=1.0, q_ratio=0.5, artifact=_artifact(model))
+    aqua.bind(ModelInfo.from_config(model.config), torch.device("cpu"), torch.float32)
+    q = torch.randn(2, 4, 3, 16)
+    projected = aqua.project_queries(0, q)
+    assert ((projected != 0).sum(-1) == math.ceil(0.5 * 16)).all()
+    full = Aqua(k_ratio=1.0, artifact=aqua.artifact)
+    full.bind(ModelInfo.from_config(model.config), torch.device("cpu"), torch.float32)
+    dense = full.project_queries(0, q)
+    kept = projected != 0
+    assert torch.allclose(projected[kept], dense[kept])
+    assert (dense.abs().masked_fill(kept, 0).amax(-1) <= dense.abs().masked_fill(~kept, math.inf).amin(-1)).all()
+
+
+def test_spectrum_split_keeps_the_total_and_favours_flat_spectra():
+    layers, heads, d = 4, 2, 64
+    decay = torch.tensor([0.5, 0.9, 0.99, 0.7])  # layer 2 has the flattest spectrum
+    spectrum = decay[:, None, None] ** torch.arange(d)[None, None, :].float()
+    spectrum = spectrum.expand(layers, heads, d)
+    artifact = AquaArtifact(projections=torch.eye(d).expand(layers, heads, d, d), spectrum=spectrum,
+                            query_norms=torch.ones(layers, heads, d), key_norms=torch.ones(layers, heads, d),
+                            metadata={})
+    info = ModelInfo("llama", layers, 4, heads, d, None, ("full_attention",) * layers, "x", "f")
+    dims = Aqua(k_ratio=0.5, per_layer="spectrum", basis="identity")._split(info, artifact)
+    assert sum(dims) == layers * 32
+    assert all(r % CHANNEL_MULTIPLE == 0 and r >= CHANNEL_MULTIPLE for r in dims)
+    assert dims[2] == max(dims) and dims[0] == min(dims)
+
+
+def test_think_basis_selects_raw_channels():
+    model = make_tiny_model("llama")
+    artifact = _artifact(model)
+    aqua = Aqua(k_ratio=0.5, basis="think", artifact=artifact)
+    aqua.bind(ModelInfo.from_config(model.config), torch.device("cpu"), torch.float32)
+    p = aqua._proj[0][0]  # (head_dim, r) columns of the identity
+    assert torch.equal(p.sum(0), torch.ones(8)) and set(p.unique().tolist()) == {0.0, 1.0}
+    chosen = p.argmax(0)
+    importance = artifact.query_norms[0, 0] * artifact.key_norms[0, 0]
+    assert set(chosen.tolist()) == set(importance.topk(8).indices.tolist())
+
+
+def test_artifact_of_another_model_is_refused():
+    artifact = _artifact(make_tiny_model("llama"))
+    other = make_tiny_model("qwen2")
+    with pytest.raises(ValueError, match="kvtool calibrate"):
+        CompressedCache(other, Aqua(k_ratio=0.5, artifact=artifact))
+    assert other.config._attn_implementation == "sdpa"
+
+
+def test_missing_artifact_names_the_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVPRESS_AQUA_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="kvtool calibrate"):
+        CompressedCache(make_tiny_model("llama"), Aqua(k_ratio=0.5))
+
+
+@pytest.mark.parametrize("bad", [dict(k_ratio=0), dict(k_ratio=1.2), dict(q_ratio=0), dict(per_layer="x"),
+                                 dict(basis="random")])
+def test_bad_knobs(bad):
+    with pytest.raises(ValueError):
+        Aqua(**bad)

@@ -21,6 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvpress_aqua import CompressedCache
+from kvpress_aqua.planner import MemoryModel, resolve_model
 from kvpress_aqua.policies import H2O, SlidingWindow
 from kvpress_aqua.policies.aqua import Aqua
 
@@ -55,6 +56,20 @@ class Timer:
             self.ms = self.start.elapsed_time(self.end)
         else:
             self.ms = (time.perf_counter() - self.t0) * 1e3
+
+
+def predict(model: LlamaForCausalLM, policies: tuple, batch: int, context: int, seen_after: int, chunk: int,
+            dtype: str) -> dict:
+    """The planner's prediction for this run: KV bytes at the end and peak bytes (no runtime overhead)."""
+    token = next((p for p in policies if not isinstance(p, Aqua)), None)
+    aqua = next((p for p in policies if isinstance(p, Aqua)), None)
+    shape = resolve_model(model.config)
+    memory = MemoryModel(shape=shape, batch=batch, context=context, new_tokens=seen_after - context + 1, dtype=dtype,
+                         prefill_chunk=chunk if policies else None, overhead=0,
+                         token_policy="sliding" if isinstance(token, SlidingWindow) else "h2o")
+    d = shape.info.head_dim
+    breakdown = memory.evaluate(round(aqua.k_ratio * d) if aqua else d, token.budget if token else None)
+    return {"predicted_kv_bytes": breakdown.cache_bytes, "predicted_peak_bytes": breakdown.total}
 
 
 def caches(context: int) -> dict:
@@ -109,9 +124,11 @@ def main() -> None:
             row = {"cache": name, "batch": batch, "context": args.context, "shape": args.shape,
                    "layers": shape["num_hidden_layers"], "ms_per_step": timer.ms / args.steps,
                    "kv_bytes": cache.nbytes(), "dense_kv_bytes": cache.dense_nbytes()}
+            row.update(predict(model, policies, batch, args.context, cache.get_seq_length(), args.chunk,
+                               "bf16" if cuda else "fp32"))
             if cuda:
-                row["peak_allocated_above_weights"] = torch.cuda.max_memory_allocated() - base
-                row["weights_and_resident_bytes"] = base
+                row["peak_allocated"] = torch.cuda.max_memory_allocated()
+                row["resident_before"] = base
             rows.append(row)
             print(json.dumps(row), flush=True)
             cache.detach()

@@ -1,0 +1,460 @@
+"""AQUA calibration: the per-layer, per-KV-head orthogonal bases that concentrate query/key energy.
+
+Offline half of AQUA (arXiv 2509.11155). A forward pass over calibration text records the
+**post-RoPE** queries and keys each attention layer sees; for every layer and KV head the keys and
+the queries of its GQA group are stacked into ``X`` and the eigenvectors of ``XᵀX`` (the right
+singular vectors of ``X``), sorted by decreasing eigenvalue, form an orthogonal ``P``. Online,
+queries and keys are rotated by ``P`` (``x @ P``) and only the leading channels of rotated keys are
+stored (:class:`kvpress_aqua.policies.aqua.Aqua`).
+
+Keys and queries are normalized before stacking so that both sets weigh the same: with ``K`` the
+``(n, head_dim)`` keys of one KV head and ``Q`` the ``(g * n, head_dim)`` queries of its group,
+
+    ``XᵀX = KᵀK / ||K||²_F + QᵀQ / ||Q||²_F``
+
+(each set scaled to unit total squared norm; equivalently to unit mean squared norm and averaged
+over its vectors). Without this, queries would outweigh keys ``g``-fold by count alone, and the set
+with the larger norms would choose the basis. Only the ``(head_dim, head_dim)`` Gram matrices are
+accumulated, in float64, so memory does not grow with the amount of text.
+
+The result is an :class:`AquaArtifact`, saved as safetensors under
+:func:`default_artifact_path` by ``kvtool calibrate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import platform
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from .loading import cache_dir
+from .model_info import ModelInfo
+
+__all__ = [
+    "AquaArtifact",
+    "calibrate",
+    "default_artifact_path",
+    "default_calibration_text",
+    "find_artifact",
+]
+
+FORMAT = "kvpress_aqua.aqua_artifact/1"
+"""Value of the ``format`` metadata key of every artifact file; bumped when the layout changes."""
+
+CAPTURE_ATTENTION = "kvpress_aqua_calibration"
+"""Name under which the recording attention function is registered (sdpa plus a record of q and k)."""
+
+ORTHOGONALITY_TOL = 1e-6
+"""Largest ``|PᵀP - I|`` entry (float64) accepted for a computed basis."""
+
+_TENSORS = ("projections", "spectrum", "query_norms", "key_norms")
+_SHAPE_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+
+
+# --------------------------------------------------------------------------------------- artifact
+@dataclass
+class AquaArtifact:
+    """Calibrated AQUA bases of one model, with what they were calibrated on.
+
+    Attributes
+    ----------
+    projections : torch.Tensor
+        float32 ``(num_layers, num_kv_heads, head_dim, head_dim)``; ``projections[l, h]`` is the
+        orthogonal ``P`` of layer ``l``, KV head ``h``, its columns sorted by decreasing energy.
+        Rotate with ``x @ P``; keep the first ``r`` columns to keep ``r`` channels.
+    spectrum : torch.Tensor
+        float32 ``(num_layers, num_kv_heads, head_dim)``: singular values of the normalized stack
+        of keys and queries (see the module docstring), descending; ``sum(s²) = 2`` per head.
+    query_norms, key_norms : torch.Tensor
+        float32 ``(num_layers, num_kv_heads, head_dim)``: root mean square of each *raw* (unrotated)
+        channel over the calibration queries of the KV group, resp. the keys (ThinK's channel
+        importance is their product).
+    metadata : dict
+        JSON-compatible: ``model``, ``fingerprint``, ``model_type``, ``num_layers``, ``num_heads``,
+        ``num_kv_heads``, ``head_dim``, ``keys_post_rope``, ``text_source``, ``text_sha256``,
+        ``text_chars``, ``tokens``, ``chunk``, ``package_version``, ``transformers_version``,
+        ``created``.
+    path : Path or None
+        The file the artifact was loaded from or last saved to.
+
+    """
+
+    projections: torch.Tensor
+    spectrum: torch.Tensor
+    query_norms: torch.Tensor
+    key_norms: torch.Tensor
+    metadata: dict[str, Any]
+    path: Path | None = field(default=None, compare=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the tensors and the metadata (JSON-encoded values) as one safetensors file.
+
+        The file is written next to its destination and renamed into place, so readers never see
+        a partial artifact. Returns the path written.
+        """
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous() for name in _TENSORS}
+        metadata = {key: json.dumps(value) for key, value in {**self.metadata, "format": FORMAT}.items()}
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            save_file(tensors, str(partial), metadata=metadata)
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> AquaArtifact:
+        """Read an artifact written by :meth:`save`.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` does not exist.
+        ValueError
+            If the file is not an AQUA artifact of this format.
+
+        """
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no AQUA artifact at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = f.metadata() or {}
+                missing = [name for name in _TENSORS if name not in f.keys()]
+                tensors = {name: f.get_tensor(name) for name in _TENSORS if name not in missing}
+        except (OSError, SafetensorError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+        if raw.get("format") != json.dumps(FORMAT):
+            raise ValueError(f"{path} is not an AQUA artifact of format {FORMAT!r} (format: {raw.get('format')})")
+        if missing:
+            raise ValueError(f"AQUA artifact {path} lacks the tensors {', '.join(missing)}")
+        metadata = {key: json.loads(value) for key, value in raw.items() if key != "format"}
+        return cls(**tensors, metadata=metadata, path=path)
+
+    def check_model(self, info: ModelInfo) -> None:
+        """Raise ``ValueError`` unless the artifact was calibrated for a model of ``info``'s fingerprint and shapes."""
+        where = self.path or "(not saved)"
+        meta = self.metadata
+        if meta.get("fingerprint") != info.fingerprint:
+            raise ValueError(
+                f"AQUA artifact at {where} was calibrated for model {meta.get('model')} (fingerprint "
+                f"{meta.get('fingerprint')}), not {info.name} (fingerprint {info.fingerprint}); "
+                f"run `kvtool calibrate {info.name}`"
+            )
+        expected = (info.num_layers, info.num_kv_heads, info.head_dim, info.head_dim)
+        if tuple(self.projections.shape) != expected or tuple(self.spectrum.shape) != expected[:3]:
+            raise ValueError(
+                f"AQUA artifact at {where} holds projections {tuple(self.projections.shape)} and spectrum "
+                f"{tuple(self.spectrum.shape)}, but {info.name} needs (layers, kv_heads, head_dim, head_dim) = "
+                f"{expected}; run `kvtool calibrate {info.name}`"
+            )
+
+    def energy(self, rank: int) -> torch.Tensor:
+        """Fraction of the squared singular mass held by the first ``rank`` channels.
+
+        Parameters
+        ----------
+        rank : int
+            Channels kept, ``0 <= rank <= head_dim``.
+
+        Returns
+        -------
+        torch.Tensor
+            float64 ``(num_layers, num_kv_heads)`` in ``[0, 1]``.
+
+        """
+        head_dim = self.spectrum.shape[-1]
+        if not 0 <= rank <= head_dim:
+            raise ValueError(f"rank {rank} is outside 0..{head_dim} (head_dim)")
+        power = self.spectrum.double().pow(2)
+        return power[..., :rank].sum(-1) / power.sum(-1)
+
+
+# ---------------------------------------------------------------------------------- where it lives
+def default_artifact_path(info: ModelInfo) -> Path:
+    """``cache_dir() / "aqua" / "<model name>-<fingerprint>.safetensors"``.
+
+    The model name is the last component of ``info.name`` made file-safe, so a hub id
+    (``HuggingFaceTB/SmolLM2-135M-Instruct``) and a local copy in a folder of the same name share one file.
+    """
+    return cache_dir() / "aqua" / f"{_safe_name(info.name)}-{info.fingerprint}.safetensors"
+
+
+def find_artifact(info: ModelInfo) -> AquaArtifact:
+    """Load the artifact ``kvtool calibrate`` wrote for ``info``'s model.
+
+    The file named after the model is preferred. Failing that, a single artifact with the same
+    fingerprint is used: the same checkpoint is often named differently (hub id, short name,
+    local folder), and the fingerprint pins every shape the artifact depends on.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is none; the message gives the command that makes it.
+    ValueError
+        If several artifacts share the fingerprint and none is named after the model.
+
+    """
+    path = default_artifact_path(info)
+    if path.is_file():
+        return AquaArtifact.load(path)
+    same = sorted(path.parent.glob(f"*-{info.fingerprint}.safetensors"))
+    if len(same) == 1:
+        return AquaArtifact.load(same[0])
+    if same:
+        raise ValueError(
+            f"several AQUA artifacts match model {info.name} (fingerprint {info.fingerprint}): "
+            f"{', '.join(str(p) for p in same)}; pass one explicitly or run `kvtool calibrate {info.name}`"
+        )
+    raise FileNotFoundError(
+        f"no AQUA artifact for model {info.name} (fingerprint {info.fingerprint}) at {path}; "
+        f"make it with `kvtool calibrate {info.name}`"
+    )
+
+
+def _safe_name(name: str) -> str:
+    """The last path component of a model name, with characters other than letters, digits, ``._-`` replaced."""
+    last = re.split(r"[/\\]", name.rstrip("/\\"))[-1]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("-.")[:80] or "model"
+
+
+# ------------------------------------------------------------------------------------- the text
+def default_calibration_text() -> tuple[str, str]:
+    """English prose shipped with every CPython: the reference documentation in ``pydoc_data.topics``.
+
+    ``pydoc_data.topics.topics`` holds the text ``help()`` shows for the language reference
+    (statements, data model, built-in types); about 190,000 characters (some 43,000 SmolLM2 tokens
+    on CPython 3.11) remain after keeping only prose paragraphs: indented blocks (code examples,
+    grammar rules, tables), section underlines and fragments are dropped. It is technical English,
+    needs no download, and is disjoint from the Paul Graham essays the needle-in-a-haystack
+    evaluation uses. It differs between Python versions, so artifacts record its sha256.
+
+    Returns
+    -------
+    tuple of (str, str)
+        The text, and a description of its source.
+
+    """
+    import pydoc_data.topics
+
+    paragraphs = []
+    for topic in sorted(pydoc_data.topics.topics):
+        for block in re.split(r"\n\s*\n", pydoc_data.topics.topics[topic]):
+            lines = block.split("\n")
+            if any(line.startswith((" ", "\t")) for line in lines) or re.fullmatch(r"[*=^~-]+", lines[-1].strip()):
+                continue
+            text = " ".join(line.strip() for line in lines)
+            if len(text.split()) >= 8 and text.endswith((".", ":", "?", "!")):
+                paragraphs.append(text)
+    source = (
+        f"CPython {platform.python_version()} reference documentation (pydoc_data.topics, "
+        f"prose paragraphs of {len(pydoc_data.topics.topics)} topics)"
+    )
+    return "\n\n".join(paragraphs), source
+
+
+# --------------------------------------------------------------------------------- calibration
+class _GramRecorder:
+    """Accumulates, per layer and KV head, the float64 Gram matrices of post-RoPE keys and queries."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        self.info = info
+        self.keys: dict[int, torch.Tensor] = {}
+        self.queries: dict[int, torch.Tensor] = {}
+
+    def add(self, layer_idx: int | None, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Add one attention call's ``query (batch, heads, seq, d)`` and ``key (batch, kv_heads, seq, d)``."""
+        info = self.info
+        if layer_idx is None:
+            raise ValueError("calibration needs attention modules with a `layer_idx` attribute")
+        batch, heads, seq, d = query.shape
+        if heads != info.num_heads or key.shape[1] != info.num_kv_heads or d != info.head_dim:
+            raise ValueError(
+                f"layer {layer_idx} attention got query {tuple(query.shape)} and key {tuple(key.shape)}, but the "
+                f"config says {info.num_heads} heads, {info.num_kv_heads} KV heads, head_dim {info.head_dim}"
+            )
+        q = query.detach().double().reshape(batch, info.num_kv_heads, info.group_size * seq, d)
+        k = key.detach().double()
+        gram_q = torch.einsum("bhti,bhtj->hij", q, q)
+        gram_k = torch.einsum("bhti,bhtj->hij", k, k)
+        if layer_idx in self.keys:
+            self.queries[layer_idx] += gram_q
+            self.keys[layer_idx] += gram_k
+        else:
+            self.queries[layer_idx], self.keys[layer_idx] = gram_q, gram_k
+
+
+_ACTIVE = threading.local()
+
+
+def _capture_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Standard sdpa attention that first hands ``query`` and ``key`` (post-RoPE) to the active recorder."""
+    recorder = getattr(_ACTIVE, "recorder", None)
+    if recorder is not None:
+        recorder.add(getattr(module, "layer_idx", None), query, key)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@contextmanager
+def _recording(model: PreTrainedModel, recorder: _GramRecorder) -> Iterator[None]:
+    """Switch ``model`` to the recording attention for the duration; restore its implementation after."""
+    AttentionInterface.register(CAPTURE_ATTENTION, _capture_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_ATTENTION, sdpa_mask)
+    previous = model.config._attn_implementation
+    _ACTIVE.recorder = recorder
+    try:
+        model.set_attn_implementation(CAPTURE_ATTENTION)
+        yield
+    finally:
+        _ACTIVE.recorder = None
+        model.set_attn_implementation(previous)
+
+
+def calibrate(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    text: str,
+    tokens: int = 4096,
+    chunk: int = 512,
+    progress: bool = True,
+    *,
+    name: str | None = None,
+    source: str = "user-supplied text",
+) -> AquaArtifact:
+    """Compute the AQUA bases of ``model`` from the post-RoPE queries and keys it produces on ``text``.
+
+    The first ``tokens`` tokens of ``text`` are split into chunks of ``chunk`` tokens, each run
+    through the model on its own (positions restart at 0, no cache), so memory is bounded by one
+    chunk. The model's attention implementation is switched to a recording copy of sdpa for the
+    duration and restored afterwards, even on error.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A decoder whose attention goes through ``transformers``' ``AttentionInterface``; in eval mode.
+    tokenizer : callable
+        Its tokenizer; called as ``tokenizer(text, add_special_tokens=False)["input_ids"]``.
+    text : str
+        Calibration text; :func:`default_calibration_text` gives a default.
+    tokens : int, default 4096
+        Tokens of ``text`` used (fewer if the text is shorter).
+    chunk : int, default 512
+        Tokens per forward pass.
+    progress : bool, default True
+        Show a progress bar on stderr.
+    name : str, optional
+        Model name recorded in the metadata; default ``model.config.name_or_path``.
+    source : str
+        Where ``text`` comes from, recorded in the metadata.
+
+    Returns
+    -------
+    AquaArtifact
+        Not yet saved (``path`` is ``None``).
+
+    """
+    if tokens < 1 or chunk < 1:
+        raise ValueError(f"tokens ({tokens}) and chunk ({chunk}) must be positive")
+    info = ModelInfo.from_config(model.config, name=name)
+    ids = torch.as_tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long).flatten()
+    ids = ids[:tokens]
+    if ids.numel() < 2:
+        raise ValueError(f"the calibration text gives {ids.numel()} token(s); give at least a few sentences")
+    chunks = list(ids.split(chunk))
+    device = next(model.parameters()).device
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    recorder = _GramRecorder(info)
+    bar = Progress(
+        TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True, disable=not progress,
+    )
+    with bar, _recording(model, recorder), torch.inference_mode():
+        task = bar.add_task("calibrate", total=len(chunks))
+        for piece in chunks:
+            model(input_ids=piece[None].to(device), use_cache=False, **extra)
+            bar.advance(task)
+    missing = sorted(set(range(info.num_layers)) - set(recorder.keys))
+    if missing:
+        raise ValueError(f"no queries/keys were recorded for layers {missing}: does the model use AttentionInterface?")
+    from . import __version__  # here, not at import time: the package may import this module while initializing
+
+    projections, spectrum = _bases(recorder)
+    used = int(ids.numel())
+    return AquaArtifact(
+        projections=projections,
+        spectrum=spectrum,
+        query_norms=_channel_rms(recorder.queries, info.group_size * used),
+        key_norms=_channel_rms(recorder.keys, used),
+        metadata={
+            "model": info.name,
+            "fingerprint": info.fingerprint,
+            "model_type": info.model_type,
+            **{key: getattr(info, key) for key in _SHAPE_KEYS},
+            "keys_post_rope": True,
+            "normalization": "X^T X = K^T K / ||K||_F^2 + Q^T Q / ||Q||_F^2 per KV head (GQA group queries)",
+            "text_source": source,
+            "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "text_chars": len(text),
+            "tokens": used,
+            "chunk": chunk,
+            "package_version": __version__,
+            "transformers_version": transformers.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+
+
+def _bases(recorder: _GramRecorder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decompose the normalized Gram matrices: ``P`` (columns by decreasing eigenvalue) and singular values."""
+    layers = range(len(recorder.keys))
+    keys = torch.stack([recorder.keys[i].cpu() for i in layers])  # (layers, kv_heads, d, d)
+    queries = torch.stack([recorder.queries[i].cpu() for i in layers])
+
+    def unit(gram: torch.Tensor) -> torch.Tensor:
+        return gram / gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+
+    eigenvalues, vectors = torch.linalg.eigh(unit(keys) + unit(queries))  # ascending
+    eigenvalues, vectors = eigenvalues.flip(-1), vectors.flip(-1)
+    # Fix each column's sign (largest-magnitude entry positive) so the same data gives the same file.
+    vectors = vectors * vectors.gather(-2, vectors.abs().argmax(-2, keepdim=True)).sign()
+    eye = torch.eye(vectors.shape[-1], dtype=vectors.dtype)
+    error = (vectors.transpose(-2, -1) @ vectors - eye).abs().max().item()
+    if error > ORTHOGONALITY_TOL:
+        raise RuntimeError(f"calibration produced a basis {error:.1e} away from orthogonal; the Gram matrix is broken")
+    return vectors.float(), eigenvalues.clamp_min(0).sqrt().float()
+
+
+def _channel_rms(grams: dict[int, torch.Tensor], count: int) -> torch.Tensor:
+    """Root mean square of each raw channel, from the Gram diagonals ``(layers, kv_heads, d)``."""
+    diagonals = torch.stack([grams[i].cpu().diagonal(dim1=-2, dim2=-1) for i in range(len(grams))])
+    return (diagonals / count).sqrt().float()

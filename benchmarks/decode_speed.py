@@ -65,7 +65,7 @@ def predict(model: LlamaForCausalLM, policies: tuple, batch: int, context: int, 
     aqua = next((p for p in policies if isinstance(p, Aqua)), None)
     shape = resolve_model(model.config)
     memory = MemoryModel(shape=shape, batch=batch, context=context, new_tokens=seen_after - context + 1, dtype=dtype,
-                         prefill_chunk=chunk if policies else None, overhead=0,
+                         prefill_chunk=chunk, overhead=0,
                          token_policy="sliding" if isinstance(token, SlidingWindow) else "h2o")
     d = shape.info.head_dim
     breakdown = memory.evaluate(round(aqua.k_ratio * d) if aqua else d, token.budget if token else None)

@@ -15,7 +15,7 @@ from rich.console import Console
 
 __all__ = ["main"]
 
-_COMMANDS = ("plan", "calibrate", "needle", "ppl", "generate")
+_COMMANDS = ("demo", "needle", "ppl", "plan", "calibrate", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:

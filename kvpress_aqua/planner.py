@@ -1147,16 +1147,16 @@ def plan(
         Bad input, naming the fix: non-positive budget or context, malformed size, unknown dtype or model.
 
     """
-    limit = parse_size(budget)
+    limit = parse_size(budget, "budget")
     shape = resolve_model(model)
     if context is None:
         if shape.max_position_embeddings is None:
             raise ValueError("the model config has no max_position_embeddings; give the context, e.g. --context 8192")
         context = shape.max_position_embeddings
-    tokens = parse_tokens(context)
+    tokens = parse_tokens(context, "context")
     batch = _check_int("batch", batch, 1, "--batch 1")
     new_tokens = _check_int("new tokens", new_tokens, 0, "--new-tokens 256")
-    chunk = None if prefill_chunk is None else parse_tokens(prefill_chunk)
+    chunk = None if prefill_chunk is None else parse_tokens(prefill_chunk, "prefill chunk")
     min_tokens = _check_int("min tokens", min_tokens, 1, "64")
     if token_policy not in _TOKEN_POLICIES:
         raise ValueError(f"token policy {token_policy!r}: use one of {', '.join(_TOKEN_POLICIES)}")
@@ -1164,7 +1164,7 @@ def plan(
     dtype_bytes(dtype_name)
     dtype_name = _SHORT_DTYPE.get(dtype_name.lower(), dtype_name.lower())
     overhead_bytes = DEFAULT_OVERHEAD if overhead is None else (
-        0 if str(overhead).strip() == "0" else parse_size(overhead)
+        0 if str(overhead).strip() == "0" else parse_size(overhead, "overhead")
     )
     mm = MemoryModel(shape, batch, tokens, new_tokens, dtype_name, chunk, overhead_bytes, token_policy)
     quality_model = quality or _find_quality(shape.info, artifact)

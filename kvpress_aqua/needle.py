@@ -562,9 +562,9 @@ def _answer_batch(
     logits = cache.prefill(ids[:, :split])
     if split < ids.shape[1]:
         logits = model(ids[:, split:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    eos_t = torch.tensor(sorted(eos), dtype=torch.long)
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=ids.device)
     stop = int(eos_t[0]) if eos_t.numel() else 0
-    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     tokens, held = [], None
     for step in range(max_new_tokens):
         token = logits.argmax(-1).masked_fill(done, stop)
@@ -611,6 +611,7 @@ def run_cells(
     if config._builder is None:
         config._builder = PromptBuilder(tokenizer, config.haystack)
     eos = _eos_ids(model, tokenizer)
+    device = next(model.parameters()).device
     for (policy, run_protocol, task, length), by_depth in _groups(cells, specs).items():
         spec = specs[policy]
         depths = list(by_depth)
@@ -618,7 +619,7 @@ def run_cells(
             chunk = depths[lo:lo + config.batch_size]
             instances = [make_task(task, cell_rng(config.seed, task, length, d)) for d in chunk]
             prompts = [config._builder.build(inst, length, d) for inst, d in zip(instances, chunk, strict=True)]
-            ids = torch.stack([p.input_ids for p in prompts])
+            ids = torch.stack([p.input_ids for p in prompts]).to(device)
             split = length if run_protocol == "query-aware" else prompts[0].context_tokens
             cache = CompressedCache(model, *spec.build(context=length), prefill_chunk=config.prefill_chunk)
             start = time.perf_counter()
@@ -639,6 +640,7 @@ def run_cells(
                         "score": score_answer(answer, prompt.task.expected), "needle_at": prompt.needle_at,
                         "prefill_chunk": config.prefill_chunk, "seconds": round(seconds, 2),
                         "shared_with": run_protocol if run_protocol != protocol else "",
+                        "device": ids.device.type,
                     })
 
 
@@ -657,7 +659,7 @@ def _groups(
 # -------------------------------------------------------------------------------------- results
 RESULT_FIELDS = (
     "model", "haystack", "seed", "policy", "protocol", "task", "length", "depth", "kv_bytes", "dense_kv_bytes",
-    "kv_fraction", "expected", "answer", "score", "needle_at", "prefill_chunk", "seconds", "shared_with",
+    "kv_fraction", "expected", "answer", "score", "needle_at", "prefill_chunk", "seconds", "shared_with", "device",
 )
 """Columns of a results row (JSONL keys, CSV header)."""
 

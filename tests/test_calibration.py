@@ -22,6 +22,7 @@ from kvpress_aqua.calibration import (
 )
 from kvpress_aqua.cli import main
 from kvpress_aqua.model_info import ModelInfo
+from kvpress_aqua.needle import load_haystack
 
 TEXT = "The quick brown fox jumps over the lazy dog while the keeper counts ships in the harbour. " * 8
 
@@ -36,12 +37,13 @@ def llama_artifact(llama):
     return calibrate(llama, byte_tokenizer(llama.config.vocab_size), TEXT, tokens=300, chunk=128, progress=False)
 
 
-def _post_rope(model, ids):
+def _post_rope(model, ids, offset=0):
     """Post-RoPE keys (from a DynamicCache) and queries (computed by hand) of every layer of a tiny llama."""
     cache = DynamicCache()
+    positions = torch.arange(offset, offset + ids.shape[1])[None]
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, output_hidden_states=True)
-        positions = torch.arange(ids.shape[1])[None]
+        out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                    output_hidden_states=True)
         cos, sin = model.model.rotary_emb(out.hidden_states[0], positions)
         result = []
         for i, layer in enumerate(model.model.layers):
@@ -60,8 +62,11 @@ def test_bases_match_a_direct_svd_of_the_normalized_stack(llama, llama_artifact)
     grams_q = [torch.zeros(info.num_kv_heads, info.head_dim, info.head_dim, dtype=torch.float64)
                for _ in range(info.num_layers)]
     grams_k = [g.clone() for g in grams_q]
-    for piece in ids.split(128):  # independent chunks, positions restarting at 0
-        for layer, (q, k, _) in enumerate(_post_rope(llama, piece[None])):
+    generator = torch.Generator().manual_seed(0)  # the documented draw of each chunk's position offset
+    span = llama_artifact.metadata["position_span"]
+    for piece in ids.split(128):  # independent chunks
+        offset = int(torch.randint(0, span - piece.numel() + 1, (1,), generator=generator))
+        for layer, (q, k, _) in enumerate(_post_rope(llama, piece[None], offset)):
             q = q.double().reshape(info.num_kv_heads, -1, info.head_dim)  # a KV head's group, stacked
             k = k.double()[0]
             grams_q[layer] += q.transpose(1, 2) @ q
@@ -94,7 +99,8 @@ def test_projections_orthogonal_and_spectrum_descending(arch):
 
 def test_captured_keys_are_post_rope(llama):
     ids = torch.tensor(byte_tokenizer(llama.config.vocab_size)(TEXT)["input_ids"][:128])
-    artifact = calibrate(llama, byte_tokenizer(llama.config.vocab_size), TEXT, tokens=128, chunk=128, progress=False)
+    artifact = calibrate(llama, byte_tokenizer(llama.config.vocab_size), TEXT, tokens=128, chunk=128,
+                         position_span=128, progress=False)  # one chunk filling the span: positions 0..127
     for layer, (q, cached, pre_rope) in enumerate(_post_rope(llama, ids[None])):
         rms = cached[0].pow(2).mean(1).sqrt()  # (kv_heads, head_dim) over tokens
         assert torch.allclose(artifact.key_norms[layer], rms, rtol=1e-4, atol=1e-6)
@@ -118,6 +124,7 @@ def test_metadata(llama, llama_artifact):
     assert meta["fingerprint"] == info.fingerprint and meta["keys_post_rope"] is True
     assert (meta["num_layers"], meta["num_kv_heads"], meta["head_dim"]) == (2, 2, 16)
     assert meta["tokens"] == 300 and meta["chunk"] == 128 and meta["text_chars"] == len(TEXT)
+    assert meta["position_span"] == min(2048, llama.config.max_position_embeddings) and meta["seed"] == 0
     assert len(meta["text_sha256"]) == 64 and meta["package_version"] and meta["created"]
 
 
@@ -184,12 +191,22 @@ def test_bad_input(llama):
         calibrate(llama, tokenizer, TEXT, chunk=0, progress=False)
 
 
-def test_default_text_is_prose():
-    text, source = default_calibration_text()
-    assert "pydoc_data" in source and len(text) > 100_000
-    assert "Paul Graham" not in text and ">>>" not in text
-    words = text.split()
+def test_default_text_is_prose_without_the_evaluated_essays():
+    docs, source = default_calibration_text(essays=False)
+    assert "pydoc_data" in source and "essays" not in source and len(docs) > 100_000
+    assert ">>>" not in docs
+    words = docs.split()
     assert sum(w.isalpha() for w in words) / len(words) > 0.6
+    text, source = default_calibration_text()
+    assert "second half of the Paul Graham essays" in source and len(text) > 2 * len(docs) - 10_000
+    essays = " ".join(load_haystack("essays").text.split())
+    calibrated = " ".join(text.split())
+    half = len(essays) // 2
+    windows = range(0, half - 1000, half // 60)  # 60 stretches of 200 characters from each half
+    assert not any(essays[i:i + 200] in calibrated for i in windows)  # the evaluated half is never seen
+    found = sum(essays[half + 1000 + i:half + 1200 + i] in calibrated for i in windows)
+    assert found >= 50  # the held-out half is (a window across two blocks is split by a block of docs)
+    assert essays[half + 1000:half + 1200] in calibrated[:20_000]  # interleaved: a prefix holds both sources
 
 
 def test_find_artifact(llama, llama_artifact, tmp_path, monkeypatch):

@@ -30,9 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="hub id or local model folder (default: the offline SmolLM2-135M-Instruct)")
     p.add_argument("--text", type=Path, default=None, metavar="FILE",
-                   help="calibration text file (default: the prose of CPython's reference documentation)")
-    p.add_argument("--tokens", default="4096", help="tokens of the text used, e.g. 4096 or 8k (default 4096)")
+                   help="calibration text file (default: CPython's reference prose interleaved with the held-out "
+                   "half of the Paul Graham essays)")
+    p.add_argument("--tokens", default="16k", help="tokens of the text used, e.g. 4096 or 16k (default 16k)")
     p.add_argument("--chunk", default="512", help="tokens per forward pass (default 512)")
+    p.add_argument("--position-span", default="2k",
+                   help="positions the chunks are spread over, about the context the cache will serve (default 2k)")
     p.add_argument("--out", type=Path, default=None, metavar="PATH",
                    help="where to write the artifact (default: the cache path the aqua policy looks in)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -41,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Calibrate, save and summarize; returns the exit code."""
-    tokens, chunk = parse_tokens(args.tokens), parse_tokens(args.chunk)
+    tokens, chunk, span = parse_tokens(args.tokens), parse_tokens(args.chunk), parse_tokens(args.position_span)
     if args.text is None:
         text, source = default_calibration_text()
     else:
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model)
     name = args.model or DEFAULT_MODEL
     start = time.perf_counter()
-    artifact = calibrate(model, tokenizer, text, tokens=tokens, chunk=chunk, name=name, source=source)
+    artifact = calibrate(model, tokenizer, text, tokens=tokens, chunk=chunk, position_span=span, name=name,
+                         source=source)
     seconds = time.perf_counter() - start
     artifact.save(args.out or default_artifact_path(ModelInfo.from_config(model.config, name=name)))
     summary = _summary(artifact, seconds)
@@ -76,6 +80,7 @@ def _summary(artifact: AquaArtifact, seconds: float) -> dict:
         "text_source": meta["text_source"],
         "tokens": meta["tokens"],
         "chunk": meta["chunk"],
+        "position_span": meta["position_span"],
         "seconds": round(seconds, 2),
         "head_dim": meta["head_dim"],
         "energy": {str(r): round(float(e.mean()), 4) for r, e in per_layer.items()},
@@ -97,6 +102,7 @@ def _print(console: Console, artifact: AquaArtifact, summary: dict) -> None:
         table.add_row(str(layer), *(f"{summary['energy_per_layer'][r][layer]:.3f}" for r in ranks))
     table.add_row(f"all {layers}", *(f"{summary['energy'][r]:.3f}" for r in ranks), style="bold")
     console.print(f"model {meta['model']} (fingerprint {meta['fingerprint']}), {summary['tokens']:,} tokens of "
-                  f"{meta['text_source']} in chunks of {summary['chunk']}, {summary['seconds']:.1f} s", soft_wrap=True)
+                  f"{meta['text_source']} in chunks of {summary['chunk']} spread over positions "
+                  f"0..{summary['position_span'] - 1}, {summary['seconds']:.1f} s", soft_wrap=True)
     console.print(table)
     console.print(f"AQUA artifact written to {summary['artifact']}", soft_wrap=True)

@@ -80,6 +80,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", default="512",
                    help="prefill chunk in tokens, or 'none' for one forward per prompt (default 512)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda (default cpu)")
 
 
 def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
@@ -207,6 +208,10 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path, model: str, console: 
     return paths
 
 
+def _where(device: str) -> str:
+    return f"{torch.get_num_threads()} threads" if device == "cpu" else device
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the needle grid; returns the exit code."""
     from ..loading import DEFAULT_MODEL, load_model
@@ -222,10 +227,10 @@ def run(args: argparse.Namespace) -> int:
         model = tokenizer = None
     else:
         with console.status("loading model"):
-            model, tokenizer = load_model(args.model)
+            model, tokenizer = load_model(args.model, device=args.device)
         check_policies(model, specs, max(lengths))
     console.print(f"{len(cells)} cells on {model_name}, haystack {config.haystack.name}, "
-                  f"prefill chunk {config.prefill_chunk}, {torch.get_num_threads()} threads -> {args.out}")
+                  f"prefill chunk {config.prefill_chunk}, {_where(args.device)} -> {args.out}")
     rows = execute(model, tokenizer, cells, specs, config, args.out, console)
     if args.json:
         print(json.dumps(summary_json(rows), indent=2))

@@ -51,11 +51,13 @@ constants are estimates (``benchmarks/plan_rss.py`` measures them); the KV bytes
 Quality model
 -------------
 Scores are an *estimate* of the fraction of the uncompressed model's quality kept, ``1`` meaning no
-loss, always reported with their source (:attr:`QualityModel.source`):
+loss, always reported with their source (:attr:`QualityModel.source`, :attr:`QualityModel.kind`):
 
-1. a calibration sweep stored with the AQUA artifact (``artifact.sweep``: rows of ``k_ratio``,
-   ``retained`` = fraction of tokens kept, ``quality`` measured relative to the dense model),
-   interpolated linearly (clamped outside the measured range);
+1. a calibration sweep stored beside the AQUA artifact (``<artifact stem>.sweep.json``, written by
+   ``kvtool calibrate --sweep``, :mod:`kvpress_aqua.sweep`): ``ppl_full / ppl`` measured on held-out
+   text at a grid of ``k_ratio`` x ``retained`` (fraction of tokens kept), used when it was measured
+   with that artifact and the plan's token policy; interpolated bilinearly, linearly down to 0 at 0
+   below the smallest measured ``k_ratio`` or ``retained``, clamped above the largest, capped at 1;
 2. else ``q_channels x q_tokens``, where ``q_channels = exp(-ENERGY_BETA x (1 - E)^ENERGY_GAMMA)`` of
    the key energy ``E`` kept by ``k_ratio``: from the artifact's SVD spectrum when one exists, else
    from :data:`DEFAULT_ENERGY` (the mean energy curve measured on SmolLM2-135M). ``ENERGY_BETA`` and
@@ -95,6 +97,7 @@ from .accounting import (
 from .model_info import ModelInfo
 from .sizes import format_bytes, parse_size, parse_tokens
 from .spec import DEFAULT_SINKS, PolicySpec
+from .sweep import find_sweep, token_entry
 
 __all__ = [
     "Breakdown",
@@ -662,6 +665,9 @@ class QualityModel:
     ----------
     source : str
         Where the numbers come from; every plan reports it.
+    kind : {"sweep", "spectrum", "default"}
+        Which of the three sources it is: measured points, or the heuristic from an artifact's SVD
+        spectrum or from the default energy curve.
     energy : tuple of (k_ratio, energy)
         Key energy kept vs ``k_ratio`` (used without a sweep).
     sweep : tuple of (k_ratio, retained, quality)
@@ -670,20 +676,22 @@ class QualityModel:
     """
 
     source: str
+    kind: str = "default"
     energy: tuple[tuple[float, float], ...] = DEFAULT_ENERGY
     sweep: tuple[tuple[float, float, float], ...] = ()
 
     @classmethod
-    def default(cls) -> QualityModel:
-        """The documented default curve (no AQUA artifact for this model)."""
+    def default(cls, why: str = "") -> QualityModel:
+        """The documented default curve (no AQUA artifact for this model); ``why`` is appended to the source."""
         return cls("default heuristic: SmolLM2-135M key-energy curve and a token-retention curve (not measured "
-                   "on this model)")
+                   "on this model)" + (f"; {why}" if why else ""))
 
     @classmethod
-    def from_spectrum(cls, spectrum: torch.Tensor, source: str) -> QualityModel:
+    def from_spectrum(cls, spectrum: torch.Tensor, source: str, why: str = "") -> QualityModel:
         """Energy curve from SVD singular values ``(layers, kv_heads, head_dim)``, sorted descending.
 
-        The energy kept by ``r`` channels is ``sum(s[:r]^2) / sum(s^2)``, averaged over layers and KV heads.
+        The energy kept by ``r`` channels is ``sum(s[:r]^2) / sum(s^2)``, averaged over layers and KV
+        heads; ``why`` (e.g. why no sweep is used) is appended to the source.
         """
         if spectrum.ndim != 3:
             raise ValueError(f"spectrum must be (layers, kv_heads, head_dim), got shape {tuple(spectrum.shape)}")
@@ -691,7 +699,8 @@ class QualityModel:
         kept = (power.cumsum(-1) / power.sum(-1, keepdim=True)).mean((0, 1))
         d = kept.shape[0]
         curve = ((0.0, 0.0),) + tuple(((r + 1) / d, float(kept[r])) for r in range(d))
-        return cls(f"heuristic from the SVD spectrum energy of {source} and a token-retention curve", energy=curve)
+        text = f"heuristic from the SVD spectrum energy of {source} and a token-retention curve"
+        return cls(text + (f"; {why}" if why else ""), kind="spectrum", energy=curve)
 
     @classmethod
     def from_sweep(cls, rows: Iterable[Mapping[str, float]], source: str) -> QualityModel:
@@ -702,18 +711,25 @@ class QualityModel:
             raise ValueError(f"calibration sweep of {source}: rows need k_ratio, retained, quality ({err})") from None
         if not points:
             raise ValueError(f"calibration sweep of {source} is empty")
-        return cls(f"calibration sweep of {source} (measured, interpolated)", sweep=points)
+        return cls(f"calibration sweep {source} (measured, interpolated)", kind="sweep", sweep=points)
 
     @classmethod
-    def from_artifact(cls, artifact: Any, where: str) -> QualityModel:
-        """The artifact's ``sweep`` if it has one, else its ``spectrum``, else the default."""
-        sweep = getattr(artifact, "sweep", None)
-        if sweep:
-            return cls.from_sweep(sweep, where)
+    def from_artifact(cls, artifact: Any, where: str, token_policy: str = "h2o") -> QualityModel:
+        """The calibration sweep stored beside the artifact if it matches, else its ``spectrum``, else the default.
+
+        The sweep is the file :func:`kvpress_aqua.sweep.sweep_path` names, used when it was measured
+        with this artifact and ``token_policy`` (:func:`kvpress_aqua.sweep.find_sweep`); otherwise the
+        source says why it was not used.
+        """
+        found, why = find_sweep(artifact, token_policy)
+        if found is not None:
+            meta = found.metadata
+            return cls.from_sweep(found.rows(), f"{found.path} ({len(found.points)} points, {meta['tokens']:,} "
+                                                f"tokens of {meta['text_source']}, {meta['token_policy']})")
         spectrum = getattr(artifact, "spectrum", None)
         if spectrum is not None:
-            return cls.from_spectrum(torch.as_tensor(spectrum), where)
-        return cls.default()
+            return cls.from_spectrum(torch.as_tensor(spectrum), where, why)
+        return cls.default(why)
 
     def channel_energy(self, k_ratio: float) -> float:
         """Key energy kept by storing ``k_ratio`` of the channels."""
@@ -728,33 +744,34 @@ class QualityModel:
         return channels * tokens
 
     def _from_sweep(self, k_ratio: float, retained: float) -> float:
+        """Bilinear in the measured grid; linear to 0 at 0 below the smallest measured value; clamped above."""
         ratios = sorted({k for k, _, _ in self.sweep})
 
         def at(k: float) -> float:
             pts = [(r, q) for kk, r, q in self.sweep if kk == k]
-            return _interp(retained, [r for r, _ in pts], [q for _, q in pts])
+            return _interp(retained, *_from_zero([r for r, _ in pts], [q for _, q in pts]))
 
-        return _interp(k_ratio, ratios, [at(k) for k in ratios])
+        value = _interp(k_ratio, *_from_zero(ratios, [at(k) for k in ratios]))
+        return min(1.0, max(0.0, value))
 
 
-def _find_quality(info: ModelInfo, artifact: str | Path | None) -> QualityModel:
+def _from_zero(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
+    """Measured points with ``(0, 0)`` added in front when the smallest ``x`` is above 0 (pessimistic extension)."""
+    return ([0.0, *xs], [0.0, *ys]) if xs[0] > 0 else (xs, ys)
+
+
+def _find_quality(info: ModelInfo, artifact: str | Path | None, token_policy: str) -> QualityModel:
     """The quality model from an AQUA artifact (given, or found by ``kvpress_aqua.calibration``), else the default."""
-    try:
-        calibration = importlib.import_module(f"{__package__}.calibration")
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.calibration":
-            raise
-        if artifact is not None:
-            raise ValueError(f"--artifact needs kvpress_aqua.calibration, which is not installed ({err})") from None
-        return QualityModel.default()
+    calibration = importlib.import_module(f"{__package__}.calibration")  # looked up at call time (tests replace it)
     if artifact is not None:
-        return QualityModel.from_artifact(calibration.AquaArtifact.load(artifact), f"artifact {artifact}")
+        return QualityModel.from_artifact(calibration.AquaArtifact.load(artifact), f"artifact {artifact}",
+                                          token_policy)
     try:
         found = calibration.find_artifact(info)
     except FileNotFoundError:
-        return QualityModel.default()
-    where = getattr(found, "path", None) or f"model {info.fingerprint}"
-    return QualityModel.from_artifact(found, f"AQUA artifact {where}")
+        return QualityModel.default("no AQUA artifact for this model (`kvtool calibrate --sweep` makes one and "
+                                    "measures the sweep)")
+    return QualityModel.from_artifact(found, f"AQUA artifact {found.path}", token_policy)
 
 
 # ------------------------------------------------------------------------------------------- plan
@@ -905,6 +922,7 @@ class Plan:
             "dtype": mm.dtype, "context": mm.context, "batch": mm.batch, "new_tokens": mm.new_tokens,
             "prefill_chunk": mm.prefill_chunk, "overhead_bytes": mm.overhead, "token_policy": mm.token_policy,
             "min_tokens": self.min_tokens, "quality_source": self.quality_source,
+            "quality_kind": self.quality_model.kind,
             "candidates": [c.to_dict() for c in self.candidates],
             "frontier": [c.to_dict() for c in self.frontier],
             "recommendation": self.recommendation.to_dict() if self.recommendation else None,
@@ -981,22 +999,13 @@ def _frontier(mm: MemoryModel, quality: QualityModel, fitting: Sequence[Candidat
     return sorted(unique.values(), key=lambda c: (c.memory.total, -c.quality))
 
 
-def _token_entry(kind: str, budget: int, max_sinks: int) -> dict[str, Any]:
-    sinks = max(0, min(DEFAULT_SINKS, budget - 1, max_sinks))
-    rest = budget - sinks
-    if kind == "sliding":
-        return {"type": "sliding", "sinks": sinks, "window": rest}
-    recent = rest // 2
-    return {"type": "h2o", "heavy": rest - recent, "recent": recent, "sinks": sinks}
-
-
 def _entries(mm: MemoryModel, key_dim: int, budget: int | None) -> tuple[dict[str, Any], ...]:
     info = mm.shape.info
     entries = []
     if budget is not None:
         windows = [w for w in mm.windows if w is not None]
         max_sinks = min(windows) - 1 if windows else DEFAULT_SINKS
-        entries.append(_token_entry(mm.token_policy, budget, max_sinks))
+        entries.append(token_entry(mm.token_policy, budget, max_sinks))
     if key_dim < info.head_dim:
         entries.append({"type": "aqua", "k_ratio": key_dim / info.head_dim})
     return tuple(entries)
@@ -1133,9 +1142,10 @@ def plan(
     min_tokens : int, default 64
         Plans keeping fewer tokens per sequence count as not fitting.
     quality : QualityModel, optional
-        Quality source; default: the AQUA artifact's sweep or spectrum, else the default curve.
+        Quality source; default: the sweep stored beside the model's AQUA artifact, else the
+        artifact's SVD spectrum, else the default curve (:attr:`Plan.quality_source` says which and why).
     artifact : str or Path, optional
-        An AQUA artifact to read the quality model from (needs ``kvpress_aqua.calibration``).
+        The AQUA artifact to read the quality model from; default the one ``kvtool calibrate`` wrote.
 
     Returns
     -------
@@ -1167,7 +1177,7 @@ def plan(
         0 if str(overhead).strip() == "0" else parse_size(overhead, "overhead")
     )
     mm = MemoryModel(shape, batch, tokens, new_tokens, dtype_name, chunk, overhead_bytes, token_policy)
-    quality_model = quality or _find_quality(shape.info, artifact)
+    quality_model = quality or _find_quality(shape.info, artifact, token_policy)
 
     points = []
     for key_dim in candidate_key_dims(shape.info.head_dim):

@@ -248,7 +248,7 @@ def test_candidate_key_dims_are_kernel_friendly():
 def test_plan_picks_the_largest_budget_that_fits_and_reports_the_source(no_artifacts):
     p = plan("1300MiB", "smollm2-135m", context="8k", new_tokens=64, dtype="fp32", prefill_chunk=256)
     assert p.fits and p.recommendation.verdict == "recommended"
-    assert "default heuristic" in p.quality_source
+    assert "default heuristic" in p.quality_source and p.quality_model.kind == "default"
     mm = p.memory_model
     for c in p.candidates:
         assert c.memory.total <= p.budget
@@ -279,15 +279,14 @@ def test_quality_from_a_synthetic_spectrum_and_a_sweep():
     assert p.quality_source == model.source and p.to_dict()["quality_source"] == model.source
 
 
-def test_artifact_found_by_calibration_is_used(monkeypatch):
-    artifact = types.SimpleNamespace(spectrum=torch.linspace(2, 0.1, 64).expand(30, 3, 64), path="/tmp/a.pt")
+def test_artifact_found_by_calibration_is_used(monkeypatch, tmp_path):
+    artifact = types.SimpleNamespace(spectrum=torch.linspace(2, 0.1, 64).expand(30, 3, 64), path=tmp_path / "a.pt")
     fake = types.ModuleType("kvpress_aqua.calibration")
     fake.find_artifact = lambda info: artifact
     monkeypatch.setitem(sys.modules, "kvpress_aqua.calibration", fake)
     p = plan("2GB", "smollm2-135m", context=1024, dtype="fp32")
-    assert "SVD spectrum" in p.quality_source and "/tmp/a.pt" in p.quality_source
-    artifact.sweep = [{"k_ratio": 1.0, "retained": 1.0, "quality": 0.9}]
-    assert "calibration sweep" in plan("2GB", "smollm2-135m", context=1024, dtype="fp32").quality_source
+    assert p.quality_model.kind == "spectrum" and str(tmp_path / "a.pt") in p.quality_source
+    assert f"no calibration sweep at {tmp_path / 'a.sweep.json'}" in p.quality_source
 
 
 def test_does_not_fit_names_need_have_and_the_largest_context_and_batch():
@@ -369,7 +368,7 @@ def test_cli_table_echoes_the_budget_and_explains(capsys, tmp_path):
                            str(tmp_path / "p.toml"), "--plot", str(tmp_path / "p.png"))
     text = " ".join(out.split())
     assert code == 0
-    assert "budget 2GB = 2,000,000,000 bytes" in text and "quality source:" in text
+    assert "budget 2GB = 2,000,000,000 bytes" in text and "quality source (" in text
     assert "recommended" in text and "fits:" in text
     assert "= 134,515,008·4" in text and "ATTENTION_COPIES=4" in text
     assert parse_policy(str(tmp_path / "p.toml")).description.startswith("kvtool plan")

@@ -18,24 +18,23 @@ token budget ``b``::
 - ``projections = L x H_kv x d x d_k x e``: AQUA's matrices, held in the model dtype (0 without AQUA).
 - ``overhead``: :data:`DEFAULT_OVERHEAD` (512 MiB: interpreter, framework runtime, CUDA context,
   allocator slack) unless given.
-- a phase peak is ``KV held + attention + activations + copy``:
+- a phase peak is ``KV held + attention + activations + copy``, where attention and activations are
+  those of the larger of a decoder layer's two steps (their tensors never coexist):
 
-  * KV held: per layer ``kvpress_aqua.accounting.layer_nbytes`` at the layer's slots, i.e.
-    ``B x H_kv x slots x ((d_k + d) x e + 4 + 1 [+ 4 for H2O scores]) + 4 x B`` for a compressed
-    layer and ``B x H_kv x tokens x 2d x e`` for a plain ``DynamicCache`` layer. Slots: a prefill
-    chunk of ``n`` tokens at offset ``lo`` holds ``min(lo, cap) + n``, where ``cap`` is the budget
-    (capped at ``window - 1`` on the model's own sliding-window layers); decoding holds
-    ``accounting.decode_slots`` (``b + 1``). The chunk checked is the last one, and the last full
-    one when the last is shorter.
-  * attention: :data:`ATTENTION_COPIES` float32 tensors of ``B x H x n x (held + n)`` (scores before
-    and after concatenation and masking, softmax weights) in the cache's attention function. A plain
-    ``DynamicCache`` keeps the model's fused SDPA (no score matrix): 0, except that under GQA a chunk
-    after the first has an explicit mask and SDPA expands K and V to every query head,
+  * attention step: ``scores + B x n x (HIDDEN_COPIES x h + 2 x H x d + 2 x H_kv x d) x e`` (residual
+    stream copies: the embeddings, the layer input, the residual and the normed input; queries and
+    attention output; keys and values). ``scores``, the *attention* term: in the cache's attention
+    function :data:`ATTENTION_COPIES` float32 tensors of ``B x H x n x (held + n)`` (``held``
+    includes the chunk's own slots: past block and new block, masked copies, concatenation,
+    softmax). A plain ``DynamicCache`` keeps the model's fused SDPA (no score matrix): 0 when it
+    runs with ``is_causal`` (the first chunk, decode steps); a chunk after the first gets a boolean
+    mask, ``B x n x held`` bytes, and under GQA/MQA SDPA then expands K and V to every query head,
     ``2 x B x H x held x d x e``.
-  * activations: ``B x n x (HIDDEN_COPIES x h + 2 x H x d + 2 x H_kv x d + MLP_COPIES x I) x e``
-    (residual stream and normed copies; queries and attention output; keys and values; gate, up
-    and their product) plus the last token's logits ``B x V x (e + 4)`` (model dtype and the
-    float32 copy ``generate`` makes).
+  * MLP step: ``B x n x (HIDDEN_COPIES x h + MLP_COPIES x I) x e`` (the residual stream copies; gate
+    activation, up, their product); the attention term is then 0.
+
+  Both add the last token's logits ``B x V x (e + 4)`` (model dtype and the float32 copy ``generate``
+  makes) to the activations.
   * copy: one layer's KV at its attention-visible slots, held twice while ``torch.cat``/``gather``
     builds the layer's new tensors.
 
@@ -118,9 +117,9 @@ DEFAULT_OVERHEAD = 512 * 2**20
 ATTENTION_COPIES = 4
 """Float32 score-sized tensors alive at once in the cache's attention (raw, masked, concatenated, softmax)."""
 HIDDEN_COPIES = 4
-"""Hidden-size activations alive per token in a decoder layer (residual, normed input, attention out, MLP out)."""
+"""Hidden-size activations alive per token in a decoder layer (embeddings, layer input, residual, normed input)."""
 MLP_COPIES = 3
-"""MLP-width activations alive per token (gate, up, their product)."""
+"""MLP-width activations alive per token at the MLP step (gate activation, up, their product)."""
 MIN_K_RATIO = 0.25
 """Smallest ``k_ratio`` considered: below a quarter of the channels the prototype's perplexity exploded."""
 DEFAULT_MIN_TOKENS = 64
@@ -390,7 +389,8 @@ class Breakdown:
     kv : int
         KV held at the end (keys, values, slot metadata): ``cache.nbytes() - projections``.
     peak_kv, attention, activations, copy : int
-        KV held, attention scores, activations and one layer's copy in the peak phase.
+        KV held, attention scores (0 when a layer's MLP step needs more than its attention step),
+        activations and one layer's copy in the peak phase.
     peak_phase : str
         ``"prefill"`` or ``"decode"``.
     terms : tuple of Term
@@ -436,6 +436,8 @@ class _Phase:
     attention: int
     activations: int
     copy: int
+    step: str
+    scores: int
 
     @property
     def peak(self) -> int:
@@ -563,23 +565,34 @@ class MemoryModel:
             terms=self._terms(key_dim, compressed, scores, weights, projections, end, peak),
         )
 
+    def _per_token(self) -> tuple[int, int]:
+        """Activation elements per token alive at a layer's attention step and at its MLP step."""
+        s, info = self.shape, self.shape.info
+        hidden = HIDDEN_COPIES * s.hidden_size
+        return (hidden + 2 * info.num_heads * info.head_dim + 2 * info.num_kv_heads * info.head_dim,
+                hidden + MLP_COPIES * s.intermediate_size)
+
     def _phase(self, name: str, lo: int, n: int, slots: Sequence[int], visible: Sequence[int], layer: Any,
                compressed: bool) -> _Phase:
-        s, info, b = self.shape, self.shape.info, self.batch
-        per_token = (HIDDEN_COPIES * s.hidden_size + 2 * info.num_heads * info.head_dim
-                     + 2 * info.num_kv_heads * info.head_dim + MLP_COPIES * s.intermediate_size)
+        info, b, e = self.shape.info, self.batch, self.elem
+        held = max(visible)
         if compressed:
-            attention = ATTENTION_COPIES * b * info.num_heads * n * (max(visible) + n) * 4
-        elif _sdpa_repeats_kv(name, lo, info):
-            attention = 2 * b * info.num_heads * max(visible) * info.head_dim * self.elem
+            scores = ATTENTION_COPIES * b * info.num_heads * n * (held + n) * 4
         else:
-            attention = 0
+            scores = b * n * held if _sdpa_masked(name, lo) else 0
+            if _sdpa_masked(name, lo) and info.group_size > 1:
+                scores += 2 * b * info.num_heads * held * info.head_dim * e
+        at_attention, at_mlp = self._per_token()
+        attention_step, mlp_step = scores + b * n * at_attention * e, b * n * at_mlp * e
+        step = "attention" if attention_step >= mlp_step else "mlp"
+        logits = b * self.shape.vocab_size * (e + 4)
         return _Phase(
             name=name, chunk=n, offset=lo, slots=tuple(slots), visible=tuple(visible),
             kv=sum(layer(x) for x in slots),
-            attention=attention,
-            activations=b * n * per_token * self.elem + b * s.vocab_size * (self.elem + 4),
+            attention=scores if step == "attention" else 0,
+            activations=b * n * (at_attention if step == "attention" else at_mlp) * e + logits,
             copy=max(layer(x) for x in visible),
+            step=step, scores=scores,
         )
 
     def _kv_text(self, slots: Sequence[int], key_dim: int, compressed: bool, scores: bool) -> str:
@@ -602,17 +615,36 @@ class MemoryModel:
         kv_formula = (f"Σ layers B·H_kv·slots·((d_k + d_v)·e + {meta}) + B·4" if compressed
                       else "Σ layers B·H_kv·tokens·(d_k + d_v)·e  (DynamicCache)")
         where = f"{peak.name} of {peak.chunk:,} token(s) at offset {peak.offset:,}"
-        per_token = (f"{HIDDEN_COPIES}·{s.hidden_size} + 2·{info.num_heads}·{info.head_dim} + "
-                     f"2·{info.num_kv_heads}·{info.head_dim} + {MLP_COPIES}·{s.intermediate_size}")
+        held, n = max(peak.visible), peak.chunk
         if compressed:
-            attention = (f"{ATTENTION_COPIES}·B·H·n·(held + n)·4 (float32 scores in the cache's attention)",
-                         f"{ATTENTION_COPIES}·{b}·{info.num_heads}·{peak.chunk:,}·({max(peak.visible):,} + "
-                         f"{peak.chunk:,})·4")
-        elif _sdpa_repeats_kv(peak.name, peak.offset, info):
-            attention = ("2·B·H·held·d·e (SDPA with a mask expands K and V to every query head; no score matrix)",
-                         f"2·{b}·{info.num_heads}·{max(peak.visible):,}·{info.head_dim}·{e}")
+            attention = [f"{ATTENTION_COPIES}·B·H·n·(held + n)·4 (float32 scores in the cache's attention)",
+                         f"{ATTENTION_COPIES}·{b}·{info.num_heads}·{n:,}·({held:,} + {n:,})·4"]
+        elif peak.scores and info.group_size > 1:
+            attention = ["B·n·held + 2·B·H·held·d·e (SDPA's boolean mask; with a mask it expands K and V to every "
+                         "query head; no score matrix)", f"{b}·{n:,}·{held:,} + 2·{b}·{info.num_heads}·{held:,}·"
+                         f"{info.head_dim}·{e}"]
+        elif peak.scores:
+            attention = ["B·n·held (SDPA's boolean mask; no score matrix)", f"{b}·{n:,}·{held:,}"]
         else:
-            attention = ("0 (the model's fused SDPA on a DynamicCache: no score matrix, no K/V expansion)", "0")
+            attention = ["0 (the model's fused SDPA with is_causal: no mask, no score matrix, no K/V expansion)", "0"]
+        at_attention, at_mlp = self._per_token()
+        attention_sym = f"B·n·({HIDDEN_COPIES}h + 2H·d + 2H_kv·d)·e"
+        attention_num = (f"{b}·{n:,}·({HIDDEN_COPIES}·{s.hidden_size} + 2·{info.num_heads}·{info.head_dim} + "
+                         f"2·{info.num_kv_heads}·{info.head_dim})·{e}")
+        mlp_sym = f"B·n·({HIDDEN_COPIES}h + {MLP_COPIES}I)·e"
+        mlp_num = f"{b}·{n:,}·({HIDDEN_COPIES}·{s.hidden_size} + {MLP_COPIES}·{s.intermediate_size})·{e}"
+        logits_sym, logits_num = "B·V·(e + 4)", f"{b}·{s.vocab_size:,}·({e} + 4)"
+        if peak.step == "attention":
+            other = b * n * at_mlp * e
+            activations = (f"{attention_sym} + {logits_sym} (attention step; the MLP step, {mlp_sym} = "
+                           f"{other:,} B, needs less)", f"{attention_num} + {logits_num}")
+        else:
+            other = peak.scores + b * n * at_attention * e
+            activations = (f"{mlp_sym} + {logits_sym} (MLP step; the attention step, attention + {attention_sym} = "
+                           f"{other:,} B, needs less)", f"{mlp_num} + {logits_num}")
+            if peak.scores:
+                attention = [f"0 at the peak (MLP step); at the attention step {attention[0]}: {attention[1]} = "
+                             f"{peak.scores:,} B", "0"]
         terms = [
             Term("weights", "parameters·e", f"{s.parameters:,}·{e}", weights),
             Term(f"KV at the end ({end.name})", kv_formula, self._kv_text(end.slots, key_dim, compressed, scores),
@@ -623,8 +655,7 @@ class MemoryModel:
             Term(f"KV held at the peak ({where})", kv_formula,
                  self._kv_text(peak.slots, key_dim, compressed, scores), peak.kv),
             Term("attention", *attention, peak.attention),
-            Term("activations", f"B·n·({HIDDEN_COPIES}h + 2H·d + 2H_kv·d + {MLP_COPIES}I)·e + B·V·(e + 4)",
-                 f"{b}·{peak.chunk:,}·({per_token})·{e} + {b}·{s.vocab_size:,}·({e} + 4)", peak.activations),
+            Term("activations", *activations, peak.activations),
             Term("layer copy", "one layer's KV at its visible slots (torch.cat/gather)",
                  self._kv_text((max(peak.visible),), key_dim, compressed, scores), peak.copy),
             Term("overhead", "runtime constant (default DEFAULT_OVERHEAD = 512 MiB, --overhead)",
@@ -633,13 +664,14 @@ class MemoryModel:
         return tuple(terms)
 
 
-def _sdpa_repeats_kv(phase: str, offset: int, info: ModelInfo) -> bool:
-    """Whether ``transformers``' SDPA path expands K/V to every query head (``repeat_kv``).
+def _sdpa_masked(phase: str, offset: int) -> bool:
+    """Whether ``transformers``' SDPA path builds an explicit boolean mask (``B x n x held`` bytes).
 
-    It does under GQA/MQA whenever it passes an explicit mask: for a prefill chunk after the first
-    (the chunk's keys are longer than its queries); the first chunk and decode steps run with no mask.
+    It does for a prefill chunk after the first (its keys are longer than its queries); the first
+    chunk and decode steps run with ``is_causal`` and no mask. With a mask, under GQA/MQA, it also
+    expands K and V to every query head (``repeat_kv``).
     """
-    return phase == "prefill" and offset > 0 and info.group_size > 1
+    return phase == "prefill" and offset > 0
 
 
 # ---------------------------------------------------------------------------------------- quality

@@ -229,13 +229,26 @@ def test_chunked_prefill_holds_budget_plus_chunk():
     assert chunked.total < one.total
 
 
-def test_dense_cache_charges_sdpa_kv_expansion_only_for_masked_gqa_chunks():
-    shape = resolve_model("llama-3.2-1b")  # 32 query heads, 8 KV heads, head_dim 64
-    chunked = MemoryModel(shape, 2, 4096, 0, "bf16", 1024, 0).evaluate(64, None)
-    assert chunked.attention == 2 * 2 * 32 * 4096 * 64 * 2  # repeat_kv of the last chunk's 4096 keys and values
-    assert MemoryModel(shape, 2, 4096, 0, "bf16", None, 0).evaluate(64, None).attention == 0
-    mha = resolve_model("smollm2-1.7b")  # 32 heads, 32 KV heads: nothing to expand
-    assert MemoryModel(mha, 2, 4096, 0, "bf16", 1024, 0).evaluate(64, None).attention == 0
+def test_dense_cache_charges_sdpa_mask_and_kv_expansion_only_for_masked_chunks():
+    shape = resolve_model("llama-3.2-1b")  # 32 query heads, 8 KV heads, head_dim 64, hidden 2048, MLP 8192
+    logits = 2 * 128_256 * (2 + 4)
+    chunked = MemoryModel(shape, 2, 32768, 0, "bf16", 1024, 0).evaluate(64, None)
+    mask, repeat_kv = 2 * 1024 * 32768, 2 * 2 * 32 * 32768 * 64 * 2  # the last chunk sees all 32768 keys
+    assert chunked.attention == mask + repeat_kv
+    assert chunked.activations == 2 * 1024 * (4 * 2048 + 2 * 32 * 64 + 2 * 8 * 64) * 2 + logits  # attention step
+    one = MemoryModel(shape, 2, 32768, 0, "bf16", None, 0).evaluate(64, None)  # is_causal: no mask, no expansion
+    assert one.attention == 0 and one.activations == 2 * 32768 * (4 * 2048 + 3 * 8192) * 2 + logits  # MLP step
+    mha = resolve_model("smollm2-1.7b")  # 32 heads, 32 KV heads: a mask, nothing to expand
+    assert MemoryModel(mha, 2, 65536, 0, "bf16", 1024, 0).evaluate(64, None).attention == 2 * 1024 * 65536
+
+
+def test_working_set_is_the_larger_of_the_attention_and_mlp_steps():
+    shape = resolve_model("smollm2-135m")  # hidden 576, MLP 1536, 9 heads, 3 KV heads, head_dim 64
+    small = MemoryModel(shape, 1, 4096, 0, "fp32", 16, 0).evaluate(64, 16)  # few scores: the MLP step is larger
+    assert small.attention == 0 and small.activations == 16 * (4 * 576 + 3 * 1536) * 4 + 49152 * 8
+    big = MemoryModel(shape, 1, 4096, 0, "fp32", 512, 0).evaluate(64, 1024)
+    assert big.attention == 4 * 9 * 512 * (1024 + 2 * 512) * 4  # past block (budget + chunk slots) and new block
+    assert big.activations == 512 * (4 * 576 + 2 * 9 * 64 + 2 * 3 * 64) * 4 + 49152 * 8
 
 
 def test_candidate_key_dims_are_kernel_friendly():

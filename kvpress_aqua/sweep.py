@@ -58,10 +58,10 @@ FORMAT = "kvpress_aqua.quality_sweep/1"
 """Value of the ``format`` key of every sweep file; bumped when the layout changes."""
 DEFAULT_K_RATIOS = (1.0, 0.75, 0.5, 0.375, 0.25)
 """Key-channel fractions measured by default: the planner's range (it offers nothing below 0.25)."""
-DEFAULT_RETAINED = (1.0, 0.5, 0.25)
-"""Token budgets measured by default, as fractions of the evaluated tokens."""
+DEFAULT_RETAINED = (1.0, 0.5, 0.25, 0.125)
+"""Token budgets measured by default, as fractions of the evaluated tokens (plans often keep a tenth to a third)."""
 DEFAULT_SWEEP_TOKENS = 512
-"""Tokens of held-out text per point by default (15 points of 512 tokens: about a minute for SmolLM2-135M on CPU)."""
+"""Tokens of held-out text per grid point by default (20 points; see docs/planner.md for a measured time)."""
 DEFAULT_SWEEP_CHUNK = 32
 """Tokens per forward of :func:`~kvpress_aqua.perplexity.perplexity` by default."""
 _TOKEN_POLICIES = ("h2o", "sliding")

@@ -119,7 +119,7 @@ def test_cli_calibrate_sweep_writes_the_sidecar(tiny_model, tmp_path, monkeypatc
     assert code == 0 and summary["sweep"]["path"] == str(tmp_path / "tiny.sweep.json")
     stored = json.loads((tmp_path / "tiny.sweep.json").read_text())
     assert stored["tokens"] == 48 and stored["text_source"] == f"file {tmp_path / 'held.txt'}"
-    assert len(stored["points"]) == 15 and {p["k_ratio"] for p in stored["points"]} == {1, 0.75, 0.5, 0.375, 0.25}
+    assert len(stored["points"]) == 20 and {p["k_ratio"] for p in stored["points"]} == {1, 0.75, 0.5, 0.375, 0.25}
     assert summary["sweep"]["points"] == [{k: p[k] for k in ("k_ratio", "retained", "quality")}
                                           for p in stored["points"]]
 

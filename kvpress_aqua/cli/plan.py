@@ -77,7 +77,7 @@ def _print(result: Plan, args: argparse.Namespace) -> None:
     chunk = f"prefill chunk {mm.prefill_chunk:,}" if mm.prefill_chunk else "prefill in one chunk"
     console.print(f"{mm.context:,}-token context, batch {mm.batch}, {mm.new_tokens} new tokens, {mm.dtype}, {chunk}, "
                   f"overhead {format_bytes(mm.overhead)}, token policy {mm.token_policy}")
-    console.print(f"quality source: {result.quality_source}")
+    console.print(f"quality source ({result.quality_model.kind}): {result.quality_source}")
     console.print(_candidate_table(result))
     if result.frontier:
         console.print(_frontier_table(result))

@@ -1,0 +1,130 @@
+"""The calibration sweep: measured on a tiny model, stored beside the artifact, read by the planner."""
+
+import json
+import math
+
+import pytest
+import torch
+from tiny_models import byte_tokenizer
+
+from kvpress_aqua.calibration import calibrate
+from kvpress_aqua.cli import main
+from kvpress_aqua.perplexity import perplexity
+from kvpress_aqua.planner import QualityModel, plan
+from kvpress_aqua.policies import H2O
+from kvpress_aqua.policies.aqua import Aqua
+from kvpress_aqua.sweep import QualitySweep, find_sweep, measure_sweep, sweep_path, token_entry
+
+CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. " * 12
+HELD_OUT = "Startups grow when founders talk to users, write code and ignore most of the noise around them. " * 4
+
+
+@pytest.fixture
+def tiny(tiny_model, tmp_path):
+    """A tiny Llama, its byte tokenizer and a saved AQUA artifact calibrated on it."""
+    model = tiny_model("llama")
+    tokenizer = byte_tokenizer(model.config.vocab_size)
+    artifact = calibrate(model, tokenizer, CALIBRATION_TEXT, tokens=512, chunk=128, progress=False, name="tiny")
+    artifact.save(tmp_path / "tiny-llama.safetensors")
+    return model, tokenizer, artifact
+
+
+def test_token_entry_splits_like_the_presets():
+    assert token_entry("h2o", 100) == {"type": "h2o", "heavy": 48, "recent": 48, "sinks": 4}
+    assert token_entry("sliding", 100, max_sinks=2) == {"type": "sliding", "sinks": 2, "window": 98}
+
+
+def test_sweep_measures_each_point_with_the_cache_in_the_loop(tiny):
+    model, tokenizer, artifact = tiny
+    sweep = measure_sweep(model, tokenizer, artifact, HELD_OUT, k_ratios=(1, 0.5), retained=(1, 0.5), tokens=96,
+                          chunk=16, source="test text")
+    grid = {(p.k_ratio, p.retained): p for p in sweep.points}
+    assert set(grid) == {(1.0, 1.0), (1.0, 0.5), (0.5, 1.0), (0.5, 0.5)}
+    assert sweep.metadata["tokens"] == 96 and sweep.metadata["text_source"] == "test text"
+    ids = torch.tensor(tokenizer(HELD_OUT, add_special_tokens=False)["input_ids"][:96])
+    full = perplexity(model, ids, (), chunk=16)
+    both = perplexity(model, ids, [H2O(heavy=22, recent=22, sinks=4), Aqua(k_ratio=0.5, artifact=artifact)], chunk=16)
+    point = grid[(0.5, 0.5)]
+    assert point.token_budget == 48
+    assert point.nll == pytest.approx(both.nll, rel=1e-9) and sweep.metadata["full_ppl"] == pytest.approx(full.ppl)
+    assert point.quality == pytest.approx(math.exp(full.nll - both.nll), rel=1e-9)
+    assert point.nll != full.nll  # the compression changed the predictions: the point measured something
+    assert grid[(1.0, 1.0)].quality == 1.0
+
+
+def test_sweep_beside_the_artifact_is_what_plan_uses(tiny):
+    model, tokenizer, artifact = tiny
+    sweep = measure_sweep(model, tokenizer, artifact, HELD_OUT, k_ratios=(1, 0.5, 0.25), retained=(1, 0.5),
+                          tokens=64, chunk=16)
+    path = sweep.save(sweep_path(artifact.path))
+    assert path.name == "tiny-llama.sweep.json" and path.parent == artifact.path.parent
+    loaded = QualitySweep.load(path)
+    assert loaded.points == sweep.points and loaded.metadata == sweep.metadata
+    assert find_sweep(artifact)[0] is not None
+
+    p = plan("1GB", model.config, context=200, dtype="fp32", overhead=0, artifact=artifact.path)
+    assert p.quality_model.kind == "sweep" and str(path) in p.quality_source
+    assert p.to_dict()["quality_kind"] == "sweep"
+    for point in sweep.points:
+        assert p.quality_model(point.k_ratio, point.retained) == pytest.approx(min(1.0, point.quality))
+
+    # another eviction policy than the one measured: the sweep is not used, and the source says why
+    sliding = plan("1GB", model.config, context=200, dtype="fp32", overhead=0, artifact=artifact.path,
+                   token_policy="sliding")
+    assert sliding.quality_model.kind == "spectrum"
+    assert "it measured h2o, the plan uses sliding" in sliding.quality_source
+
+
+def test_a_sweep_of_another_calibration_is_ignored(tiny, tmp_path):
+    model, tokenizer, artifact = tiny
+    measure_sweep(model, tokenizer, artifact, HELD_OUT, k_ratios=(1, 0.5), retained=(1,), tokens=32,
+                  chunk=16).save(sweep_path(artifact.path))
+    recalibrated = calibrate(model, tokenizer, HELD_OUT, tokens=256, chunk=64, progress=False, name="tiny")
+    recalibrated.save(artifact.path)
+    found, why = find_sweep(recalibrated)
+    assert found is None and "another calibration" in why
+    p = plan("1GB", model.config, context=200, dtype="fp32", overhead=0, artifact=artifact.path)
+    assert p.quality_model.kind == "spectrum" and "another calibration" in p.quality_source
+
+
+def test_sweep_quality_extends_pessimistically_below_the_grid():
+    model = QualityModel.from_sweep([{"k_ratio": 0.5, "retained": 0.25, "quality": 0.4},
+                                     {"k_ratio": 0.5, "retained": 1.0, "quality": 0.8},
+                                     {"k_ratio": 1.0, "retained": 0.25, "quality": 0.6},
+                                     {"k_ratio": 1.0, "retained": 1.0, "quality": 1.01}], "grid")
+    assert model(1.0, 1.0) == 1.0  # measured a hair above the full cache: clamped
+    assert model(1.0, 0.125) == pytest.approx(0.3)  # half way from (0, 0) to (0.25, 0.6)
+    assert model(0.25, 1.0) == pytest.approx(0.4)  # half way from (0, 0) to (0.5, 0.8)
+
+
+def test_bad_grid_and_too_little_text_are_refused(tiny):
+    model, tokenizer, artifact = tiny
+    with pytest.raises(ValueError, match="fractions in"):
+        measure_sweep(model, tokenizer, artifact, HELD_OUT, k_ratios=(1.5,), tokens=32)
+    with pytest.raises(ValueError, match="at least 8 tokens"):
+        measure_sweep(model, tokenizer, artifact, "abc", tokens=32)
+
+
+def test_cli_calibrate_sweep_writes_the_sidecar(tiny_model, tmp_path, monkeypatch, capsys):
+    import kvpress_aqua.cli.calibrate as cli
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(cli, "load_model", lambda name=None: (model, byte_tokenizer(model.config.vocab_size)))
+    (tmp_path / "cal.txt").write_text(CALIBRATION_TEXT)
+    (tmp_path / "held.txt").write_text(HELD_OUT)
+    out = tmp_path / "tiny.safetensors"
+    code = main(["calibrate", "--text", str(tmp_path / "cal.txt"), "--tokens", "256", "--out", str(out), "--sweep",
+                 "--sweep-tokens", "48", "--sweep-text", str(tmp_path / "held.txt"), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["sweep"]["path"] == str(tmp_path / "tiny.sweep.json")
+    stored = json.loads((tmp_path / "tiny.sweep.json").read_text())
+    assert stored["tokens"] == 48 and stored["text_source"] == f"file {tmp_path / 'held.txt'}"
+    assert len(stored["points"]) == 20 and {p["k_ratio"] for p in stored["points"]} == {1, 0.75, 0.5, 0.375, 0.25}
+    assert summary["sweep"]["points"] == [{k: p[k] for k in ("k_ratio", "retained", "quality")}
+                                          for p in stored["points"]]
+
+
+def test_cli_calibrate_sweep_bad_text_exits_2(tmp_path, capsys):
+    code = main(["calibrate", "--sweep", "--sweep-text", str(tmp_path / "missing.txt")])
+    assert code == 2 and "missing.txt does not exist" in " ".join(capsys.readouterr().err.split())
+

@@ -83,6 +83,26 @@ def caches(context: int) -> dict:
     }
 
 
+def repredict(path: Path, steps: int, chunk: int) -> None:
+    """Replace the predictions of a stored report by the current planner's; measurements are untouched."""
+    report = json.loads(path.read_text())
+    cuda = "cpu" not in report["device"]
+    for row in report["results"]:
+        shape = dict(SHAPES[row["shape"]], num_hidden_layers=row["layers"])
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**shape))
+        row_steps, row_chunk = row.get("steps", steps), row.get("chunk", chunk)
+        seen_after = row["context"] + 3 + row_steps  # prefill, 3 warm-up steps, the timed steps
+        row.update(predict(model, caches(row["context"])[row["cache"]], row["batch"], row["context"], seen_after,
+                           row_chunk, "bf16" if cuda else "fp32"))
+        if "peak_allocated" in row:
+            row["peak_vs_predicted"] = row["peak_allocated"] / row["predicted_peak_bytes"]
+        print(f"{row['cache']:>12} batch {row['batch']}: predicted KV {row['predicted_kv_bytes']} "
+              f"(measured {row['kv_bytes']}), peak {row.get('peak_vs_predicted', float('nan')):.3f} of predicted")
+    report["predictions"] = "recomputed with --repredict from the stored measurements"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=8192)
@@ -93,7 +113,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=None, help="default: results/decode_speed-<device>.json")
+    parser.add_argument("--repredict", type=Path, default=None, metavar="FILE",
+                        help="recompute the planner's predictions for a stored report with the current formula "
+                        "(no device needed; measured columns are kept) and rewrite it")
     args = parser.parse_args()
+    if args.repredict:
+        repredict(args.repredict, args.steps, args.chunk)
+        return
     torch.manual_seed(0)
     shape = dict(SHAPES[args.shape])
     if args.layers:
@@ -122,13 +148,15 @@ def main() -> None:
                     for _ in range(args.steps):
                         nxt = model(nxt, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
             row = {"cache": name, "batch": batch, "context": args.context, "shape": args.shape,
-                   "layers": shape["num_hidden_layers"], "ms_per_step": timer.ms / args.steps,
+                   "layers": shape["num_hidden_layers"], "steps": args.steps, "chunk": args.chunk,
+                   "ms_per_step": timer.ms / args.steps,
                    "kv_bytes": cache.nbytes(), "dense_kv_bytes": cache.dense_nbytes()}
             row.update(predict(model, policies, batch, args.context, cache.get_seq_length(), args.chunk,
                                "bf16" if cuda else "fp32"))
             if cuda:
                 row["peak_allocated"] = torch.cuda.max_memory_allocated()
                 row["resident_before"] = base
+                row["peak_vs_predicted"] = row["peak_allocated"] / row["predicted_peak_bytes"]
             rows.append(row)
             print(json.dumps(row), flush=True)
             cache.detach()

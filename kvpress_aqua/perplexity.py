@@ -89,7 +89,7 @@ def perplexity(
     if chunk <= 0:
         raise ValueError(f"chunk={chunk}: give a positive number of tokens per forward")
     cache = CompressedCache(model, *policies)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=ids.device)
     start = time.perf_counter()
     try:
         with torch.inference_mode():

@@ -262,6 +262,9 @@ class CompressedLayer(CacheLayerMixin):
         self.valid.scatter_(2, new_slots, new_valid[:, None, :].expand(-1, heads, -1))
         self.start += (~new_valid).sum(-1, dtype=torch.int32)[:, None, None]
         if self.score is not None:
+            decay = self.token_policy.score_decay
+            if decay != 1.0:
+                self.score.mul_(decay)
             self.score += mass_past
             self.score.scatter_add_(2, new_slots, mass_new)
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import tomllib
 
-from .policies import H2O, SlidingWindow
+from .policies import H2O, TOVA, SlidingWindow
 from .policies.aqua import Aqua
 from .policies.base import ChannelPolicy, TokenPolicy
 
@@ -42,6 +42,7 @@ __all__ = ["POLICY_TYPES", "PolicySpec", "list_presets", "parse_policy"]
 
 POLICY_TYPES: dict[str, type] = {
     "h2o": H2O,
+    "tova": TOVA,
     "sliding": SlidingWindow,
     "streaming": SlidingWindow,
     "aqua": Aqua,

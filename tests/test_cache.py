@@ -8,7 +8,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from kvpress_aqua import CompressedCache
 from kvpress_aqua.accounting import decode_slots, layer_nbytes
-from kvpress_aqua.policies import H2O, SlidingWindow
+from kvpress_aqua.policies import H2O, TOVA, SlidingWindow
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi3"]
 TOL = 1e-4
@@ -66,8 +66,9 @@ def _masked_reference_attention(module, query, key, value, attention_mask, scali
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize(
     "policy,chunk",
-    [(H2O(heavy=6, recent=3, sinks=1), None), (SlidingWindow(sinks=2, window=7), None), (H2O(heavy=5, recent=2), 6)],
-    ids=["h2o", "sliding", "h2o-chunked"],
+    [(H2O(heavy=6, recent=3, sinks=1), None), (SlidingWindow(sinks=2, window=7), None), (H2O(heavy=5, recent=2), 6),
+     (TOVA(heavy=6, recent=2, sinks=1), 6)],
+    ids=["h2o", "sliding", "h2o-chunked", "tova-chunked"],
 )
 def test_eviction_equals_masked_full_attention(arch, policy, chunk):
     """Logits of every step equal a full-attention forward that hides exactly the evicted tokens."""
@@ -343,3 +344,35 @@ def test_import_patches_nothing():
     before = dict(AttentionInterface._global_mapping)
     importlib.reload(kvpress_aqua)
     assert dict(AttentionInterface._global_mapping).keys() == before.keys()
+
+
+def test_tova_scores_are_the_latest_call_only_and_h2o_accumulates():
+    """TOVA's held scores are exactly the mass of the last attention call; H2O's are the running sum."""
+    model = make_tiny_model("llama")
+    prompt = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(9))
+    caches = {name: CompressedCache(model, policy) for name, policy in
+              [("tova", TOVA(heavy=50, recent=2)), ("h2o", H2O(heavy=50, recent=2))]}
+    masses = {}
+    for name, cache in caches.items():
+        layer = cache.layers[0]
+        seen = []
+        original = layer.after_attention
+
+        def spy(new_slots, new_valid, mass_past, mass_new, original=original, seen=seen, layer=layer):
+            before = layer.score.clone()
+            original(new_slots, new_valid, mass_past, mass_new)
+            seen.append((before, layer.score.clone(), mass_past.clone(), new_slots, mass_new.clone()))
+
+        layer.after_attention = spy
+        with torch.no_grad():
+            logits = model(prompt, past_key_values=cache).logits[:, -1]
+            for _ in range(3):
+                logits = model(logits.argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1]
+        cache.detach()
+        masses[name] = seen
+    for name, seen in masses.items():
+        for before, after, mass_past, new_slots, mass_new in seen[1:]:
+            fresh = mass_past.clone().scatter_add_(2, new_slots, mass_new)
+            expected = fresh if name == "tova" else before + fresh
+            assert torch.allclose(after, expected, atol=1e-6), name
+            assert before.abs().sum() > 0  # the earlier calls did leave scores behind

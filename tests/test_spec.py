@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvpress_aqua.policies import H2O, SlidingWindow
+from kvpress_aqua.policies import H2O, TOVA, SlidingWindow
 from kvpress_aqua.policies.aqua import Aqua
 from kvpress_aqua.spec import list_presets, parse_policy
 
@@ -20,12 +20,12 @@ def test_full_is_empty():
 
 def test_every_shipped_preset_parses_and_builds():
     presets = list_presets()
-    assert {"full", "h2o-25", "h2o-50", "streaming-25", "h2o-aqua-4x"} <= presets.keys()
+    assert {"full", "h2o-25", "h2o-50", "streaming-25", "h2o-aqua-4x", "tova-25", "tova-50"} <= presets.keys()
     for name, description in presets.items():
         assert description
         spec = parse_policy(name)
         policies = spec.build(context=2048)
-        assert all(isinstance(p, H2O | SlidingWindow | Aqua) for p in policies)
+        assert all(isinstance(p, H2O | TOVA | SlidingWindow | Aqua) for p in policies)
 
 
 @pytest.mark.parametrize("context", [1000, 4096])

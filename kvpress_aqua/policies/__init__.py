@@ -3,5 +3,6 @@
 from .base import ChannelPolicy, SlotView, TokenPolicy
 from .h2o import H2O
 from .sliding_window import SlidingWindow
+from .tova import TOVA
 
-__all__ = ["H2O", "ChannelPolicy", "SlidingWindow", "SlotView", "TokenPolicy"]
+__all__ = ["H2O", "TOVA", "ChannelPolicy", "SlidingWindow", "SlotView", "TokenPolicy"]

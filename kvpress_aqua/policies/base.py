@@ -69,6 +69,10 @@ class TokenPolicy(ABC):
     needs_scores: bool = False
     """Whether :meth:`priority` reads ``SlotView.score`` (makes the cache keep a float32 score per slot)."""
 
+    score_decay: float = 1.0
+    """Factor applied to the held scores before each attention call adds its mass: 1 accumulates over
+    every query seen (H2O), 0 keeps only the latest call's queries (TOVA)."""
+
     @property
     @abstractmethod
     def budget(self) -> int:

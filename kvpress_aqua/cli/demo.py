@@ -3,7 +3,7 @@
 Full cache vs the best presets at 25% and 50% of dense KV bytes, chosen from the full stored run in
 ``benchmarks/results/needle`` (1,620 cells): the sliding window with attention sinks (mean needle
 score 0.24 at 25% and 0.42 at 50%, against H2O's 0.12 and 0.31; the H2O x AQUA presets scored
-0.00-0.03 on SmolLM2). Passkey needles at a few depths of 512 and 1k-token Paul Graham haystacks,
+0.04-0.08 on SmolLM2). Passkey needles at a few depths of 512 and 1k-token Paul Graham haystacks,
 both protocols; ends with the rich table and writes the heatmap
 PNGs. ``--policy`` swaps in other presets; if one needs AQUA and the model's calibration is
 missing, it is made first (what ``kvtool calibrate`` does).

@@ -48,11 +48,12 @@ class H2O(TokenPolicy):
     needs_scores = True
 
     def __post_init__(self) -> None:
+        kind = type(self).__name__
         for name in ("heavy", "recent", "sinks"):
             if getattr(self, name) < 0:
-                raise ValueError(f"H2O({name}={getattr(self, name)}): must be >= 0")
+                raise ValueError(f"{kind}({name}={getattr(self, name)}): must be >= 0")
         if self.budget <= 0:
-            raise ValueError("H2O(heavy=0, recent=0, sinks=0) keeps nothing; give heavy or recent > 0")
+            raise ValueError(f"{kind}(heavy=0, recent=0, sinks=0) keeps nothing; give heavy or recent > 0")
 
     @property
     def budget(self) -> int:
@@ -61,7 +62,9 @@ class H2O(TokenPolicy):
 
     def priority(self, view: SlotView) -> torch.Tensor:
         """Mean attention per query that could see the slot; recent tokens and sinks always kept."""
-        position = view.index - view.start
-        protected = (position < self.sinks) | (view.index >= view.seen - self.recent)
         mean_mass = view.score / (view.seen - view.index).clamp_min(1)
-        return mean_mass.masked_fill(protected, float("inf"))
+        return mean_mass.masked_fill(self.protected(view), float("inf"))
+
+    def protected(self, view: SlotView) -> torch.Tensor:
+        """Bool ``(batch, kv_heads, slots)``: the ``sinks`` first real tokens and the ``recent`` newest."""
+        return (view.index - view.start < self.sinks) | (view.index >= view.seen - self.recent)

@@ -6,17 +6,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import SlotView, TokenPolicy
+from .base import SlotView
+from .h2o import H2O
 
 
 @dataclass
-class TOVA(TokenPolicy):
+class TOVA(H2O):
     """Keep the ``heavy`` tokens the latest queries attend to most, plus ``recent`` newest and ``sinks`` first ones.
 
     Based on "Transformers are Multi-State RNNs" (Oren et al., 2024, https://arxiv.org/abs/2401.06104),
     whose Token Omission Via Attention drops, at every step, the token with the lowest attention from
     the current query. Unlike :class:`~kvpress_aqua.policies.H2O` nothing accumulates: each attention
     call replaces the scores (``score_decay = 0``).
+
+    The knobs, their checks and the protected tokens are :class:`~kvpress_aqua.policies.H2O`'s; only
+    the score memory and the ranking differ.
 
     Parameters
     ----------
@@ -41,25 +45,8 @@ class TOVA(TokenPolicy):
 
     """
 
-    heavy: int
-    recent: int
-    sinks: int = 0
-    needs_scores = True
     score_decay = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("heavy", "recent", "sinks"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TOVA({name}={getattr(self, name)}): must be >= 0")
-        if self.budget <= 0:
-            raise ValueError("TOVA(heavy=0, recent=0, sinks=0) keeps nothing; give heavy or recent > 0")
-
-    @property
-    def budget(self) -> int:
-        """``heavy + recent + sinks``."""
-        return self.heavy + self.recent + self.sinks
 
     def priority(self, view: SlotView) -> torch.Tensor:
         """Attention from the latest queries; recent tokens and sinks always kept."""
-        protected = (view.index - view.start < self.sinks) | (view.index >= view.seen - self.recent)
-        return view.score.masked_fill(protected, float("inf"))
+        return view.score.masked_fill(self.protected(view), float("inf"))

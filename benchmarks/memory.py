@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rss import reset_peak_rss, status_bytes
+
 CONFIGS = {
     "full": "full",
     "full-chunked": "full",
@@ -25,20 +27,6 @@ CONFIGS = {
     "h2o-25": "h2o-25",
 }
 CHUNK = 512
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, so the model load's peak is forgotten."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def run_one(name: str, tokens: int, new_tokens: int) -> dict:
@@ -56,15 +44,15 @@ def run_one(name: str, tokens: int, new_tokens: int) -> dict:
     with torch.inference_mode():  # page the memory-mapped weights in before the baseline
         model(ids[:, :8])
     gc.collect()
-    baseline = _status_bytes("VmRSS")
-    _reset_peak()
+    baseline = status_bytes("VmRSS")
+    reset_peak_rss()
     with torch.inference_mode():
         logits = cache.prefill(ids)
         after_prefill = cache.nbytes()
         for _ in range(new_tokens):
             nxt = logits.argmax(-1, keepdim=True)
             logits = model(nxt, past_key_values=cache).logits[:, -1]
-    peak = _status_bytes("VmHWM")
+    peak = status_bytes("VmHWM")
     layer = cache.layers[0]
     return {
         "config": name,

@@ -47,6 +47,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rss import reset_peak_rss, status_bytes
+
 CPU_PLANS = {
     "2k-one-chunk": dict(budget="2GB", context=2048, batch=1, new_tokens=16, prefill_chunk=None),
     "4k-chunk512": dict(budget="1.3GB", context=4096, batch=1, new_tokens=16, prefill_chunk=512),
@@ -62,20 +64,6 @@ GPU_PLANS = {
 CPU_MODES = ("default", "pinned")
 WITH_HALF_K = {"4k-chunk512", "8k-chunk256-tight", "32k-batch4-chunk512"}
 """Plans whose k_ratio 0.5 candidate is measured too (so AQUA's projections and key bytes are covered)."""
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Set the kernel's peak-RSS mark (VmHWM) to the current RSS, forgetting the model load."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _plan(shape_name: str, dtype: str, settings: dict):
@@ -148,8 +136,8 @@ def run_one(shape_name: str, init: str, device: str, dtype: str, name: str, inde
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
-        baseline = _status_bytes("VmRSS")
-        _reset_peak_rss()
+        baseline = status_bytes("VmRSS")
+        reset_peak_rss()
     def run() -> None:
         with torch.inference_mode():
             logits = cache.prefill(ids)
@@ -164,7 +152,7 @@ def run_one(shape_name: str, init: str, device: str, dtype: str, name: str, inde
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     elif mode != "live":
-        peak = _status_bytes("VmHWM")
+        peak = status_bytes("VmHWM")
     m = cand.memory
     return {
         "plan": name, **settings, "dtype": dtype, "device": device, "threads": torch.get_num_threads(),

@@ -9,6 +9,7 @@ tensor   shape                 bytes
 ======== ===================== =====================================
 keys     ``(B, H, S, d_k)``    ``d_k`` stored key channels x dtype
 values   ``(B, H, S, d_v)``    ``d_v`` value channels x dtype
+residual ``(B, H, E, d-d_k)``  AQUA's exact tokens (``E`` = sinks + recent): dropped key channels x dtype
 index    ``(B, H, S)``         int32: 4
 valid    ``(B, H, S)``         bool: 1
 score    ``(B, H, S)``         float32: 4, only for policies that read scores (H2O)
@@ -111,9 +112,14 @@ def layer_nbytes(
     *,
     compressed: bool,
     needs_scores: bool = False,
+    residual: int = 0,
 ) -> int:
-    """Bytes one layer holds: keys, values and, for a compressed layer, its per-slot metadata."""
+    """Bytes one layer holds: keys, values and, for a compressed layer, its per-slot metadata.
+
+    ``residual`` is the number of dropped key channels held per sequence and KV head for AQUA's
+    exact tokens: ``(exact_sinks + exact_recent) x (head_dim - key_dim)``, 0 without them.
+    """
     if not compressed:
         return batch * kv_heads * slots * (key_dim + value_dim) * elem
     per_slot = slot_nbytes(key_dim, value_dim, elem, needs_scores)
-    return batch * kv_heads * slots * per_slot + batch * START_BYTES
+    return batch * kv_heads * (slots * per_slot + residual * elem) + batch * START_BYTES

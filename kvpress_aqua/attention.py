@@ -7,6 +7,8 @@ over two blocks:
 - the *past* block: every held slot except the ones just written, masked by the layer's own
   per-slot validity (padding, empty slots) and, on the model's sliding-window layers, by the window;
   keys are in their stored form (rotated and pruned under AQUA) and queries are projected the same way;
+  the few tokens whose dropped channels the layer also keeps (``exact_sinks``, ``exact_recent``) get
+  the dropped channels' share of the score added back, so attention to them is exact;
 - the *new* block: the chunk's own tokens with raw queries and keys (full precision), masked by the causal/padding mask
   ``transformers`` built for the chunk (``get_mask_sizes`` announces just the chunk).
 
@@ -147,14 +149,14 @@ def compressed_attention(
     q_past = q_past.reshape(batch, kv_heads, group * n, q_past.shape[-1])
     q_new = query.reshape(batch, kv_heads, group * n, head_dim)
 
-    scores_past = (q_past @ layer.keys.transpose(-1, -2)).float().mul_(scale)
-    scores_new = (q_new @ handoff.keys_new.transpose(-1, -2)).float().mul_(scale)
+    slots = layer.keys.shape[-2]
+    scores_past = (q_past @ layer.keys.transpose(-1, -2)).float().mul_(scale).view(batch, kv_heads, group, n, slots)
+    scores_new = (q_new @ handoff.keys_new.transpose(-1, -2)).float().mul_(scale).view(batch, kv_heads, group, n, n)
+    if layer.residual is not None:
+        _add_exact(layer, query, scores_past, scale)
     if softcap is not None:
         scores_past = torch.tanh(scores_past / softcap) * softcap
         scores_new = torch.tanh(scores_new / softcap) * softcap
-    slots = scores_past.shape[-1]
-    scores_past = scores_past.view(batch, kv_heads, group, n, slots)
-    scores_new = scores_new.view(batch, kv_heads, group, n, n)
 
     past_mask = layer.past_mask(handoff.new_slots, n)  # (batch, kv_heads, 1, 1 or n, slots)
     new_mask = _new_block_mask(attention_mask, n, query.device)  # (batch or 1, 1, 1, n, n)
@@ -174,5 +176,19 @@ def compressed_attention(
     out = out.view(batch, kv_heads, group, n, -1).reshape(batch, heads, n, -1)
 
     new_valid = new_mask.diagonal(dim1=-2, dim2=-1).reshape(-1, n).expand(batch, n)
-    layer.after_attention(handoff.new_slots, new_valid, w_past.sum((2, 3)), w_new.sum((2, 3)))
+    layer.after_attention(handoff, new_valid, w_past.sum((2, 3)), w_new.sum((2, 3)))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _add_exact(layer: CompressedLayer, query: torch.Tensor, scores_past: torch.Tensor, scale: float) -> None:
+    """Add the dropped channels' share of the score to the slots whose residual keys the layer holds.
+
+    ``scores_past`` is ``(batch, kv_heads, group, n, slots)``, changed in place; only the
+    ``exact_sinks + exact_recent`` residual rows are multiplied, never the whole past.
+    """
+    batch, kv_heads, group, n, _ = scores_past.shape
+    q_res = layer.channel.residual_queries(layer.layer_idx, query).reshape(batch, kv_heads, group * n, -1)
+    extra = (q_res @ layer.residual.transpose(-1, -2)).float().mul_(scale).view(batch, kv_heads, group, n, -1)
+    slot, present = layer.exact_slots(n)
+    extra = extra * present[:, :, None, None, :]
+    scores_past.scatter_add_(-1, slot[:, :, None, None, :].expand_as(extra), extra)

@@ -13,7 +13,8 @@ Contract of :meth:`CompressedLayer.update` (called with ``n`` new post-RoPE toke
    a full ``budget + 1`` buffer instead overwrites the lowest-ranked slot in place (static shape).
 2. It stores the new tokens (keys rotated and pruned under AQUA) and counts them as seen.
 3. It hands the new tokens at full precision to the attention call that follows
-   (:mod:`kvpress_aqua.attention`), which marks padding tokens invalid and adds attention scores.
+   (:mod:`kvpress_aqua.attention`), which marks padding tokens invalid, adds attention scores and,
+   when the channel policy keeps exact tokens, stores the new tokens' dropped key channels.
 
 So the layer holds at most ``budget + n`` slots, ``budget + 1`` while decoding. Positions come from
 ``get_seq_length()``, which counts tokens *seen*, never tokens held.
@@ -83,11 +84,15 @@ class CompressedLayer(CacheLayerMixin):
         self.budget = budget
         self.needs_scores = bool(token_policy is not None and token_policy.needs_scores)
         self.key_dim = channel.key_dim(layer_idx) if channel is not None else head_dim
+        pruned = channel is not None and self.key_dim < head_dim
+        self.exact_sinks = channel.exact_sinks if pruned else 0
+        self.exact_recent = channel.exact_recent if pruned else 0
         self.seen = 0
         self.index: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.score: torch.Tensor | None = None
         self.start: torch.Tensor | None = None
+        self.residual: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ storage
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
@@ -104,10 +109,14 @@ class CompressedLayer(CacheLayerMixin):
             torch.empty(batch, self.num_kv_heads, 0, dtype=torch.float32, device=dev) if self.needs_scores else None
         )
         self.start = torch.zeros(batch, 1, 1, dtype=torch.int32, device=dev)
+        exact = self.exact_sinks + self.exact_recent
+        self.residual = (
+            key_states.new_zeros(batch, self.num_kv_heads, exact, self.head_dim - self.key_dim) if exact else None
+        )
         self.is_initialized = True
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        names = ("keys", "values", "index", "valid", "score", "start")
+        names = ("keys", "values", "residual", "index", "valid", "score", "start")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def _check_new(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -242,15 +251,63 @@ class CompressedLayer(CacheLayerMixin):
             visible = visible & (self.index[:, :, None, None, :] > lowest)
         return visible
 
+    def exact_slots(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each row of :attr:`residual` is among the past slots of a chunk of ``n`` tokens.
+
+        Rows ``[0, exact_sinks)`` hold the sequence's first real tokens; row ``exact_sinks + i %
+        exact_recent`` holds token ``i`` of the ``exact_recent`` before the chunk. A token that is
+        both is read from its sink row only.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            int64 ``(batch, kv_heads, rows)``: the slot of each row's token (0 when absent), and
+            bool ``(batch, kv_heads, rows)``: whether a valid past slot holds it.
+
+        """
+        sinks, recent = self.exact_sinks, self.exact_recent
+        before = self.seen - n
+        index = self.index.long()
+        past = self.valid & (index < before)
+        absent = sinks + recent  # one spare row collects the slots that map nowhere
+        row = torch.full_like(index, absent)
+        if recent:
+            row = torch.where(past & (index >= before - recent), sinks + index % recent, row)
+        if sinks:
+            real = index - self.start.long()
+            row = torch.where(past & (real >= 0) & (real < sinks), real, row)
+        batch, heads, slots = index.shape
+        slot = index.new_zeros(batch, heads, absent + 1)
+        slot.scatter_(2, row, torch.arange(slots, device=index.device).expand(batch, heads, slots))
+        present = self.valid.new_zeros(batch, heads, absent + 1).scatter_(2, row, True)
+        return slot[..., :absent], present[..., :absent]
+
+    def _store_residual(self, keys_new: torch.Tensor) -> None:
+        """Keep the dropped channels of the chunk's sink tokens and of its last ``exact_recent`` tokens."""
+        sinks, recent = self.exact_sinks, self.exact_recent
+        residual = self.channel.residual_keys(self.layer_idx, keys_new)  # (batch, kv_heads, n, head_dim - key_dim)
+        batch, heads, n, width = residual.shape
+        before = self.seen - n
+        if recent:
+            m = min(n, recent)
+            rows = sinks + torch.arange(before + n - m, before + n, device=residual.device) % recent
+            self.residual.index_copy_(2, rows, residual[:, :, n - m:])
+        if sinks:
+            # real position p of a row's token is p + start; after left padding every such token is valid
+            offset = torch.arange(sinks, device=residual.device) + self.start[:, 0].long() - before  # (batch, sinks)
+            here = (offset >= 0) & (offset < n)
+            taken = residual.gather(2, offset.clamp(0, n - 1)[:, None, :, None].expand(batch, heads, sinks, width))
+            self.residual[:, :, :sinks] = torch.where(here[:, None, :, None], taken, self.residual[:, :, :sinks])
+
     def after_attention(
-        self, new_slots: torch.Tensor, new_valid: torch.Tensor, mass_past: torch.Tensor, mass_new: torch.Tensor
+        self, handoff: attention.Handoff, new_valid: torch.Tensor, mass_past: torch.Tensor, mass_new: torch.Tensor
     ) -> None:
-        """Record what the attention call learnt: padding among the new tokens, and attention mass.
+        """Record what the attention call learnt: padding among the new tokens, attention mass, exact keys.
 
         Parameters
         ----------
-        new_slots : torch.Tensor
-            ``(batch, kv_heads, n)`` slots of the new tokens.
+        handoff : Handoff
+            What :meth:`update` passed to the attention call (new slots and raw keys).
         new_valid : torch.Tensor
             bool ``(batch, n)``: False for padding tokens.
         mass_past, mass_new : torch.Tensor
@@ -259,8 +316,11 @@ class CompressedLayer(CacheLayerMixin):
 
         """
         heads = self.num_kv_heads
+        new_slots = handoff.new_slots
         self.valid.scatter_(2, new_slots, new_valid[:, None, :].expand(-1, heads, -1))
         self.start += (~new_valid).sum(-1, dtype=torch.int32)[:, None, None]
+        if self.residual is not None:
+            self._store_residual(handoff.keys_new)
         if self.score is not None:
             decay = self.token_policy.score_decay
             if decay != 1.0:
@@ -537,9 +597,9 @@ class CompressedCache(Cache):
             dense = batch * heads * dense_layer_tokens(self.get_seq_length(i), window) * 2 * self.info.head_dim * elem
             if isinstance(layer, CompressedLayer):
                 kind = "sliding" if window else "compressed"
-                meta = layer.nbytes() - layer.keys.nbytes - layer.values.nbytes
-                rows.append(MemoryRow(i, kind, slots, layer.held_tokens(), layer.keys.nbytes, layer.values.nbytes,
-                                      meta, dense))
+                keys = layer.keys.nbytes + (layer.residual.nbytes if layer.residual is not None else 0)
+                meta = layer.nbytes() - keys - layer.values.nbytes
+                rows.append(MemoryRow(i, kind, slots, layer.held_tokens(), keys, layer.values.nbytes, meta, dense))
             else:
                 rows.append(MemoryRow(i, "dense", slots, batch * heads * slots, layer.keys.nbytes,
                                       layer.values.nbytes, 0, dense))

@@ -15,7 +15,9 @@ token budget ``b``::
 
 - ``weights = parameters x e``: parameters counted from the config's shapes (embeddings, attention,
   gated MLP, norms, biases where the family has them), tied embeddings counted once.
-- ``projections = L x H_kv x d x d_k x e``: AQUA's matrices, held in the model dtype (0 without AQUA).
+- ``projections = L x H_kv x d x d x e``: AQUA's matrices, held in the model dtype (0 without AQUA);
+  ``d x d_k`` per head when AQUA keeps no exact tokens. With AQUA every layer also holds its exact
+  tokens' dropped channels, ``B x H_kv x E x (d - d_k) x e`` (``E = exact_sinks + exact_recent``).
 - ``overhead``: :data:`DEFAULT_OVERHEAD` (512 MiB: interpreter, framework runtime, CUDA context,
   allocator slack) unless given.
 - a phase peak is ``KV held + attention + activations + copy``, where attention and activations are
@@ -94,6 +96,7 @@ from .accounting import (
     layer_nbytes,
 )
 from .model_info import ModelInfo
+from .policies.aqua import Aqua
 from .sizes import format_bytes, parse_size, parse_tokens
 from .spec import DEFAULT_SINKS, PolicySpec
 from .sweep import find_sweep, token_entry
@@ -462,6 +465,9 @@ class MemoryModel:
         Runtime overhead in bytes.
     token_policy : {"h2o", "sliding"}
         The eviction policy (H2O keeps a float32 score per slot).
+    exact_tokens : int
+        AQUA's exact tokens per sequence and KV head (``exact_sinks + exact_recent``, by default
+        ``Aqua``'s): with AQUA each layer also holds their ``head_dim - key_dim`` dropped channels.
 
     """
 
@@ -473,6 +479,7 @@ class MemoryModel:
     prefill_chunk: int | None
     overhead: int
     token_policy: str = "h2o"
+    exact_tokens: int = Aqua.exact_sinks + Aqua.exact_recent
 
     @property
     def elem(self) -> int:
@@ -520,10 +527,11 @@ class MemoryModel:
         d = info.head_dim
         compressed = budget is not None or key_dim < d
         scores = budget is not None and self.token_policy == "h2o"
+        residual = self.exact_tokens * (d - key_dim)
 
         def layer(slots: int) -> int:
             return layer_nbytes(batch, info.num_kv_heads, slots, key_dim, d, e, compressed=compressed,
-                                needs_scores=scores)
+                                needs_scores=scores, residual=residual)
 
         def cap(window: int | None) -> int | None:
             limits = [x for x in (budget, None if window is None else window - 1) if x is not None]
@@ -550,7 +558,8 @@ class MemoryModel:
             end = self._phase("decode", self.seen - 1, 1, slots, slots, layer, compressed)
             phases.append(end)
         peak = max(phases, key=lambda p: p.peak)
-        projections = info.num_layers * info.num_kv_heads * d * key_dim * e if key_dim < d else 0
+        columns = d if residual else key_dim  # exact tokens need the dropped columns of P as well
+        projections = info.num_layers * info.num_kv_heads * d * columns * e if key_dim < d else 0
         weights = self.shape.parameters * e
         return Breakdown(
             weights=weights,
@@ -562,7 +571,8 @@ class MemoryModel:
             copy=peak.copy,
             overhead=self.overhead,
             peak_phase=peak.name,
-            terms=self._terms(key_dim, compressed, scores, weights, projections, end, peak),
+            terms=self._terms(key_dim, compressed, scores, weights, projections, columns if key_dim < d else 0,
+                              end, peak),
         )
 
     def _per_token(self) -> tuple[int, int]:
@@ -604,15 +614,18 @@ class MemoryModel:
         for x in slots:
             groups[x] = groups.get(x, 0) + 1
         parts = [f"{count} × {b}·{info.num_kv_heads}·{x:,}·{per_slot}" for x, count in sorted(groups.items())]
+        if key_dim < info.head_dim and self.exact_tokens:
+            parts.append(f"{len(slots)} × {b}·{info.num_kv_heads}·{self.exact_tokens}·{info.head_dim - key_dim}·{e}")
         if compressed:
             parts.append(f"{len(slots)} × {b}·{START_BYTES}")
         return " + ".join(parts)
 
-    def _terms(self, key_dim: int, compressed: bool, scores: bool, weights: int, projections: int, end: _Phase,
-               peak: _Phase) -> tuple[Term, ...]:
+    def _terms(self, key_dim: int, compressed: bool, scores: bool, weights: int, projections: int, columns: int,
+               end: _Phase, peak: _Phase) -> tuple[Term, ...]:
         s, info, e, b = self.shape, self.shape.info, self.elem, self.batch
         meta = "4 + 1 + 4 (index, valid, H2O score)" if scores else "4 + 1 (index, valid)"
-        kv_formula = (f"Σ layers B·H_kv·slots·((d_k + d_v)·e + {meta}) + B·4" if compressed
+        exact = " + B·H_kv·E·(d - d_k)·e (AQUA's exact tokens)" if key_dim < info.head_dim and self.exact_tokens else ""
+        kv_formula = (f"Σ layers B·H_kv·slots·((d_k + d_v)·e + {meta}){exact} + B·4" if compressed
                       else "Σ layers B·H_kv·tokens·(d_k + d_v)·e  (DynamicCache)")
         where = f"{peak.name} of {peak.chunk:,} token(s) at offset {peak.offset:,}"
         held, n = max(peak.visible), peak.chunk
@@ -649,8 +662,8 @@ class MemoryModel:
             Term("weights", "parameters·e", f"{s.parameters:,}·{e}", weights),
             Term(f"KV at the end ({end.name})", kv_formula, self._kv_text(end.slots, key_dim, compressed, scores),
                  end.kv),
-            Term("AQUA projections", "L·H_kv·d·d_k·e",
-                 f"{info.num_layers}·{info.num_kv_heads}·{info.head_dim}·{key_dim}·{e}" if projections else "no AQUA",
+            Term("AQUA projections", "L·H_kv·d·d·e (exact tokens need every column of P), else L·H_kv·d·d_k·e",
+                 f"{info.num_layers}·{info.num_kv_heads}·{info.head_dim}·{columns}·{e}" if projections else "no AQUA",
                  projections),
             Term(f"KV held at the peak ({where})", kv_formula,
                  self._kv_text(peak.slots, key_dim, compressed, scores), peak.kv),

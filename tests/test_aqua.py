@@ -52,23 +52,27 @@ def test_stacks_with_h2o_without_knowing_it():
     assert all(layer.score is not None and layer.score.sum() > 0 for layer in cache.layers)
 
 
-def test_key_bytes_really_shrink_and_accounting_is_exact():
+@pytest.mark.parametrize(("sinks", "recent"), [(0, 0), (2, 5)])
+def test_key_bytes_really_shrink_and_accounting_is_exact(sinks, recent):
     model = make_tiny_model("qwen2")
     cfg = model.config
     ids = torch.randint(3, 128, (3, 25), generator=torch.Generator().manual_seed(2))
-    aqua = Aqua(k_ratio=0.5, artifact=_artifact(model))
+    aqua = Aqua(k_ratio=0.5, artifact=_artifact(model), exact_sinks=sinks, exact_recent=recent)
     cache = CompressedCache(model, aqua)
     _logits(model, ids, cache, steps=4)
     seen = cache.get_seq_length()
-    r = round(0.5 * cfg.head_dim)
+    d, r, exact = cfg.head_dim, round(0.5 * cfg.head_dim), sinks + recent
     for layer in cache.layers:
         assert layer.keys.shape == (3, cfg.num_key_value_heads, seen, r)
         assert layer.keys.untyped_storage().nbytes() == layer.keys.nbytes
-    projections = cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * r * 4
+        assert (layer.residual is None) == (exact == 0)
+    projections = cfg.num_hidden_layers * cfg.num_key_value_heads * d * (d if exact else r) * 4
     assert aqua.nbytes() == projections
-    per_layer = layer_nbytes(3, cfg.num_key_value_heads, seen, r, cfg.head_dim, 4, compressed=True)
+    per_layer = layer_nbytes(3, cfg.num_key_value_heads, seen, r, d, 4, compressed=True, residual=exact * (d - r))
     assert cache.nbytes() == per_layer * cfg.num_hidden_layers + projections
-    assert cache.memory_report().by_kind()["keys"] == cache.memory_report().by_kind()["values"] // 2
+    kinds = cache.memory_report().by_kind()
+    residual_bytes = cfg.num_hidden_layers * 3 * cfg.num_key_value_heads * exact * (d - r) * 4
+    assert kinds["keys"] == kinds["values"] // 2 + residual_bytes
 
 
 def test_query_selection_keeps_top_channels():
@@ -128,7 +132,89 @@ def test_missing_artifact_names_the_command(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(k_ratio=0), dict(k_ratio=1.2), dict(q_ratio=0), dict(per_layer="x"),
-                                 dict(basis="random")])
+                                 dict(basis="random"), dict(exact_sinks=-1), dict(exact_recent=2.5),
+                                 dict(exact_recent=True)])
 def test_bad_knobs(bad):
     with pytest.raises(ValueError):
         Aqua(**bad)
+
+
+# ------------------------------------------------------------------------------- exact tokens
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("sinks", "recent"), [(0, 64), (64, 0)], ids=["recent", "sinks"])
+def test_exact_tokens_covering_the_past_make_pruned_keys_exact(arch, sinks, recent):
+    """Every past token exact (as sink or as recent) gives back full attention from half the channels."""
+    model = make_tiny_model(arch)
+    ids = torch.randint(3, 128, (2, 19), generator=torch.Generator().manual_seed(0))
+    ref = _logits(model, ids, DynamicCache())
+    aqua = Aqua(k_ratio=0.5, artifact=_artifact(model), exact_sinks=sinks, exact_recent=recent)
+    pruned = _logits(model, ids, CompressedCache(model, Aqua(k_ratio=0.5, artifact=aqua.artifact,
+                                                              exact_sinks=0, exact_recent=0)))
+    cache = CompressedCache(model, aqua)
+    got = _logits(model, ids, cache)
+    cache.detach()
+    assert all(layer.keys.shape[-1] == 8 for layer in cache.layers)
+    assert (got - ref).abs().max().item() < 1e-4
+    assert (pruned - ref).abs().max().item() > 2e-4  # pruning alone is not exact here
+
+
+def test_exact_tokens_follow_evictions():
+    """With H2O evicting and overwriting slots, exact tokens still find their slots: equal to H2O alone."""
+    model = make_tiny_model("llama")
+    artifact = _artifact(model)
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(1))
+    policy = H2O(heavy=8, recent=4, sinks=1)
+    alone = _logits(model, ids, CompressedCache(model, policy), steps=8)
+    both = _logits(model, ids, CompressedCache(model, policy, Aqua(k_ratio=0.5, artifact=artifact, exact_recent=64)),
+                   steps=8)
+    assert (alone - both).abs().max().item() < 1e-4
+
+
+def test_left_padded_batch_with_exact_tokens_equals_single_rows():
+    """Sinks are the first *real* tokens of each row: a left-padded batch matches each row run alone."""
+    model = make_tiny_model("llama")
+    aqua = Aqua(k_ratio=0.5, artifact=_artifact(model), exact_sinks=2, exact_recent=3)
+    gen = torch.Generator().manual_seed(6)
+    rows = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (25, 14, 19)]
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, past_key_values=CompressedCache(model, aqua), **kwargs)
+        for i, r in enumerate(rows):
+            single = model.generate(torch.tensor([r]), past_key_values=CompressedCache(model, aqua), **kwargs)
+            assert (torch.stack(batched.logits, 1)[i] - torch.stack(single.logits, 1)[0]).abs().max() < 1e-4
+
+
+def test_residual_rows_hold_the_dropped_channels_of_sinks_and_recent_tokens():
+    model = make_tiny_model("qwen3")
+    sinks, recent = 3, 5
+    aqua = Aqua(k_ratio=0.5, artifact=_artifact(model), exact_sinks=sinks, exact_recent=recent)
+    ids = torch.randint(3, 128, (1, 23), generator=torch.Generator().manual_seed(4))
+    cache = CompressedCache(model, aqua, prefill_chunk=6)
+    raw: dict[int, list[torch.Tensor]] = {}  # the post-RoPE keys each layer was given, chunk by chunk
+    for layer in cache.layers:
+        def spy(keys, values, *args, layer=layer, update=layer.update, **kwargs):
+            raw.setdefault(layer.layer_idx, []).append(keys)
+            return update(keys, values, *args, **kwargs)
+        layer.update = spy
+    cache.prefill(ids[:, :20])
+    with torch.no_grad():
+        for t in range(20, 23):
+            model(ids[:, t:t + 1], past_key_values=cache)
+    for layer_idx, layer in enumerate(cache.layers):
+        dropped = aqua.residual_keys(layer_idx, torch.cat(raw[layer_idx], dim=-2))
+        assert torch.allclose(layer.residual[:, :, :sinks], dropped[:, :, :sinks], atol=1e-6)
+        for i in range(23 - recent, 23):
+            assert torch.allclose(layer.residual[:, :, sinks + i % recent], dropped[:, :, i], atol=1e-6)
+        # the next chunk of 2 would read tokens 0..2 from sink rows and 18..22 from ring rows
+        layer.seen += 2
+        slot, present = layer.exact_slots(2)
+        layer.seen -= 2
+        expected = list(range(sinks)) + [sinks + i % recent for i in range(23 - recent, 23)]
+        rows = [r for r in range(sinks + recent) if present[0, 0, r]]
+        assert sorted(rows) == sorted(expected)
+        assert all(layer.index[0, 0, slot[0, 0, r]] in (r, *range(23 - recent, 23)) for r in rows)

@@ -358,10 +358,10 @@ def test_tova_scores_are_the_latest_call_only_and_h2o_accumulates():
         seen = []
         original = layer.after_attention
 
-        def spy(new_slots, new_valid, mass_past, mass_new, original=original, seen=seen, layer=layer):
+        def spy(handoff, new_valid, mass_past, mass_new, original=original, seen=seen, layer=layer):
             before = layer.score.clone()
-            original(new_slots, new_valid, mass_past, mass_new)
-            seen.append((before, layer.score.clone(), mass_past.clone(), new_slots, mass_new.clone()))
+            original(handoff, new_valid, mass_past, mass_new)
+            seen.append((before, layer.score.clone(), mass_past.clone(), handoff.new_slots, mass_new.clone()))
 
         layer.after_attention = spy
         with torch.no_grad():

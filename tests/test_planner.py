@@ -170,7 +170,7 @@ def test_unsupported_families_get_a_clear_message(tmp_path, capsys, model_type, 
 
 
 # ---------------------------------------------------------------------------------- memory model
-def _accounting_kv(info, batch, seen, key_dim, budget, elem, scores):
+def _accounting_kv(info, batch, seen, key_dim, budget, elem, scores, exact):
     """KV bytes at the end of decoding, written straight from kvpress_aqua.accounting."""
     total = 0
     compressed = budget is not None or key_dim < info.head_dim
@@ -178,20 +178,22 @@ def _accounting_kv(info, batch, seen, key_dim, budget, elem, scores):
         window = info.sliding_window if info.is_sliding(i) else None
         slots = decode_slots(budget, seen, window) if compressed else dense_layer_tokens(seen, window)
         total += layer_nbytes(batch, info.num_kv_heads, slots, key_dim, info.head_dim, elem, compressed=compressed,
-                              needs_scores=scores and budget is not None)
+                              needs_scores=scores and budget is not None, residual=exact * (info.head_dim - key_dim))
     return total
 
 
 @pytest.mark.parametrize("name", ["llama-3.1-8b", "gemma-3-12b", "gemma-2-9b", "phi-3-mini-4k", "smollm2-135m"])
 @pytest.mark.parametrize("key_dim_frac,budget", [(1, None), (1, 1000), (0.5, 1000), (0.5, None), (0.75, 50_000)])
-def test_kv_prediction_is_the_accounting_formula(name, key_dim_frac, budget):
+@pytest.mark.parametrize("exact", [0, 68])
+def test_kv_prediction_is_the_accounting_formula(name, key_dim_frac, budget, exact):
     shape = resolve_model(name)
     mm = MemoryModel(shape, batch=3, context=20_000, new_tokens=65, dtype="bf16", prefill_chunk=1024,
-                     overhead=0, token_policy="h2o")
+                     overhead=0, token_policy="h2o", exact_tokens=exact)
     key_dim = int(shape.info.head_dim * key_dim_frac)
     got = mm.evaluate(key_dim, budget)
-    assert got.kv == _accounting_kv(shape.info, 3, 20_000 + 64, key_dim, budget, 2, scores=True)
-    expected_proj = shape.info.num_layers * shape.info.num_kv_heads * shape.info.head_dim * key_dim * 2
+    assert got.kv == _accounting_kv(shape.info, 3, 20_000 + 64, key_dim, budget, 2, scores=True, exact=exact)
+    columns = shape.info.head_dim if exact else key_dim
+    expected_proj = shape.info.num_layers * shape.info.num_kv_heads * shape.info.head_dim * columns * 2
     assert got.projections == (expected_proj if key_dim < shape.info.head_dim else 0)
 
 

@@ -48,12 +48,20 @@ class Aqua(ChannelPolicy):
         are ablations at the same bytes.
     artifact : path or AquaArtifact, optional
         Calibration artifact; by default the one ``kvtool calibrate`` wrote for this model.
+    exact_sinks : int, default 4
+        The first real tokens of each sequence (attention sinks) also keep their dropped channels,
+        so attention to them is exact.
+    exact_recent : int, default 64
+        The most recent tokens before the current chunk also keep their dropped channels (a ring of
+        ``(batch, kv_heads, exact_recent, head_dim - r)`` per layer); older tokens keep ``r`` only.
+        0 and 0 store every token pruned (the paper's memory mode).
 
     Notes
     -----
     Values are untouched. The tokens of the chunk being processed attend to each other with raw
     (exact) keys before their keys are stored pruned. Memory: the projections ``(kv_heads, head_dim,
-    r)`` per layer are held in the model dtype and counted by :meth:`nbytes`.
+    r)`` per layer (``head_dim`` columns with exact tokens) are held in the model dtype and counted
+    by :meth:`nbytes`; the exact tokens' dropped channels are counted as key bytes by the cache.
 
     Known limitations: the basis is fixed offline, so text far from the calibration text is
     compressed less well; ``q_ratio < 1`` saves no time in this implementation.
@@ -65,7 +73,10 @@ class Aqua(ChannelPolicy):
     per_layer: str = "uniform"
     basis: str = "svd"
     artifact: str | Path | AquaArtifact | None = None
+    exact_sinks: int = 4
+    exact_recent: int = 64
     _proj: list[torch.Tensor] = field(init=False, default_factory=list, repr=False, compare=False)
+    _tail: list[torch.Tensor] = field(init=False, default_factory=list, repr=False, compare=False)
     _dims: list[int] = field(init=False, default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -77,23 +88,34 @@ class Aqua(ChannelPolicy):
             raise ValueError(f"Aqua(per_layer={self.per_layer!r}): use one of {_SPLITS}")
         if self.basis not in _BASES:
             raise ValueError(f"Aqua(basis={self.basis!r}): use one of {_BASES}")
+        for knob in ("exact_sinks", "exact_recent"):
+            value = getattr(self, knob)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Aqua({knob}={value!r}): give a token count >= 0 (0 turns it off)")
 
     def bind(self, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
-        """Load the artifact for ``info``'s model and keep ``P[:, :, :r]`` per layer on ``device``."""
+        """Load the artifact for ``info``'s model and keep ``P[:, :, :r]`` per layer on ``device``.
+
+        With exact tokens the other columns ``P[:, :, r:]`` are kept as well (their residual keys).
+        """
         d = info.head_dim
         artifact = self._load_artifact(info) if self.basis != "identity" or self.per_layer == "spectrum" else None
         self._dims = self._split(info, artifact)
-        self._proj = []
+        self._proj, self._tail = [], []
+        exact = self.exact_sinks + self.exact_recent > 0
         for layer, r in enumerate(self._dims):
             if self.basis == "svd":
-                p = artifact.projections[layer, :, :, :r]
+                basis = artifact.projections[layer]
             elif self.basis == "identity":
-                p = torch.eye(d).expand(info.num_kv_heads, d, d)[:, :, :r]
+                basis = torch.eye(d).expand(info.num_kv_heads, d, d)
             else:
                 importance = artifact.query_norms[layer] * artifact.key_norms[layer]  # (kv_heads, d)
-                chosen = importance.topk(r, dim=-1).indices.sort(dim=-1).values
-                p = torch.eye(d)[:, chosen].permute(1, 0, 2)  # (kv_heads, d, r)
-            self._proj.append(p.to(device=device, dtype=dtype).contiguous())
+                order = importance.argsort(dim=-1, descending=True)
+                chosen = torch.cat([order[:, :r].sort(dim=-1).values, order[:, r:]], dim=-1)
+                basis = torch.eye(d)[:, chosen].permute(1, 0, 2)  # (kv_heads, d, d), kept columns first
+            self._proj.append(basis[:, :, :r].to(device=device, dtype=dtype).contiguous())
+            if exact and r < d:
+                self._tail.append(basis[:, :, r:].to(device=device, dtype=dtype).contiguous())
 
     def _load_artifact(self, info: ModelInfo) -> AquaArtifact:
         from ..calibration import AquaArtifact, find_artifact
@@ -133,17 +155,29 @@ class Aqua(ChannelPolicy):
 
     def project_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
         """``Q @ P_r`` with each query head using its KV group's basis, then per-query channel selection."""
-        batch, heads, seq, d = queries.shape
-        proj = self._proj[layer_idx]
-        kv_heads = proj.shape[0]
-        grouped = queries.reshape(batch, kv_heads, heads // kv_heads, seq, d)
-        q = (grouped @ proj[:, None]).reshape(batch, heads, seq, proj.shape[-1])
+        q = _per_group(queries, self._proj[layer_idx])
         keep = math.ceil(self.q_ratio * q.shape[-1])
         if keep < q.shape[-1]:
             top = q.abs().topk(keep, dim=-1).indices
             q = torch.zeros_like(q).scatter_(-1, top, q.gather(-1, top))
         return q
 
+    def residual_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
+        """``K @ P[:, :, r:]``: the channels the stored keys drop (bound with exact tokens only)."""
+        return keys @ self._tail[layer_idx]
+
+    def residual_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
+        """``Q @ P[:, :, r:]`` per KV group, with no channel selection."""
+        return _per_group(queries, self._tail[layer_idx])
+
     def nbytes(self) -> int:
         """Bytes of the stored projections."""
-        return sum(p.nbytes for p in self._proj)
+        return sum(p.nbytes for p in self._proj) + sum(p.nbytes for p in self._tail)
+
+
+def _per_group(queries: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """``(batch, heads, seq, d) @ (kv_heads, d, w)`` with query head ``h`` using KV head ``h // group``."""
+    batch, heads, seq, d = queries.shape
+    kv_heads = proj.shape[0]
+    grouped = queries.reshape(batch, kv_heads, heads // kv_heads, seq, d)
+    return (grouped @ proj[:, None]).reshape(batch, heads, seq, proj.shape[-1])

@@ -106,7 +106,18 @@ class ChannelPolicy(ABC):
     form; queries are projected the same way by :meth:`project_queries` when they read stored keys.
     The chunk being processed attends to itself with raw queries and keys, so only stored keys are
     approximated. With an orthogonal basis and every channel kept, attention is exact.
+
+    A policy may also ask the cache to keep the channels it drops for a few tokens: the first
+    ``exact_sinks`` real tokens of each sequence and the ``exact_recent`` tokens before the current
+    chunk. The cache stores their :meth:`residual_keys` and adds ``residual_queries · residual_keys``
+    to their scores, which makes attention to them exact again.
     """
+
+    exact_sinks: int = 0
+    """First real tokens of each sequence whose dropped key channels are kept too."""
+
+    exact_recent: int = 0
+    """Most recent tokens (before the current chunk) whose dropped key channels are kept too."""
 
     @abstractmethod
     def bind(self, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
@@ -126,6 +137,18 @@ class ChannelPolicy(ABC):
 
         Under GQA query head ``h`` uses the basis of KV head ``h // (heads // kv_heads)``. A policy may
         zero channels it drops per query (dynamic selection) but keeps the width.
+        """
+
+    @abstractmethod
+    def residual_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
+        """The channels :meth:`project_keys` drops: ``(batch, kv_heads, seq, head_dim - key_dim)``."""
+
+    @abstractmethod
+    def residual_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
+        """Queries in the dropped channels, ``(batch, heads, seq, head_dim - key_dim)``.
+
+        ``project_queries(q) · project_keys(k) + residual_queries(q) · residual_keys(k)`` is ``q · k``
+        for an orthogonal basis when the policy drops no query channel.
         """
 
     @abstractmethod

@@ -1,13 +1,16 @@
 """AQUA ablations on SmolLM2: perplexity with the compressed cache in the loop, on held-out text.
 
-The text is the Paul Graham essays of the needle haystack, which the calibration (CPython's
-documentation prose) never saw. Every prediction reads the cache as it stores keys (see
-``kvpress_aqua.perplexity``). Compared at the same bytes where it matters:
+The text comes from the first half of the Paul Graham essays of the needle haystack, which the
+default calibration (CPython's documentation prose and the essays' second half) never saw. Every
+prediction reads the cache as it stores keys (see ``kvpress_aqua.perplexity``). Compared at the
+same bytes where it matters:
 
 - full cache vs SVD basis at k_ratio 1, 0.75, 0.5, 0.375 (memory mode, static slicing);
 - dynamic query-channel selection (compute mode, q_ratio 0.75) vs static slicing to the same width;
 - SVD basis vs identity (plain channel slicing) vs ThinK channel scoring at the same bytes;
-- uniform vs spectrum per-layer channel budgets at the same total bytes.
+- uniform vs spectrum per-layer channel budgets at the same total bytes;
+- exact tokens (the default 4 sinks and 64 recent tokens keep their dropped channels) vs none
+  ("no exact", the paper's memory mode), and the size of the recent window.
 
 Run: python benchmarks/aqua.py [--tokens 2048] [--chunk 32] [--artifact PATH] [--only NAMES] [--out FILE]
 """
@@ -26,21 +29,37 @@ from kvpress_aqua.needle import load_haystack
 from kvpress_aqua.perplexity import perplexity
 from kvpress_aqua.policies.aqua import Aqua
 
+NO_EXACT = dict(exact_sinks=0, exact_recent=0)
+"""Every stored key pruned: the paper's memory mode (the rows marked "no exact")."""
+
 CONFIGS: dict[str, dict] = {
     "full": {},
     "svd k=1": dict(k_ratio=1.0),
     "svd k=0.75": dict(k_ratio=0.75),
     "svd k=0.5": dict(k_ratio=0.5),
     "svd k=0.375": dict(k_ratio=0.375),
+    "svd k=0.75 no exact": dict(k_ratio=0.75, **NO_EXACT),
+    "svd k=0.5 no exact": dict(k_ratio=0.5, **NO_EXACT),
+    "svd k=0.375 no exact": dict(k_ratio=0.375, **NO_EXACT),
+    "svd k=0.75 sinks only": dict(k_ratio=0.75, exact_sinks=4, exact_recent=0),
+    "svd k=0.75 recent 16": dict(k_ratio=0.75, exact_recent=16),
+    "svd k=0.75 recent 32": dict(k_ratio=0.75, exact_recent=32),
+    "svd k=0.75 recent 128": dict(k_ratio=0.75, exact_recent=128),
     "svd k=1 q=0.75 (dynamic)": dict(k_ratio=1.0, q_ratio=0.75),
     "svd k=0.75 q=0.75 (dynamic)": dict(k_ratio=0.75, q_ratio=0.75),
+    "svd k=0.75 q=0.75 (dynamic) no exact": dict(k_ratio=0.75, q_ratio=0.75, **NO_EXACT),
     "identity k=0.75": dict(k_ratio=0.75, basis="identity"),
     "identity k=0.5": dict(k_ratio=0.5, basis="identity"),
+    "identity k=0.75 no exact": dict(k_ratio=0.75, basis="identity", **NO_EXACT),
     "think k=0.75": dict(k_ratio=0.75, basis="think"),
     "think k=0.5": dict(k_ratio=0.5, basis="think"),
+    "think k=0.75 no exact": dict(k_ratio=0.75, basis="think", **NO_EXACT),
+    "think k=0.5 no exact": dict(k_ratio=0.5, basis="think", **NO_EXACT),
     "spectrum k=0.75": dict(k_ratio=0.75, per_layer="spectrum"),
     "spectrum k=0.5": dict(k_ratio=0.5, per_layer="spectrum"),
     "spectrum k=0.375": dict(k_ratio=0.375, per_layer="spectrum"),
+    "spectrum k=0.75 no exact": dict(k_ratio=0.75, per_layer="spectrum", **NO_EXACT),
+    "spectrum k=0.5 no exact": dict(k_ratio=0.5, per_layer="spectrum", **NO_EXACT),
 }
 
 

@@ -8,8 +8,15 @@ cheaper once
     S > d * r * (Hq + Hkv) / (Hq * (d - r))
 
 and, reading memory instead, it always reads fewer key bytes (``S * r`` instead of ``S * d``) at the
-cost of the ``Hkv * d * r`` projection matrix. This script times both ways side by side, in one run,
-for several ``S``, and reports the measured ratio next to the predicted break-even.
+cost of the ``Hkv * d * r`` projection matrix. With ``E`` exact tokens (``Aqua``'s default sinks and
+recent window) the new query and key are also projected on the ``d - r`` dropped directions and the
+``E`` exact tokens' residual scores are added (``Hq * E * (d - r)``), which moves the break-even to
+
+    S > d * d * (Hq + Hkv) / (Hq * (d - r)) + E
+
+This script times the three side by side, in one run, for several ``S``, and reports the measured
+ratios next to the predicted break-evens. The exact-token path includes the cache's own slot lookup
+(``CompressedLayer.exact_slots``).
 
 Run: python benchmarks/aqua_breakeven.py [--head-dim 64] [--heads 9] [--kv-heads 3] [--out FILE]
 """
@@ -23,10 +30,27 @@ from pathlib import Path
 
 import torch
 
+from kvpress_aqua.cache import CompressedLayer
+from kvpress_aqua.policies.aqua import Aqua
 
-def predicted_breakeven(head_dim: int, rank: int, heads: int, kv_heads: int) -> float:
+EXACT = Aqua.exact_sinks + Aqua.exact_recent
+
+
+def predicted_breakeven(head_dim: int, rank: int, heads: int, kv_heads: int, exact: int = 0) -> float:
     """Held tokens above which AQUA's scores take fewer multiply-adds than dense scores."""
-    return head_dim * rank * (heads + kv_heads) / (heads * (head_dim - rank))
+    columns = head_dim if exact else rank  # exact tokens project on every column of P
+    return head_dim * columns * (heads + kv_heads) / (heads * (head_dim - rank)) + exact
+
+
+def _layer_at(seq: int, kv_heads: int) -> CompressedLayer:
+    """A layer whose slot metadata is that of ``seq`` held tokens, one decode step in (for the lookup)."""
+    layer = CompressedLayer(0, kv_heads, 1)
+    layer.exact_sinks, layer.exact_recent = Aqua.exact_sinks, Aqua.exact_recent
+    layer.index = torch.arange(seq, dtype=torch.int32).expand(1, kv_heads, seq)
+    layer.valid = torch.ones(1, kv_heads, seq, dtype=torch.bool)
+    layer.start = torch.zeros(1, 1, 1, dtype=torch.int32)
+    layer.seen = seq
+    return layer
 
 
 def _time(fn, repeats: int) -> float:
@@ -47,8 +71,11 @@ def measure(head_dim: int, rank: int, heads: int, kv_heads: int, seq: int, repea
     q = torch.randn(1, kv_heads, group, head_dim, generator=gen)
     k_new = torch.randn(1, kv_heads, 1, head_dim, generator=gen)
     keys = torch.randn(1, kv_heads, seq, head_dim, generator=gen)
-    proj = torch.linalg.qr(torch.randn(kv_heads, head_dim, head_dim, generator=gen)).Q[:, :, :rank].contiguous()
+    basis = torch.linalg.qr(torch.randn(kv_heads, head_dim, head_dim, generator=gen)).Q
+    proj, tail = basis[:, :, :rank].contiguous(), basis[:, :, rank:].contiguous()
     keys_r = torch.randn(1, kv_heads, seq, rank, generator=gen)
+    residual = torch.randn(1, kv_heads, EXACT, head_dim - rank, generator=gen)
+    layer = _layer_at(seq, kv_heads)
 
     def dense() -> torch.Tensor:
         return q @ keys.transpose(-1, -2)
@@ -58,8 +85,17 @@ def measure(head_dim: int, rank: int, heads: int, kv_heads: int, seq: int, repea
         k_new @ proj
         return q_r @ keys_r.transpose(-1, -2)
 
-    t_dense, t_aqua = _time(dense, repeats), _time(aqua, repeats)
-    return {"seq": seq, "dense_us": t_dense * 1e6, "aqua_us": t_aqua * 1e6, "aqua_over_dense": t_aqua / t_dense}
+    def aqua_exact() -> torch.Tensor:
+        scores = (q @ proj) @ keys_r.transpose(-1, -2)  # (1, kv_heads, group, seq)
+        k_new @ proj, k_new @ tail
+        extra = (q @ tail) @ residual.transpose(-1, -2)  # (1, kv_heads, group, EXACT)
+        slot, present = layer.exact_slots(1)
+        extra = extra * present[:, :, None, :]
+        return scores.scatter_add_(-1, slot[:, :, None, :].expand_as(extra), extra)
+
+    t_dense, t_aqua, t_exact = _time(dense, repeats), _time(aqua, repeats), _time(aqua_exact, repeats)
+    return {"seq": seq, "dense_us": t_dense * 1e6, "aqua_us": t_aqua * 1e6, "aqua_exact_us": t_exact * 1e6,
+            "aqua_over_dense": t_aqua / t_dense, "aqua_exact_over_dense": t_exact / t_dense}
 
 
 def main() -> None:
@@ -77,14 +113,18 @@ def main() -> None:
     for k_ratio in args.k_ratio:
         rank = round(k_ratio * args.head_dim)
         predicted = predicted_breakeven(args.head_dim, rank, args.heads, args.kv_heads)
+        predicted_exact = predicted_breakeven(args.head_dim, rank, args.heads, args.kv_heads, EXACT)
         for seq in args.seqs:
             row = measure(args.head_dim, rank, args.heads, args.kv_heads, seq, args.repeats)
-            row.update(k_ratio=k_ratio, rank=rank, predicted_breakeven_tokens=predicted)
+            row.update(k_ratio=k_ratio, rank=rank, predicted_breakeven_tokens=predicted,
+                       predicted_breakeven_tokens_exact=predicted_exact)
             rows.append(row)
-            print(f"k_ratio {k_ratio:.3f} S={seq:6d}: dense {row['dense_us']:8.1f} us, aqua {row['aqua_us']:8.1f} us,"
-                  f" ratio {row['aqua_over_dense']:.2f} (predicted break-even S={predicted:.0f})")
+            print(f"k_ratio {k_ratio:.3f} S={seq:6d}: dense {row['dense_us']:8.1f} us, aqua {row['aqua_us']:8.1f} us "
+                  f"({row['aqua_over_dense']:.2f}), with exact tokens {row['aqua_exact_us']:8.1f} us "
+                  f"({row['aqua_exact_over_dense']:.2f}); predicted break-even S={predicted:.0f} / "
+                  f"{predicted_exact:.0f}")
     report = {"benchmark": "aqua_breakeven", "device": "cpu, 1 thread", "head_dim": args.head_dim,
-              "heads": args.heads, "kv_heads": args.kv_heads, "results": rows}
+              "heads": args.heads, "kv_heads": args.kv_heads, "exact_tokens": EXACT, "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -230,6 +230,10 @@ def find_sweep(artifact: AquaArtifact, token_policy: str = "h2o") -> tuple[Quali
     if sweep.metadata.get("token_policy") != token_policy:
         return None, (f"calibration sweep {path} ignored: it measured {sweep.metadata.get('token_policy')}, "
                       f"the plan uses {token_policy}")
+    exact = sweep.metadata.get("aqua_exact_sinks"), sweep.metadata.get("aqua_exact_recent")
+    if exact != (Aqua.exact_sinks, Aqua.exact_recent):
+        return None, (f"calibration sweep {path} ignored: it measured AQUA with exact sinks/recent tokens {exact}, "
+                      f"Aqua now keeps {(Aqua.exact_sinks, Aqua.exact_recent)} (re-run `kvtool calibrate --sweep`)")
     return sweep, ""
 
 
@@ -331,6 +335,8 @@ def measure_sweep(
         "artifact_fingerprint": artifact_fingerprint(artifact),
         "artifact_file": str(artifact.path) if artifact.path else None,
         "token_policy": token_policy,
+        "aqua_exact_sinks": Aqua.exact_sinks,
+        "aqua_exact_recent": Aqua.exact_recent,
         "text_source": source,
         "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
         "tokens": n,

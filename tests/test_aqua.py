@@ -158,6 +158,17 @@ def test_exact_tokens_covering_the_past_make_pruned_keys_exact(arch, sinks, rece
     assert (pruned - ref).abs().max().item() > 2e-4  # pruning alone is not exact here
 
 
+def test_exact_tokens_with_a_spectrum_split_that_keeps_a_whole_layer():
+    """k_ratio 0.75 over 2 layers of 16 channels: one layer keeps 16 (no residual), the other 8."""
+    model = make_tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 19), generator=torch.Generator().manual_seed(0))
+    ref = _logits(model, ids, DynamicCache())
+    cache = CompressedCache(model, Aqua(k_ratio=0.75, per_layer="spectrum", artifact=_artifact(model), exact_recent=64))
+    got = _logits(model, ids, cache)
+    assert sorted(layer.keys.shape[-1] for layer in cache.layers) == [8, 16]
+    assert (got - ref).abs().max().item() < 1e-4
+
+
 def test_exact_tokens_follow_evictions():
     """With H2O evicting and overwriting slots, exact tokens still find their slots: equal to H2O alone."""
     model = make_tiny_model("llama")

@@ -87,6 +87,15 @@ def test_a_sweep_of_another_calibration_is_ignored(tiny, tmp_path):
     assert p.quality_model.kind == "spectrum" and "another calibration" in p.quality_source
 
 
+def test_a_sweep_measured_with_other_exact_tokens_is_ignored(tiny):
+    model, tokenizer, artifact = tiny
+    sweep = measure_sweep(model, tokenizer, artifact, HELD_OUT, k_ratios=(1, 0.5), retained=(1,), tokens=32, chunk=16)
+    del sweep.metadata["aqua_exact_recent"]  # as a sweep written before AQUA kept exact tokens
+    sweep.save(sweep_path(artifact.path))
+    found, why = find_sweep(artifact)
+    assert found is None and "exact sinks/recent tokens (4, None)" in why
+
+
 def test_sweep_quality_extends_pessimistically_below_the_grid():
     model = QualityModel.from_sweep([{"k_ratio": 0.5, "retained": 0.25, "quality": 0.4},
                                      {"k_ratio": 0.5, "retained": 1.0, "quality": 0.8},

@@ -114,7 +114,7 @@ class Aqua(ChannelPolicy):
                 chosen = torch.cat([order[:, :r].sort(dim=-1).values, order[:, r:]], dim=-1)
                 basis = torch.eye(d)[:, chosen].permute(1, 0, 2)  # (kv_heads, d, d), kept columns first
             self._proj.append(basis[:, :, :r].to(device=device, dtype=dtype).contiguous())
-            if exact and r < d:
+            if exact:  # (kv_heads, d, 0) for a layer that keeps every channel
                 self._tail.append(basis[:, :, r:].to(device=device, dtype=dtype).contiguous())
 
     def _load_artifact(self, info: ModelInfo) -> AquaArtifact:

@@ -15,8 +15,8 @@ recent window) the new query and key are also projected on the ``d - r`` dropped
     S > d * d * (Hq + Hkv) / (Hq * (d - r)) + E
 
 This script times the three side by side, in one run, for several ``S``, and reports the measured
-ratios next to the predicted break-evens. The exact-token path includes the cache's own slot lookup
-(``CompressedLayer.exact_slots``).
+ratios next to the predicted break-evens. The exact-token path runs the attention function's own
+``_add_exact`` (residual queries, residual scores, scatter into the scores by the held slot map).
 
 Run: python benchmarks/aqua_breakeven.py [--head-dim 64] [--heads 9] [--kv-heads 3] [--out FILE]
 """
@@ -27,11 +27,12 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from kvpress_aqua.cache import CompressedLayer
-from kvpress_aqua.policies.aqua import Aqua
+from kvpress_aqua.attention import _add_exact
+from kvpress_aqua.policies.aqua import Aqua, _per_group
 
 EXACT = Aqua.exact_sinks + Aqua.exact_recent
 
@@ -42,15 +43,13 @@ def predicted_breakeven(head_dim: int, rank: int, heads: int, kv_heads: int, exa
     return head_dim * columns * (heads + kv_heads) / (heads * (head_dim - rank)) + exact
 
 
-def _layer_at(seq: int, kv_heads: int) -> CompressedLayer:
-    """A layer whose slot metadata is that of ``seq`` held tokens, one decode step in (for the lookup)."""
-    layer = CompressedLayer(0, kv_heads, 1)
-    layer.exact_sinks, layer.exact_recent = Aqua.exact_sinks, Aqua.exact_recent
-    layer.index = torch.arange(seq, dtype=torch.int32).expand(1, kv_heads, seq)
-    layer.valid = torch.ones(1, kv_heads, seq, dtype=torch.bool)
-    layer.start = torch.zeros(1, 1, 1, dtype=torch.int32)
-    layer.seen = seq
-    return layer
+def _exact_layer(tail: torch.Tensor, seq: int, gen: torch.Generator) -> SimpleNamespace:
+    """What ``_add_exact`` reads of a layer: its residual rows, their slots, and the channel policy."""
+    kv_heads, head_dim, width = tail.shape
+    slots = torch.cat([torch.arange(Aqua.exact_sinks), torch.arange(seq - Aqua.exact_recent, seq)]).clamp(0, seq - 1)
+    channel = SimpleNamespace(residual_queries=lambda layer_idx, q: _per_group(q, tail))
+    return SimpleNamespace(channel=channel, layer_idx=0, residual=torch.randn(1, kv_heads, EXACT, width, generator=gen),
+                           exact_slot=slots.to(torch.int32).expand(1, kv_heads, EXACT))
 
 
 def _time(fn, repeats: int) -> float:
@@ -74,8 +73,8 @@ def measure(head_dim: int, rank: int, heads: int, kv_heads: int, seq: int, repea
     basis = torch.linalg.qr(torch.randn(kv_heads, head_dim, head_dim, generator=gen)).Q
     proj, tail = basis[:, :, :rank].contiguous(), basis[:, :, rank:].contiguous()
     keys_r = torch.randn(1, kv_heads, seq, rank, generator=gen)
-    residual = torch.randn(1, kv_heads, EXACT, head_dim - rank, generator=gen)
-    layer = _layer_at(seq, kv_heads)
+    layer = _exact_layer(tail, seq, gen)
+    q_heads = q.reshape(1, heads, 1, head_dim)
 
     def dense() -> torch.Tensor:
         return q @ keys.transpose(-1, -2)
@@ -86,12 +85,10 @@ def measure(head_dim: int, rank: int, heads: int, kv_heads: int, seq: int, repea
         return q_r @ keys_r.transpose(-1, -2)
 
     def aqua_exact() -> torch.Tensor:
-        scores = (q @ proj) @ keys_r.transpose(-1, -2)  # (1, kv_heads, group, seq)
+        scores = ((q @ proj) @ keys_r.transpose(-1, -2))[:, :, :, None]  # (1, kv_heads, group, 1, seq)
         k_new @ proj, k_new @ tail
-        extra = (q @ tail) @ residual.transpose(-1, -2)  # (1, kv_heads, group, EXACT)
-        slot, present = layer.exact_slots(1)
-        extra = extra * present[:, :, None, :]
-        return scores.scatter_add_(-1, slot[:, :, None, :].expand_as(extra), extra)
+        _add_exact(layer, q_heads, scores, 1.0)
+        return scores
 
     t_dense, t_aqua, t_exact = _time(dense, repeats), _time(aqua, repeats), _time(aqua_exact, repeats)
     return {"seq": seq, "dense_us": t_dense * 1e6, "aqua_us": t_aqua * 1e6, "aqua_exact_us": t_exact * 1e6,

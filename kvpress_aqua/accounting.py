@@ -10,6 +10,7 @@ tensor   shape                 bytes
 keys     ``(B, H, S, d_k)``    ``d_k`` stored key channels x dtype
 values   ``(B, H, S, d_v)``    ``d_v`` value channels x dtype
 residual ``(B, H, E, d-d_k)``  AQUA's exact tokens (``E`` = sinks + recent): dropped key channels x dtype
+exact    ``(B, H, E)``         int64: 8, the slot of each exact token (with ``residual`` only)
 index    ``(B, H, S)``         int32: 4
 valid    ``(B, H, S)``         bool: 1
 score    ``(B, H, S)``         float32: 4, only for policies that read scores (H2O)
@@ -26,6 +27,7 @@ import torch
 
 __all__ = [
     "DTYPE_BYTES",
+    "EXACT_SLOT_BYTES",
     "INDEX_BYTES",
     "SCORE_BYTES",
     "VALID_BYTES",
@@ -39,6 +41,7 @@ INDEX_BYTES = 4
 VALID_BYTES = 1
 SCORE_BYTES = 4
 START_BYTES = 4
+EXACT_SLOT_BYTES = 8
 
 DTYPE_BYTES: dict[str, int] = {
     "fp32": 4,
@@ -112,14 +115,17 @@ def layer_nbytes(
     *,
     compressed: bool,
     needs_scores: bool = False,
-    residual: int = 0,
+    exact_tokens: int = 0,
+    residual_dim: int = 0,
 ) -> int:
     """Bytes one layer holds: keys, values and, for a compressed layer, its per-slot metadata.
 
-    ``residual`` is the number of dropped key channels held per sequence and KV head for AQUA's
-    exact tokens: ``(exact_sinks + exact_recent) x (head_dim - key_dim)``, 0 without them.
+    ``exact_tokens`` (AQUA's ``exact_sinks + exact_recent``) tokens per sequence and KV head also
+    keep their ``residual_dim = head_dim - key_dim`` dropped key channels and their slot; a layer
+    that drops no channel (``residual_dim = 0``) holds neither.
     """
     if not compressed:
         return batch * kv_heads * slots * (key_dim + value_dim) * elem
     per_slot = slot_nbytes(key_dim, value_dim, elem, needs_scores)
-    return batch * kv_heads * (slots * per_slot + residual * elem) + batch * START_BYTES
+    exact = exact_tokens * (residual_dim * elem + EXACT_SLOT_BYTES) if residual_dim else 0
+    return batch * kv_heads * (slots * per_slot + exact) + batch * START_BYTES

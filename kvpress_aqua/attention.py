@@ -189,6 +189,5 @@ def _add_exact(layer: CompressedLayer, query: torch.Tensor, scores_past: torch.T
     batch, kv_heads, group, n, _ = scores_past.shape
     q_res = layer.channel.residual_queries(layer.layer_idx, query).reshape(batch, kv_heads, group * n, -1)
     extra = (q_res @ layer.residual.transpose(-1, -2)).float().mul_(scale).view(batch, kv_heads, group, n, -1)
-    slot, present = layer.exact_slots(n)
-    extra = extra * present[:, :, None, None, :]
-    scores_past.scatter_add_(-1, slot[:, :, None, None, :].expand_as(extra), extra)
+    # rows that stand for no held past token are zero, so they add nothing wherever they point
+    scores_past.scatter_add_(-1, layer.exact_slot[:, :, None, None, :].expand_as(extra), extra)

@@ -93,6 +93,7 @@ class CompressedLayer(CacheLayerMixin):
         self.score: torch.Tensor | None = None
         self.start: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None
+        self.exact_slot: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ storage
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
@@ -110,13 +111,13 @@ class CompressedLayer(CacheLayerMixin):
         )
         self.start = torch.zeros(batch, 1, 1, dtype=torch.int32, device=dev)
         exact = self.exact_sinks + self.exact_recent
-        self.residual = (
-            key_states.new_zeros(batch, self.num_kv_heads, exact, self.head_dim - self.key_dim) if exact else None
-        )
+        if exact:
+            self.residual = key_states.new_zeros(batch, self.num_kv_heads, exact, self.head_dim - self.key_dim)
+            self.exact_slot = torch.zeros(batch, self.num_kv_heads, exact, dtype=torch.int64, device=dev)
         self.is_initialized = True
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        names = ("keys", "values", "residual", "index", "valid", "score", "start")
+        names = ("keys", "values", "residual", "index", "valid", "score", "start", "exact_slot")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def _check_new(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -201,10 +202,18 @@ class CompressedLayer(CacheLayerMixin):
         self.valid.scatter_(2, victim, valid)
         if self.score is not None:
             self.score.scatter_(2, victim, 0.0)
+        if self.exact_slot is not None:  # the victim's exact rows, if any, go blank
+            self.residual.masked_fill_((self.exact_slot == victim)[..., None], 0.0)
         return victim
 
     def _keep(self, slots: torch.Tensor) -> None:
         """Keep only ``slots`` ``(batch, kv_heads, k)``; the result is new, compact tensors."""
+        if self.exact_slot is not None:  # old slot -> its place among the kept ones; evicted rows go blank
+            place = self.exact_slot.new_full(self.index.shape, -1).scatter_(
+                2, slots, torch.arange(slots.shape[-1], device=slots.device).expand_as(slots))
+            moved = place.gather(2, self.exact_slot)
+            self.residual.masked_fill_((moved < 0)[..., None], 0.0)
+            self.exact_slot = moved.clamp_min(0)
         width = self.keys.shape[-1], self.values.shape[-1]
         self.keys = self.keys.gather(2, slots[..., None].expand(-1, -1, -1, width[0]))
         self.values = self.values.gather(2, slots[..., None].expand(-1, -1, -1, width[1]))
@@ -251,53 +260,35 @@ class CompressedLayer(CacheLayerMixin):
             visible = visible & (self.index[:, :, None, None, :] > lowest)
         return visible
 
-    def exact_slots(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where each row of :attr:`residual` is among the past slots of a chunk of ``n`` tokens.
+    def _store_residual(self, keys_new: torch.Tensor, new_slots: torch.Tensor, new_valid: torch.Tensor) -> None:
+        """Keep the dropped channels of the chunk's sink tokens and of its last ``exact_recent`` tokens.
 
-        Rows ``[0, exact_sinks)`` hold the sequence's first real tokens; row ``exact_sinks + i %
-        exact_recent`` holds token ``i`` of the ``exact_recent`` before the chunk. A token that is
-        both is read from its sink row only.
-
-        Returns
-        -------
-        tuple of torch.Tensor
-            int64 ``(batch, kv_heads, rows)``: the slot of each row's token (0 when absent), and
-            bool ``(batch, kv_heads, rows)``: whether a valid past slot holds it.
-
+        Rows ``[0, exact_sinks)`` of :attr:`residual` hold the sequence's first real tokens; row
+        ``exact_sinks + i % exact_recent`` holds token ``i`` while it is among the latest
+        ``exact_recent``. :attr:`exact_slot` is the slot of each row's token. A row that stands for
+        no held token (not written yet, padding, evicted, or a recent token that is also a sink and
+        is read from its sink row) is all zeros, so it adds nothing wherever it points.
         """
-        sinks, recent = self.exact_sinks, self.exact_recent
-        before = self.seen - n
-        index = self.index.long()
-        past = self.valid & (index < before)
-        absent = sinks + recent  # one spare row collects the slots that map nowhere
-        row = torch.full_like(index, absent)
-        if recent:
-            row = torch.where(past & (index >= before - recent), sinks + index % recent, row)
-        if sinks:
-            real = index - self.start.long()
-            row = torch.where(past & (real >= 0) & (real < sinks), real, row)
-        batch, heads, slots = index.shape
-        slot = index.new_zeros(batch, heads, absent + 1)
-        slot.scatter_(2, row, torch.arange(slots, device=index.device).expand(batch, heads, slots))
-        present = self.valid.new_zeros(batch, heads, absent + 1).scatter_(2, row, True)
-        return slot[..., :absent], present[..., :absent]
-
-    def _store_residual(self, keys_new: torch.Tensor) -> None:
-        """Keep the dropped channels of the chunk's sink tokens and of its last ``exact_recent`` tokens."""
         sinks, recent = self.exact_sinks, self.exact_recent
         residual = self.channel.residual_keys(self.layer_idx, keys_new)  # (batch, kv_heads, n, head_dim - key_dim)
         batch, heads, n, width = residual.shape
         before = self.seen - n
+        start = self.start[:, 0].long()  # (batch, 1): left padding, this chunk's included
         if recent:
             m = min(n, recent)
             rows = sinks + torch.arange(before + n - m, before + n, device=residual.device) % recent
-            self.residual.index_copy_(2, rows, residual[:, :, n - m:])
+            real = torch.arange(before + n - m, before + n, device=residual.device) - start  # (batch, m)
+            plain = (new_valid[:, n - m:] & (real >= sinks))[:, None, :]
+            self.residual.index_copy_(2, rows, residual[:, :, n - m:] * plain[..., None])
+            self.exact_slot.index_copy_(2, rows, new_slots[:, :, n - m:])
         if sinks:
-            # real position p of a row's token is p + start; after left padding every such token is valid
-            offset = torch.arange(sinks, device=residual.device) + self.start[:, 0].long() - before  # (batch, sinks)
-            here = (offset >= 0) & (offset < n)
-            taken = residual.gather(2, offset.clamp(0, n - 1)[:, None, :, None].expand(batch, heads, sinks, width))
-            self.residual[:, :, :sinks] = torch.where(here[:, None, :, None], taken, self.residual[:, :, :sinks])
+            # the token at real position p has cache index p + start; after left padding it is valid
+            offset = torch.arange(sinks, device=residual.device) + start - before  # (batch, sinks)
+            here = ((offset >= 0) & (offset < n))[:, None, :]
+            at = offset.clamp(0, n - 1)[:, None, :].expand(batch, heads, sinks)
+            taken = residual.gather(2, at[..., None].expand(batch, heads, sinks, width))
+            self.residual[:, :, :sinks] = torch.where(here[..., None], taken, self.residual[:, :, :sinks])
+            self.exact_slot[:, :, :sinks] = torch.where(here, new_slots.gather(2, at), self.exact_slot[:, :, :sinks])
 
     def after_attention(
         self, handoff: attention.Handoff, new_valid: torch.Tensor, mass_past: torch.Tensor, mass_new: torch.Tensor
@@ -320,7 +311,7 @@ class CompressedLayer(CacheLayerMixin):
         self.valid.scatter_(2, new_slots, new_valid[:, None, :].expand(-1, heads, -1))
         self.start += (~new_valid).sum(-1, dtype=torch.int32)[:, None, None]
         if self.residual is not None:
-            self._store_residual(handoff.keys_new)
+            self._store_residual(handoff.keys_new, new_slots, new_valid)
         if self.score is not None:
             decay = self.token_policy.score_decay
             if decay != 1.0:

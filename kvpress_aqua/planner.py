@@ -17,7 +17,8 @@ token budget ``b``::
   gated MLP, norms, biases where the family has them), tied embeddings counted once.
 - ``projections = L x H_kv x d x d x e``: AQUA's matrices, held in the model dtype (0 without AQUA);
   ``d x d_k`` per head when AQUA keeps no exact tokens. With AQUA every layer also holds its exact
-  tokens' dropped channels, ``B x H_kv x E x (d - d_k) x e`` (``E = exact_sinks + exact_recent``).
+  tokens' dropped channels and slots, ``B x H_kv x E x ((d - d_k) x e + 8)`` (``E = exact_sinks +
+  exact_recent``).
 - ``overhead``: :data:`DEFAULT_OVERHEAD` (512 MiB: interpreter, framework runtime, CUDA context,
   allocator slack) unless given.
 - a phase peak is ``KV held + attention + activations + copy``, where attention and activations are
@@ -86,6 +87,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .accounting import (
+    EXACT_SLOT_BYTES,
     INDEX_BYTES,
     SCORE_BYTES,
     START_BYTES,
@@ -531,7 +533,7 @@ class MemoryModel:
 
         def layer(slots: int) -> int:
             return layer_nbytes(batch, info.num_kv_heads, slots, key_dim, d, e, compressed=compressed,
-                                needs_scores=scores, residual=residual)
+                                needs_scores=scores, exact_tokens=self.exact_tokens, residual_dim=d - key_dim)
 
         def cap(window: int | None) -> int | None:
             limits = [x for x in (budget, None if window is None else window - 1) if x is not None]
@@ -615,7 +617,8 @@ class MemoryModel:
             groups[x] = groups.get(x, 0) + 1
         parts = [f"{count} × {b}·{info.num_kv_heads}·{x:,}·{per_slot}" for x, count in sorted(groups.items())]
         if key_dim < info.head_dim and self.exact_tokens:
-            parts.append(f"{len(slots)} × {b}·{info.num_kv_heads}·{self.exact_tokens}·{info.head_dim - key_dim}·{e}")
+            parts.append(f"{len(slots)} × {b}·{info.num_kv_heads}·{self.exact_tokens}·"
+                         f"({info.head_dim - key_dim}·{e} + {EXACT_SLOT_BYTES})")
         if compressed:
             parts.append(f"{len(slots)} × {b}·{START_BYTES}")
         return " + ".join(parts)
@@ -624,7 +627,8 @@ class MemoryModel:
                end: _Phase, peak: _Phase) -> tuple[Term, ...]:
         s, info, e, b = self.shape, self.shape.info, self.elem, self.batch
         meta = "4 + 1 + 4 (index, valid, H2O score)" if scores else "4 + 1 (index, valid)"
-        exact = " + B·H_kv·E·(d - d_k)·e (AQUA's exact tokens)" if key_dim < info.head_dim and self.exact_tokens else ""
+        exact = (" + B·H_kv·E·((d - d_k)·e + 8) (AQUA's exact tokens and their slots)"
+                 if key_dim < info.head_dim and self.exact_tokens else "")
         kv_formula = (f"Σ layers B·H_kv·slots·((d_k + d_v)·e + {meta}){exact} + B·4" if compressed
                       else "Σ layers B·H_kv·tokens·(d_k + d_v)·e  (DynamicCache)")
         where = f"{peak.name} of {peak.chunk:,} token(s) at offset {peak.offset:,}"

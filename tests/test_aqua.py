@@ -68,7 +68,8 @@ def test_key_bytes_really_shrink_and_accounting_is_exact(sinks, recent):
         assert (layer.residual is None) == (exact == 0)
     projections = cfg.num_hidden_layers * cfg.num_key_value_heads * d * (d if exact else r) * 4
     assert aqua.nbytes() == projections
-    per_layer = layer_nbytes(3, cfg.num_key_value_heads, seen, r, d, 4, compressed=True, residual=exact * (d - r))
+    per_layer = layer_nbytes(3, cfg.num_key_value_heads, seen, r, d, 4, compressed=True, exact_tokens=exact,
+                           residual_dim=d - r)
     assert cache.nbytes() == per_layer * cfg.num_hidden_layers + projections
     kinds = cache.memory_report().by_kind()
     residual_bytes = cfg.num_hidden_layers * 3 * cfg.num_key_value_heads * exact * (d - r) * 4
@@ -200,12 +201,15 @@ def test_left_padded_batch_with_exact_tokens_equals_single_rows():
             assert (torch.stack(batched.logits, 1)[i] - torch.stack(single.logits, 1)[0]).abs().max() < 1e-4
 
 
-def test_residual_rows_hold_the_dropped_channels_of_sinks_and_recent_tokens():
+@pytest.mark.parametrize("evict", [False, True], ids=["aqua", "h2o+aqua"])
+def test_residual_rows_hold_the_dropped_channels_of_sinks_and_recent_tokens(evict):
+    """Row contents are the raw keys' dropped channels; each row's slot holds its token, or -1 once evicted."""
     model = make_tiny_model("qwen3")
     sinks, recent = 3, 5
     aqua = Aqua(k_ratio=0.5, artifact=_artifact(model), exact_sinks=sinks, exact_recent=recent)
+    policies = (H2O(heavy=6, recent=3, sinks=1), aqua) if evict else (aqua,)
     ids = torch.randint(3, 128, (1, 23), generator=torch.Generator().manual_seed(4))
-    cache = CompressedCache(model, aqua, prefill_chunk=6)
+    cache = CompressedCache(model, *policies, prefill_chunk=6)
     raw: dict[int, list[torch.Tensor]] = {}  # the post-RoPE keys each layer was given, chunk by chunk
     for layer in cache.layers:
         def spy(keys, values, *args, layer=layer, update=layer.update, **kwargs):
@@ -216,16 +220,19 @@ def test_residual_rows_hold_the_dropped_channels_of_sinks_and_recent_tokens():
     with torch.no_grad():
         for t in range(20, 23):
             model(ids[:, t:t + 1], past_key_values=cache)
+    tokens = list(range(sinks)) + [None] * recent  # the token each row stands for
+    for i in range(23 - recent, 23):
+        tokens[sinks + i % recent] = i
+    evicted = 0
     for layer_idx, layer in enumerate(cache.layers):
         dropped = aqua.residual_keys(layer_idx, torch.cat(raw[layer_idx], dim=-2))
-        assert torch.allclose(layer.residual[:, :, :sinks], dropped[:, :, :sinks], atol=1e-6)
-        for i in range(23 - recent, 23):
-            assert torch.allclose(layer.residual[:, :, sinks + i % recent], dropped[:, :, i], atol=1e-6)
-        # the next chunk of 2 would read tokens 0..2 from sink rows and 18..22 from ring rows
-        layer.seen += 2
-        slot, present = layer.exact_slots(2)
-        layer.seen -= 2
-        expected = list(range(sinks)) + [sinks + i % recent for i in range(23 - recent, 23)]
-        rows = [r for r in range(sinks + recent) if present[0, 0, r]]
-        assert sorted(rows) == sorted(expected)
-        assert all(layer.index[0, 0, slot[0, 0, r]] in (r, *range(23 - recent, 23)) for r in rows)
+        for row, token in enumerate(tokens):
+            for head in range(layer.num_kv_heads):
+                if ((layer.index[0, head] == token) & layer.valid[0, head]).any():
+                    slot = int(layer.exact_slot[0, head, row])
+                    assert layer.index[0, head, slot] == token and layer.valid[0, head, slot]
+                    assert torch.allclose(layer.residual[0, head, row], dropped[0, head, token], atol=1e-6)
+                else:  # evicted: the row is blank, so it adds nothing wherever it points
+                    assert not layer.residual[0, head, row].any()
+                    evicted += 1
+    assert (evicted > 0) == evict

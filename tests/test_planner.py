@@ -178,7 +178,8 @@ def _accounting_kv(info, batch, seen, key_dim, budget, elem, scores, exact):
         window = info.sliding_window if info.is_sliding(i) else None
         slots = decode_slots(budget, seen, window) if compressed else dense_layer_tokens(seen, window)
         total += layer_nbytes(batch, info.num_kv_heads, slots, key_dim, info.head_dim, elem, compressed=compressed,
-                              needs_scores=scores and budget is not None, residual=exact * (info.head_dim - key_dim))
+                              needs_scores=scores and budget is not None, exact_tokens=exact,
+                              residual_dim=info.head_dim - key_dim)
     return total
 
 

@@ -66,7 +66,8 @@ def predict(model: LlamaForCausalLM, policies: tuple, batch: int, context: int, 
     shape = resolve_model(model.config)
     memory = MemoryModel(shape=shape, batch=batch, context=context, new_tokens=seen_after - context + 1, dtype=dtype,
                          prefill_chunk=chunk, overhead=0,
-                         token_policy="sliding" if isinstance(token, SlidingWindow) else "h2o")
+                         token_policy="sliding" if isinstance(token, SlidingWindow) else "h2o",
+                         exact_tokens=aqua.exact_sinks + aqua.exact_recent if aqua else 0)
     d = shape.info.head_dim
     breakdown = memory.evaluate(round(aqua.k_ratio * d) if aqua else d, token.budget if token else None)
     return {"predicted_kv_bytes": breakdown.cache_bytes, "predicted_peak_bytes": breakdown.total}
@@ -80,6 +81,8 @@ def caches(context: int) -> dict:
         "h2o-25": (H2O(heavy=quarter // 2, recent=quarter - quarter // 2 - 4, sinks=4),),
         "h2o-aqua-4x": (H2O(heavy=context // 6, recent=context // 3 - context // 6 - 4, sinks=4),
                         Aqua(k_ratio=0.5, basis="identity")),
+        "h2o-aqua-4x no exact": (H2O(heavy=context // 6, recent=context // 3 - context // 6 - 4, sinks=4),
+                                 Aqua(k_ratio=0.5, basis="identity", exact_sinks=0, exact_recent=0)),
     }
 
 

@@ -267,13 +267,21 @@ class CompressedLayer(CacheLayerMixin):
         ``exact_sinks + i % exact_recent`` holds token ``i`` while it is among the latest
         ``exact_recent``. :attr:`exact_slot` is the slot of each row's token. A row that stands for
         no held token (not written yet, padding, evicted, or a recent token that is also a sink and
-        is read from its sink row) is all zeros, so it adds nothing wherever it points.
+        is read from its sink row) is all zeros, so it adds nothing wherever it points. A decode step
+        writes only the new token's row (few kernels): a ring row a sink skipped keeps its older
+        token, still held exactly where it points, so no token is ever counted twice.
         """
         sinks, recent = self.exact_sinks, self.exact_recent
         residual = self.channel.residual_keys(self.layer_idx, keys_new)  # (batch, kv_heads, n, head_dim - key_dim)
         batch, heads, n, width = residual.shape
         before = self.seen - n
         start = self.start[:, 0].long()  # (batch, 1): left padding, this chunk's included
+        if n == 1 and recent:  # decoding: one scatter, to the token's sink row or to its ring row
+            sink = new_valid & (before - start < sinks)  # (batch, 1)
+            rows = torch.where(sink, before - start, sinks + before % recent)[:, None, :]
+            self.residual.scatter_(2, rows[..., None].expand_as(residual), residual * new_valid[:, None, :, None])
+            self.exact_slot.scatter_(2, rows.expand_as(new_slots), new_slots)
+            return
         if recent:
             m = min(n, recent)
             rows = sinks + torch.arange(before + n - m, before + n, device=residual.device) % recent

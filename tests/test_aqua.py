@@ -142,21 +142,23 @@ def test_bad_knobs(bad):
 
 # ------------------------------------------------------------------------------- exact tokens
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize(("sinks", "recent"), [(0, 64), (64, 0)], ids=["recent", "sinks"])
+@pytest.mark.parametrize(("sinks", "recent"), [(0, 64), (64, 0), (64, 1)], ids=["recent", "sinks", "sinks-decoded"])
 def test_exact_tokens_covering_the_past_make_pruned_keys_exact(arch, sinks, recent):
     """Every past token exact (as sink or as recent) gives back full attention from half the channels."""
     model = make_tiny_model(arch)
-    ids = torch.randint(3, 128, (2, 19), generator=torch.Generator().manual_seed(0))
-    ref = _logits(model, ids, DynamicCache())
+    # "sinks-decoded": a 1-token prompt, so that most sinks arrive one decode step at a time
+    ids = torch.randint(3, 128, (2, 1 if recent == 1 else 19), generator=torch.Generator().manual_seed(0))
+    ref = _logits(model, ids, DynamicCache(), steps=12)
     aqua = Aqua(k_ratio=0.5, artifact=_artifact(model), exact_sinks=sinks, exact_recent=recent)
     pruned = _logits(model, ids, CompressedCache(model, Aqua(k_ratio=0.5, artifact=aqua.artifact,
-                                                              exact_sinks=0, exact_recent=0)))
+                                                              exact_sinks=0, exact_recent=0)), steps=12)
     cache = CompressedCache(model, aqua)
-    got = _logits(model, ids, cache)
+    got = _logits(model, ids, cache, steps=12)
     cache.detach()
     assert all(layer.keys.shape[-1] == 8 for layer in cache.layers)
     assert (got - ref).abs().max().item() < 1e-4
-    assert (pruned - ref).abs().max().item() > 2e-4  # pruning alone is not exact here
+    if ids.shape[1] > 1:  # (from one prompt token, pruning alone barely moves gemma's random logits)
+        assert (pruned - ref).abs().max().item() > 2e-4  # pruning alone is not exact here
 
 
 def test_exact_tokens_with_a_spectrum_split_that_keeps_a_whole_layer():

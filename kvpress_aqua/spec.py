@@ -89,6 +89,14 @@ class PolicySpec:
                 return float(entry.get("k_ratio", Aqua.k_ratio))
         return 1.0
 
+    def exact_tokens(self) -> int:
+        """AQUA's exact tokens (sinks + recent) per layer and KV head; 0 without key pruning."""
+        for entry in self.entries:
+            if POLICY_TYPES[entry["type"]] is Aqua and float(entry.get("k_ratio", Aqua.k_ratio)) < 1:
+                return int(entry.get("exact_sinks", Aqua.exact_sinks)) + int(
+                    entry.get("exact_recent", Aqua.exact_recent))
+        return 0
+
     def build(self, context: int | None = None) -> list[TokenPolicy | ChannelPolicy]:
         """Instantiate the policies.
 
@@ -114,7 +122,7 @@ class PolicySpec:
                     f"policy {self.name!r} sizes its budget as kv={knobs['kv']} of dense bytes; "
                     "give the context length (build(context=N))"
                 )
-            knobs = _resolve_relative(kind, knobs, context, self.key_ratio())
+            knobs = _resolve_relative(kind, knobs, context, self.key_ratio(), self.exact_tokens())
         try:
             return kind(**knobs)
         except TypeError as err:
@@ -128,12 +136,13 @@ class PolicySpec:
         return "\n".join(lines) + "\n"
 
 
-def _resolve_relative(kind: type, knobs: dict[str, Any], context: int, k_ratio: float) -> dict[str, Any]:
+def _resolve_relative(kind: type, knobs: dict[str, Any], context: int, k_ratio: float, exact: int) -> dict[str, Any]:
     fraction = float(knobs.pop("kv"))
     if not 0 < fraction <= 1:
         raise ValueError(f"kv={fraction}: the fraction of dense KV bytes must be in (0, 1]")
-    # A token stored with a fraction k_ratio of its key channels costs (k_ratio + 1) / 2 of a dense one.
-    tokens = max(2, math.floor(fraction * context * 2 / (k_ratio + 1)))
+    # A token stored with a fraction k_ratio of its key channels costs (k_ratio + 1) / 2 of a dense one;
+    # each of AQUA's exact tokens also keeps its (1 - k_ratio) / 2 dropped key channels, whatever the context.
+    tokens = max(2, math.floor((fraction * context - exact * (1 - k_ratio) / 2) * 2 / (k_ratio + 1)))
     sinks = min(int(knobs.pop("sinks", DEFAULT_SINKS)), tokens - 1)
     if kind is SlidingWindow:
         return {"sinks": sinks, "window": tokens - sinks, **knobs}

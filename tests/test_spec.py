@@ -33,9 +33,14 @@ def test_relative_budget_hits_the_byte_fraction(context):
     (window,) = parse_policy("streaming-25").build(context=context)
     assert window.budget == context // 4
     h2o, aqua = parse_policy("h2o-aqua-4x").build(context=context)
-    # a token with half its key channels costs 3/4 of a dense one
-    assert abs(h2o.budget * 0.75 - 0.25 * context) <= 1
+    # a token with half its key channels costs 3/4 of a dense one; each of the 68 exact tokens also
+    # keeps its other half of the key channels, 1/4 of a dense token
+    exact = aqua.exact_sinks + aqua.exact_recent
+    assert exact == 68
+    assert abs(h2o.budget * 0.75 + exact * 0.25 - 0.25 * context) <= 1
     assert h2o.sinks == 4 and aqua.k_ratio == 0.5
+    h2o, _ = parse_policy("h2o:kv=0.25+aqua:k_ratio=0.5,exact_sinks=0,exact_recent=0").build(context=context)
+    assert abs(h2o.budget * 0.75 - 0.25 * context) <= 1
 
 
 def test_relative_budget_needs_context():

@@ -2,8 +2,8 @@
 
 Full cache vs the best presets at 25% and 50% of dense KV bytes, chosen from the full stored run in
 ``benchmarks/results/needle`` (1,980 cells): the sliding window with attention sinks (mean needle
-score 0.24 at 25% and 0.42 at 50%, against H2O's 0.12 and 0.31 and TOVA's 0.12 and 0.27; the H2O x AQUA presets scored
-0.04-0.08 on SmolLM2). Passkey needles at a few depths of 512 and 1k-token Paul Graham haystacks,
+score 0.24 at 25% and 0.42 at 50%, against H2O's 0.12 and 0.31 and TOVA's 0.12 and 0.27; the H2O x AQUA presets
+scored 0.11-0.12 and 0.22-0.26 on SmolLM2). Passkey needles at a few depths of 512 and 1k-token Paul Graham haystacks,
 both protocols; ends with the rich table and writes the heatmap
 PNGs. ``--policy`` swaps in other presets; if one needs AQUA and the model's calibration is
 missing, it is made first (what ``kvtool calibrate`` does).

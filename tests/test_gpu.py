@@ -22,8 +22,9 @@ def _generate(model, ids, cache, steps=6):
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma"])
 @pytest.mark.parametrize(
     "policies",
-    [(H2O(heavy=64, recent=8),), (SlidingWindow(4, 60), Aqua(k_ratio=1.0, basis="identity"))],
-    ids=["h2o", "sliding-aqua1"],
+    [(H2O(heavy=64, recent=8),), (SlidingWindow(4, 60), Aqua(k_ratio=1.0, basis="identity")),
+     (H2O(heavy=64, recent=8), Aqua(k_ratio=0.5, basis="identity", exact_recent=128))],
+    ids=["h2o", "sliding-aqua1", "h2o-aqua-exact"],
 )
 def test_cuda_no_eviction_equals_dynamic_cache(arch, policies):
     model = make_tiny_model(arch).cuda()
@@ -50,3 +51,14 @@ def test_cuda_bf16_eviction_runs_and_accounts():
     grown = torch.cuda.memory_allocated() - before
     assert held <= grown <= held + 512 * len(tensors)
     assert all(t.is_cuda for t in tensors)
+
+
+def test_cuda_exact_tokens_follow_evictions():
+    """H2O evicting on CUDA, AQUA pruning half the channels with every kept token exact: equals H2O alone."""
+    model = make_tiny_model("llama").cuda()
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(3)).cuda()
+    policy = H2O(heavy=8, recent=4, sinks=1)
+    alone, _ = _generate(model, ids, CompressedCache(model, policy), steps=8)
+    both, _ = _generate(model, ids, CompressedCache(model, policy, Aqua(k_ratio=0.5, basis="identity",
+                                                                         exact_recent=128)), steps=8)
+    assert (alone - both).abs().max().item() < 1e-4

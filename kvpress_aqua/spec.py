@@ -21,7 +21,8 @@ TOML form::
 Token policies take absolute token counts (``heavy``, ``recent``, ``sinks``, ``window``) or a
 relative size ``kv``: the fraction of dense KV bytes (keys + values, slot metadata excluded) to
 keep at a given context length; :meth:`PolicySpec.build` turns it into token counts once the
-context length is known, taking the channel policy's key pruning into account.
+context length is known, taking the channel policy's key pruning (and AQUA's exact tokens, which
+keep every key channel) into account.
 """
 
 from __future__ import annotations

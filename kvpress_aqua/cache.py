@@ -284,9 +284,9 @@ class CompressedLayer(CacheLayerMixin):
             return
         if recent:
             m = min(n, recent)
-            rows = sinks + torch.arange(before + n - m, before + n, device=residual.device) % recent
-            real = torch.arange(before + n - m, before + n, device=residual.device) - start  # (batch, m)
-            plain = (new_valid[:, n - m:] & (real >= sinks))[:, None, :]
+            index = torch.arange(before + n - m, before + n, device=residual.device)
+            rows = sinks + index % recent
+            plain = (new_valid[:, n - m:] & (index - start >= sinks))[:, None, :]  # index - start: real position
             self.residual.index_copy_(2, rows, residual[:, :, n - m:] * plain[..., None])
             self.exact_slot.index_copy_(2, rows, new_slots[:, :, n - m:])
         if sinks:

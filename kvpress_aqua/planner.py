@@ -529,7 +529,6 @@ class MemoryModel:
         d = info.head_dim
         compressed = budget is not None or key_dim < d
         scores = budget is not None and self.token_policy == "h2o"
-        residual = self.exact_tokens * (d - key_dim)
 
         def layer(slots: int) -> int:
             return layer_nbytes(batch, info.num_kv_heads, slots, key_dim, d, e, compressed=compressed,
@@ -560,7 +559,7 @@ class MemoryModel:
             end = self._phase("decode", self.seen - 1, 1, slots, slots, layer, compressed)
             phases.append(end)
         peak = max(phases, key=lambda p: p.peak)
-        columns = d if residual else key_dim  # exact tokens need the dropped columns of P as well
+        columns = d if self.exact_tokens else key_dim  # exact tokens need the dropped columns of P as well
         projections = info.num_layers * info.num_kv_heads * d * columns * e if key_dim < d else 0
         weights = self.shape.parameters * e
         return Breakdown(
@@ -573,8 +572,7 @@ class MemoryModel:
             copy=peak.copy,
             overhead=self.overhead,
             peak_phase=peak.name,
-            terms=self._terms(key_dim, compressed, scores, weights, projections, columns if key_dim < d else 0,
-                              end, peak),
+            terms=self._terms(key_dim, compressed, scores, weights, projections, columns, end, peak),
         )
 
     def _per_token(self) -> tuple[int, int]:

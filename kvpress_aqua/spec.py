@@ -83,20 +83,20 @@ class PolicySpec:
         """Whether a token budget depends on the context length (``kv=`` entries)."""
         return any("kv" in e for e in self.entries)
 
+    def _aqua_entry(self) -> dict[str, Any] | None:
+        return next((e for e in self.entries if POLICY_TYPES[e["type"]] is Aqua), None)
+
     def key_ratio(self) -> float:
         """Fraction of key channels kept by the stack's channel policy (1 without one)."""
-        for entry in self.entries:
-            if POLICY_TYPES[entry["type"]] is Aqua:
-                return float(entry.get("k_ratio", Aqua.k_ratio))
-        return 1.0
+        entry = self._aqua_entry()
+        return 1.0 if entry is None else float(entry.get("k_ratio", Aqua.k_ratio))
 
     def exact_tokens(self) -> int:
         """AQUA's exact tokens (sinks + recent) per layer and KV head; 0 without key pruning."""
-        for entry in self.entries:
-            if POLICY_TYPES[entry["type"]] is Aqua and float(entry.get("k_ratio", Aqua.k_ratio)) < 1:
-                return int(entry.get("exact_sinks", Aqua.exact_sinks)) + int(
-                    entry.get("exact_recent", Aqua.exact_recent))
-        return 0
+        entry = self._aqua_entry()
+        if entry is None or self.key_ratio() == 1:
+            return 0
+        return int(entry.get("exact_sinks", Aqua.exact_sinks)) + int(entry.get("exact_recent", Aqua.exact_recent))
 
     def build(self, context: int | None = None) -> list[TokenPolicy | ChannelPolicy]:
         """Instantiate the policies.

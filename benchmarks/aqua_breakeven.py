@@ -15,8 +15,11 @@ recent window) the new query and key are also projected on the ``d - r`` dropped
     S > d * d * (Hq + Hkv) / (Hq * (d - r)) + E
 
 This script times the three side by side, in one run, for several ``S``, and reports the measured
-ratios next to the predicted break-evens. The exact-token path runs the attention function's own
-``_add_exact`` (residual queries, residual scores, scatter into the scores by the held slot map).
+ratios next to the predicted break-evens. Each timing is one decode step of the package's own
+attention op (``kvpress_aqua.attention.reference_attention``: query projection, scores, exact-token
+scores scattered in by the held slot map, softmax, values) plus the projection of the new key that
+the layer's update does; the values cost the same in all three, so the measured ratios are closer
+to 1 than the score-only multiply-add model.
 
 Run: python benchmarks/aqua_breakeven.py [--head-dim 64] [--heads 9] [--kv-heads 3] [--out FILE]
 """
@@ -27,12 +30,11 @@ import argparse
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from kvpress_aqua.attention import _add_exact
-from kvpress_aqua.policies.aqua import Aqua, _per_group
+from kvpress_aqua.attention import AttentionInputs, reference_attention
+from kvpress_aqua.policies.aqua import Aqua
 
 EXACT = Aqua.exact_sinks + Aqua.exact_recent
 
@@ -41,15 +43,6 @@ def predicted_breakeven(head_dim: int, rank: int, heads: int, kv_heads: int, exa
     """Held tokens above which AQUA's scores take fewer multiply-adds than dense scores."""
     columns = head_dim if exact else rank  # exact tokens project on every column of P
     return head_dim * columns * (heads + kv_heads) / (heads * (head_dim - rank)) + exact
-
-
-def _exact_layer(tail: torch.Tensor, seq: int, gen: torch.Generator) -> SimpleNamespace:
-    """What ``_add_exact`` reads of a layer: its residual rows, their slots, and the channel policy."""
-    kv_heads, head_dim, width = tail.shape
-    slots = torch.cat([torch.arange(Aqua.exact_sinks), torch.arange(seq - Aqua.exact_recent, seq)]).clamp(0, seq - 1)
-    channel = SimpleNamespace(residual_queries=lambda layer_idx, q: _per_group(q, tail))
-    return SimpleNamespace(channel=channel, layer_idx=0, residual=torch.randn(1, kv_heads, EXACT, width, generator=gen),
-                           exact_slot=slots.to(torch.int32).expand(1, kv_heads, EXACT))
 
 
 def _time(fn, repeats: int) -> float:
@@ -64,33 +57,37 @@ def _time(fn, repeats: int) -> float:
 
 
 def measure(head_dim: int, rank: int, heads: int, kv_heads: int, seq: int, repeats: int) -> dict:
-    """Time dense scores vs project-then-score for one decode query against ``seq`` held keys."""
+    """Time one decode step's attention over ``seq`` held tokens: dense keys, pruned keys, pruned + exact tokens."""
     gen = torch.Generator().manual_seed(0)
-    group = heads // kv_heads
-    q = torch.randn(1, kv_heads, group, head_dim, generator=gen)
-    k_new = torch.randn(1, kv_heads, 1, head_dim, generator=gen)
+    query = torch.randn(1, heads, 1, head_dim, generator=gen)
+    k_new, v_new = torch.randn(2, 1, kv_heads, 1, head_dim, generator=gen)
     keys = torch.randn(1, kv_heads, seq, head_dim, generator=gen)
+    values = torch.randn(1, kv_heads, seq, head_dim, generator=gen)
+    visible = torch.ones(1, kv_heads, seq, dtype=torch.bool)
     basis = torch.linalg.qr(torch.randn(kv_heads, head_dim, head_dim, generator=gen)).Q
     proj, tail = basis[:, :, :rank].contiguous(), basis[:, :, rank:].contiguous()
-    keys_r = torch.randn(1, kv_heads, seq, rank, generator=gen)
-    layer = _exact_layer(tail, seq, gen)
-    q_heads = q.reshape(1, heads, 1, head_dim)
+    slots = torch.cat([torch.arange(Aqua.exact_sinks), torch.arange(seq - Aqua.exact_recent, seq)]).clamp(0, seq - 1)
+    exact = dict(residual=torch.randn(1, kv_heads, EXACT, head_dim - rank, generator=gen), residual_basis=tail,
+                 exact_slot=slots.expand(1, kv_heads, EXACT))
+    new_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    dense = AttentionInputs(0, keys, values, visible, k_new, v_new)
+    pruned_keys = torch.randn(1, kv_heads, seq, rank, generator=gen)
+    pruned = AttentionInputs(0, pruned_keys, values, visible, k_new, v_new, key_basis=proj)
+    pruned_exact = AttentionInputs(0, pruned_keys, values, visible, k_new, v_new, key_basis=proj, **exact)
+    scale = head_dim**-0.5
 
-    def dense() -> torch.Tensor:
-        return q @ keys.transpose(-1, -2)
+    def run_dense() -> None:
+        reference_attention(dense, query, new_mask, scale)
 
-    def aqua() -> torch.Tensor:
-        q_r = q @ proj
+    def run_aqua() -> None:
         k_new @ proj
-        return q_r @ keys_r.transpose(-1, -2)
+        reference_attention(pruned, query, new_mask, scale)
 
-    def aqua_exact() -> torch.Tensor:
-        scores = ((q @ proj) @ keys_r.transpose(-1, -2))[:, :, :, None]  # (1, kv_heads, group, 1, seq)
+    def run_aqua_exact() -> None:
         k_new @ proj, k_new @ tail
-        _add_exact(layer, q_heads, scores, 1.0)
-        return scores
+        reference_attention(pruned_exact, query, new_mask, scale)
 
-    t_dense, t_aqua, t_exact = _time(dense, repeats), _time(aqua, repeats), _time(aqua_exact, repeats)
+    t_dense, t_aqua, t_exact = _time(run_dense, repeats), _time(run_aqua, repeats), _time(run_aqua_exact, repeats)
     return {"seq": seq, "dense_us": t_dense * 1e6, "aqua_us": t_aqua * 1e6, "aqua_exact_us": t_exact * 1e6,
             "aqua_over_dense": t_aqua / t_dense, "aqua_exact_over_dense": t_exact / t_dense}
 

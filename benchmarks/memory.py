@@ -1,10 +1,16 @@
-"""Held KV bytes and peak RSS for a 4k-token prompt on SmolLM2: full vs SlidingWindow vs H2O at 25%.
+"""Held KV bytes, peak RSS and time for a 4k-token prompt on SmolLM2: full vs SlidingWindow vs H2O at 25%.
 
 Each configuration runs in its own process (peak RSS is a per-process high-water mark): load the
 model, run an 8-token forward without a cache (the weights are memory-mapped: it pages them in),
-note RSS, feed the prompt (chunked for the compressed caches, so peak memory follows the
-budget), decode a few tokens, then report the cache's measured bytes and the peak RSS above the
-post-load baseline. The prompt is random token ids from a fixed seed: bytes do not depend on text.
+note RSS, feed the prompt, decode a few tokens, then report the cache's measured bytes, the peak
+RSS above the post-load baseline and the wall time. Two ways of feeding the prompt:
+
+- ``prefill``: ``cache.prefill(ids)`` (chunks of 512 for the ``*-chunked`` and compressed rows, one
+  forward for ``full``), then a greedy decode loop;
+- ``generate``: the README's snippet, ``model.generate(ids, cache=cache)`` with no chunking at all
+  (``generate-*`` rows), against ``DynamicCache`` in ``generate-full``.
+
+The prompt is random token ids from a fixed seed: bytes do not depend on text.
 
 Run: python benchmarks/memory.py [--tokens 4096] [--out benchmarks/results/memory.json]
 """
@@ -16,6 +22,7 @@ import gc
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from rss import reset_peak_rss, status_bytes
@@ -25,6 +32,9 @@ CONFIGS = {
     "full-chunked": "full",
     "sliding-25": "streaming-25",
     "h2o-25": "h2o-25",
+    "generate-full": "full",
+    "generate-sliding-25": "streaming-25",
+    "generate-h2o-25": "h2o-25",
 }
 CHUNK = 512
 
@@ -33,25 +43,34 @@ def run_one(name: str, tokens: int, new_tokens: int) -> dict:
     import torch
 
     from kvpress_aqua import CompressedCache
+    from kvpress_aqua.compat import cache_kwargs
     from kvpress_aqua.loading import load_model
     from kvpress_aqua.spec import parse_policy
 
     model, _ = load_model()
     ids = torch.randint(100, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     spec = parse_policy(CONFIGS[name])
-    chunk = None if name == "full" else CHUNK
+    generate = name.startswith("generate-")
+    chunk = None if name == "full" or generate else CHUNK
     cache = CompressedCache(model, *spec.build(context=tokens), prefill_chunk=chunk)
     with torch.inference_mode():  # page the memory-mapped weights in before the baseline
         model(ids[:, :8])
     gc.collect()
     baseline = status_bytes("VmRSS")
     reset_peak_rss()
+    start = time.perf_counter()
     with torch.inference_mode():
-        logits = cache.prefill(ids)
-        after_prefill = cache.nbytes()
-        for _ in range(new_tokens):
-            nxt = logits.argmax(-1, keepdim=True)
-            logits = model(nxt, past_key_values=cache).logits[:, -1]
+        if generate:
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens + 1,
+                           min_new_tokens=new_tokens + 1, do_sample=False, **cache_kwargs(model, cache))
+            after_prefill = None
+        else:
+            logits = cache.prefill(ids)
+            after_prefill = cache.nbytes()
+            for _ in range(new_tokens):
+                nxt = logits.argmax(-1, keepdim=True)
+                logits = model(nxt, **cache_kwargs(model, cache)).logits[:, -1]
+    seconds = time.perf_counter() - start
     peak = status_bytes("VmHWM")
     layer = cache.layers[0]
     return {
@@ -61,6 +80,8 @@ def run_one(name: str, tokens: int, new_tokens: int) -> dict:
         "prompt_tokens": tokens,
         "new_tokens": new_tokens,
         "prefill_chunk": chunk,
+        "feed": "generate" if generate else "prefill",
+        "seconds": round(seconds, 2),
         "kv_bytes": cache.nbytes(),
         "kv_bytes_after_prefill": after_prefill,
         "dense_kv_bytes": cache.dense_nbytes(),
@@ -89,8 +110,8 @@ def main() -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = results[-1]
-        print(f"{name:>13}: KV {r['kv_bytes'] / 2**20:8.2f} MiB ({r['fraction_of_dense']:.1%} of dense), "
-              f"peak RSS +{r['peak_rss_above_baseline'] / 2**20:8.1f} MiB", file=sys.stderr)
+        print(f"{name:>19}: KV {r['kv_bytes'] / 2**20:8.2f} MiB ({r['fraction_of_dense']:.1%} of dense), "
+              f"peak RSS +{r['peak_rss_above_baseline'] / 2**20:8.1f} MiB, {r['seconds']:6.1f} s", file=sys.stderr)
     report = {"benchmark": "memory", "model": "SmolLM2-135M-Instruct (fp32, CPU)", "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

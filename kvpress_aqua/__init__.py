@@ -1,12 +1,29 @@
-"""kvpress-aqua: compress the KV cache of Hugging Face decoders along tokens and key channels."""
+"""kvpress-aqua: compress the KV cache of Hugging Face decoders along tokens and key channels.
 
-from .cache import CompressedCache, CompressedLayer, MemoryReport
-from .loading import load_model
-from .model_info import ModelInfo, UnsupportedModelError
-from .planner import plan
-from .spec import PolicySpec, parse_policy
+The public names are loaded on first use (PEP 562): ``from kvpress_aqua import CompressedCache`` imports
+the cache (and torch), while importing a torch-free submodule such as :mod:`kvpress_aqua.planner`
+imports nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "CompressedCache": "cache",
+    "CompressedLayer": "cache",
+    "MemoryReport": "cache",
+    "ModelInfo": "model_info",
+    "PolicySpec": "spec",
+    "UnsupportedModelError": "model_info",
+    "load_model": "loading",
+    "parse_policy": "spec",
+    "plan": "planner",
+}
+"""Public name -> the submodule defining it."""
 
 __all__ = [
     "CompressedCache",
@@ -20,3 +37,25 @@ __all__ = [
     "parse_policy",
     "plan",
 ]
+
+if TYPE_CHECKING:
+    from .cache import CompressedCache, CompressedLayer, MemoryReport
+    from .loading import load_model
+    from .model_info import ModelInfo, UnsupportedModelError
+    from .planner import plan
+    from .spec import PolicySpec, parse_policy
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule defining the public ``name`` on first access."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's names and the public names not loaded yet."""
+    return sorted({*globals(), *_EXPORTS})

@@ -23,7 +23,7 @@ A layer with no policy at all is stored exactly as ``transformers``' ``DynamicCa
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
 __all__ = [
     "DTYPE_BYTES",
@@ -31,9 +31,14 @@ __all__ = [
     "INDEX_BYTES",
     "SCORE_BYTES",
     "VALID_BYTES",
+    "GROWTH_DIVISOR",
+    "GROWTH_MIN",
+    "capped_budget",
     "decode_slots",
     "dense_layer_tokens",
+    "grown_capacity",
     "layer_nbytes",
+    "prefill_slots",
     "slot_nbytes",
 ]
 
@@ -56,12 +61,25 @@ DTYPE_BYTES: dict[str, int] = {
 }
 
 
-def dtype_bytes(dtype: torch.dtype | str) -> int:
-    """Bytes per element of a torch dtype or a dtype name (``bf16``, ``float32``...)."""
-    if isinstance(dtype, torch.dtype):
-        return torch.empty((), dtype=dtype).element_size()
+def dtype_bytes(dtype: Any) -> int:
+    """Bytes per element of a dtype name (``bf16``, ``float32``...) or a dtype object.
+
+    A dtype object (``torch.bfloat16``, ``numpy.float16``...) is read by duck typing, without importing
+    torch: its ``itemsize``, else its name (``str(dtype)`` without the ``torch.`` prefix).
+
+    Raises
+    ------
+    ValueError
+        For a name not in :data:`DTYPE_BYTES`, listing the accepted names.
+
+    """
+    if not isinstance(dtype, str):
+        itemsize = getattr(dtype, "itemsize", None)
+        if isinstance(itemsize, int) and not isinstance(itemsize, bool):
+            return itemsize
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
     try:
-        return DTYPE_BYTES[dtype.lower()]
+        return DTYPE_BYTES[name.lower()]
     except KeyError:
         raise ValueError(
             f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPE_BYTES))}"
@@ -73,7 +91,50 @@ def slot_nbytes(key_dim: int, value_dim: int, elem: int, needs_scores: bool) -> 
     return (key_dim + value_dim) * elem + INDEX_BYTES + VALID_BYTES + (SCORE_BYTES if needs_scores else 0)
 
 
-def decode_slots(budget: int | None, seen: int, window: int | None = None) -> int:
+GROWTH_MIN = 16
+"""Fewest empty slots a decode buffer grows by (see :func:`grown_capacity`)."""
+GROWTH_DIVISOR = 16
+"""A decode buffer grows by at least ``1 / GROWTH_DIVISOR`` of its size (amortized copies)."""
+
+
+def capped_budget(budget: int | None, window: int | None = None) -> int | None:
+    """A layer's token budget: the policy's, capped at ``window - 1`` on the model's sliding-window layers.
+
+    Tokens older than ``window - 1`` can never be attended again there, so the layer never holds more.
+    """
+    if window is None:
+        return budget
+    return window - 1 if budget is None else min(budget, window - 1)
+
+
+def grown_capacity(capacity: int, budget: int) -> int:
+    """Slots of a full decode buffer after it grows.
+
+    It grows by ``max(GROWTH_MIN, capacity // GROWTH_DIVISOR)`` slots, to at most ``budget + 1``.
+
+    A layer decoding with fewer tokens than its budget never holds a buffer larger than the tokens
+    it has seen plus this step, so a budget larger than the sequence costs no more than the tokens.
+    """
+    return min(budget + 1, capacity + max(GROWTH_MIN, capacity // GROWTH_DIVISOR))
+
+
+def prefill_slots(budget: int | None, prompt: int, chunk: int | None = None) -> int:
+    """Slots a compressed layer holds once a prompt of ``prompt`` tokens was fed and its last chunk folded in.
+
+    Each chunk is appended after at most ``budget`` held slots; a chunk that leaves more than
+    ``budget + 1`` slots is evicted down to ``budget`` right after it was attended.
+    """
+    if budget is None:
+        return prompt
+    chunk = prompt if chunk is None else min(chunk, prompt)
+    last = prompt - chunk * ((prompt - 1) // chunk)
+    held = min(prompt - last, budget) + last
+    return budget if held > budget + 1 else held
+
+
+def decode_slots(
+    budget: int | None, seen: int, window: int | None = None, *, prompt: int, chunk: int | None = None
+) -> int:
     """Slots a compressed layer holds during decoding, after ``seen`` tokens.
 
     Parameters
@@ -83,21 +144,31 @@ def decode_slots(budget: int | None, seen: int, window: int | None = None) -> in
     seen : int
         Tokens fed through the cache so far, the token being decoded included.
     window : int or None
-        The model's own sliding window for this layer: tokens older than ``window - 1`` can never be
-        attended again, so the layer's budget is capped at ``window - 1``.
+        The model's own sliding window for this layer (the budget is capped at ``window - 1``).
+    prompt : int
+        Tokens of the prompt fed before decoding began.
+    chunk : int, optional
+        The prompt's prefill chunk (default: the whole prompt in one forward).
 
     Returns
     -------
     int
-        With a budget, the preallocated ``budget + 1`` slots (budget plus the new token), whatever
-        ``seen`` is; without one, ``seen``.
+        Without a budget, ``seen``. With one, the decode buffer: the slots held after the prompt
+        (:func:`prefill_slots`), grown by :func:`grown_capacity` whenever every slot is taken, up to
+        the static ``budget + 1`` (budget plus the new token).
 
     """
-    if window is not None:
-        budget = window - 1 if budget is None else min(budget, window - 1)
+    budget = capped_budget(budget, window)
     if budget is None:
         return seen
-    return budget + 1
+    used = capacity = prefill_slots(budget, prompt, chunk)
+    steps = seen - prompt
+    while steps > 0 and capacity < budget + 1:
+        if used == capacity:
+            capacity = grown_capacity(capacity, budget)
+        taken = min(steps, capacity - used)
+        used, steps = used + taken, steps - taken
+    return capacity
 
 
 def dense_layer_tokens(seen: int, window: int | None = None) -> int:

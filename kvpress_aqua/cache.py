@@ -8,20 +8,26 @@ key channels to store (a :class:`~kvpress_aqua.policies.base.ChannelPolicy`).
 
 Contract of :meth:`CompressedLayer.update` (called with ``n`` new post-RoPE tokens):
 
-1. If the layer holds more slots than its budget, it first evicts down to the budget, keeping the
-   highest-ranked slots (the ranking sees the attention of every earlier step). A decode step on
-   a full ``budget + 1`` buffer instead overwrites the lowest-ranked slot in place (static shape).
-2. It stores the new tokens (keys rotated and pruned under AQUA) and counts them as seen.
-3. It hands the new tokens at full precision to the attention call that follows
-   (:mod:`kvpress_aqua.attention`), which marks padding tokens invalid, adds attention scores and,
-   when the channel policy keeps exact tokens, stores the new tokens' dropped key channels.
+1. It folds in what the layer's previous attention call wrote (padding among the new tokens,
+   attention mass, AQUA's exact keys), unless the cache already did (:meth:`CompressedLayer.finalize`).
+2. It stores the new tokens (keys rotated and pruned under AQUA) and counts them as seen: a chunk
+   is appended after the held slots, evicting first down to the budget; a decode step fills the
+   next empty slot of a buffer that grows in small steps up to ``budget + 1`` slots, and then
+   overwrites the lowest-ranked slot in place (static shape).
+3. It hands the attention call that follows its inputs as plain tensors
+   (:class:`~kvpress_aqua.attention.AttentionInputs`); the attention writes its results there.
 
-So the layer holds at most ``budget + n`` slots, ``budget + 1`` while decoding. Positions come from
-``get_seq_length()``, which counts tokens *seen*, never tokens held.
+The cache finalizes a layer when the next layer updates, which evicts a chunk that overfilled the
+budget: so the layer holds at most ``budget + n`` slots while a chunk of ``n`` tokens is attended,
+``budget + 1`` while decoding, and a prompt fed in one forward is held in full by one layer at a
+time. Positions come from ``get_seq_length()``, which counts tokens *seen*, never
+tokens held.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,11 +38,15 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from . import attention
-from .accounting import dense_layer_tokens
+from .accounting import capped_budget, dense_layer_tokens, grown_capacity
+from .attention import AttentionInputs
+from .compat import cache_kwargs
 from .model_info import ModelInfo
 from .policies.base import ChannelPolicy, SlotView, TokenPolicy
 
 __all__ = ["CompressedCache", "CompressedLayer", "MemoryReport"]
+
+_TOKENS = itertools.count()
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -78,22 +88,22 @@ class CompressedLayer(CacheLayerMixin):
         self.token_policy = token_policy
         self.channel = channel
         self.window = window
-        budget = token_policy.budget if token_policy is not None else None
-        if window is not None:
-            budget = window - 1 if budget is None else min(budget, window - 1)
-        self.budget = budget
+        self.budget = capped_budget(token_policy.budget if token_policy is not None else None, window)
         self.needs_scores = bool(token_policy is not None and token_policy.needs_scores)
         self.key_dim = channel.key_dim(layer_idx) if channel is not None else head_dim
         pruned = channel is not None and self.key_dim < head_dim
         self.exact_sinks = channel.exact_sinks if pruned else 0
         self.exact_recent = channel.exact_recent if pruned else 0
         self.seen = 0
+        self.used = 0
         self.index: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.score: torch.Tensor | None = None
         self.start: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None
         self.exact_slot: torch.Tensor | None = None
+        self._pending: AttentionInputs | None = None
+        self._pending_slots: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ storage
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
@@ -140,7 +150,7 @@ class CompressedLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evict if over budget, store ``n`` new tokens, and hand them to the attention call.
+        """Fold in the previous attention, store ``n`` new tokens, and hand the attention its inputs.
 
         Parameters
         ----------
@@ -157,20 +167,80 @@ class CompressedLayer(CacheLayerMixin):
         self._check_new(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.finalize()
         n = key_states.shape[-2]
         stored = self.channel.project_keys(self.layer_idx, key_states) if self.channel is not None else key_states
-        slots = self.keys.shape[-2]
-        if self.budget is not None and n == 1 and slots == self.budget + 1:
-            new_slots = self._overwrite(stored, value_states)
+        if self.budget is not None and n == 1:
+            past, visible, new_slots = self._write_one(stored, value_states)
         else:
-            if self.budget is not None and slots > self.budget:
-                self._keep(self._priority().topk(self.budget, dim=-1).indices.sort(dim=-1).values)
+            if self.used < self.keys.shape[-2]:
+                self._keep_first(self.used)  # drop the empty tail of a grown decode buffer
+            if self.budget is not None and self.used > self.budget:
+                self._evict()
+            past = self.used
             new_slots = self._append(stored, value_states)
-            if self.budget is not None and n == 1 and self.keys.shape[-2] < self.budget + 1:
-                self._pad_to(self.budget + 1)
+            visible = self.valid[..., :past]
         self.seen += n
-        attention.hand_off(attention.Handoff(self, key_states, value_states, new_slots))
+        inputs = self._attention_inputs(past, visible, key_states, value_states)
+        self._pending, self._pending_slots = inputs, new_slots
+        attention.hand_off(inputs)
         return self.keys, self.values
+
+    def _attention_inputs(
+        self, past: int, visible: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> AttentionInputs:
+        channel, exact = self.channel, self.residual is not None and past > 0
+        return AttentionInputs(
+            layer_idx=self.layer_idx,
+            past_keys=self.keys[:, :, :past],
+            past_values=self.values[:, :, :past],
+            past_visible=visible,
+            keys_new=key_states,
+            values_new=value_states,
+            past_index=self.index[..., :past] if self.window is not None else None,
+            window=self.window,
+            first_index=self.seen - key_states.shape[-2],
+            key_basis=channel.key_basis(self.layer_idx) if channel is not None else None,
+            query_channels=channel.query_channels(self.layer_idx) if channel is not None else None,
+            residual=self.residual if exact else None,
+            residual_basis=channel.residual_basis(self.layer_idx) if exact else None,
+            exact_slot=self.exact_slot if exact else None,
+            want_mass=self.needs_scores,
+        )
+
+    def finalize(self) -> None:
+        """Fold the last attention call's results in and evict down to the budget if a chunk overfilled it.
+
+        The cache calls it when the next layer updates (so that a long prompt fed in one forward is
+        held in full by one layer at a time) and at this layer's own next update; the
+        result is the same as evicting at the next update, because the ranking reads the same
+        scores. A no-op when nothing is pending.
+        """
+        inputs, new_slots = self._pending, self._pending_slots
+        if inputs is None:
+            return
+        self._pending = self._pending_slots = None
+        if not inputs.done:  # the attention never ran (an error mid-forward): the chunk is held as stored
+            return
+        # a report may ask outside the inference mode the tensors were made in: work in their mode
+        with torch.inference_mode(self.keys.is_inference()), torch.no_grad():
+            self._fold(inputs, new_slots)
+            if self.budget is not None and self.used > self.budget + 1:
+                self._evict()
+
+    def _fold(self, inputs: AttentionInputs, new_slots: torch.Tensor) -> None:
+        """Record what the attention call learnt: padding among the new tokens, attention mass, exact keys."""
+        new_valid = inputs.new_valid
+        self.valid.scatter_(2, new_slots, new_valid[:, None, :].expand(-1, self.num_kv_heads, -1))
+        self.start += (~new_valid).sum(-1, dtype=torch.int32)[:, None, None]
+        if self.residual is not None:
+            self._store_residual(inputs.keys_new, new_slots, new_valid)
+        if self.score is not None:
+            decay = self.token_policy.score_decay
+            if decay != 1.0:
+                self.score.mul_(decay)
+            self.score[..., :inputs.mass_past.shape[-1]] += inputs.mass_past
+            self.score.scatter_add_(2, new_slots, inputs.mass_new)
 
     def _new_meta(self, n: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.arange(self.seen, self.seen + n, dtype=torch.int32, device=self.index.device)
@@ -189,8 +259,36 @@ class CompressedLayer(CacheLayerMixin):
         self.valid = torch.cat([self.valid, valid], dim=-1)
         if self.score is not None:
             self.score = torch.cat([self.score, self.score.new_zeros(batch, self.num_kv_heads, n)], dim=-1)
+        self.used = first + n
         slots = torch.arange(first, first + n, device=self.keys.device)
         return slots.expand(batch, self.num_kv_heads, n)
+
+    def _write_one(
+        self, keys_new: torch.Tensor, values_new: torch.Tensor
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Store one decoded token in the fixed-size buffer: the next empty slot, else the lowest-ranked one.
+
+        The buffer grows (by :func:`~kvpress_aqua.accounting.grown_capacity`) only when every slot is
+        taken and it is smaller than ``budget + 1``; at ``budget + 1`` the token overwrites each
+        row's lowest-ranked slot in place. Returns the past slots the token attends (a prefix of
+        the buffer), their visibility and the token's slot ``(batch, kv_heads, 1)``.
+        """
+        batch = keys_new.shape[0]
+        capacity = self.keys.shape[-2]
+        if self.used == capacity and capacity == self.budget + 1:
+            victim = self._overwrite(keys_new, values_new)
+            return capacity, self.valid.scatter(2, victim, False), victim
+        if self.used == capacity:
+            self._grow(grown_capacity(capacity, self.budget))
+        slot = self.used
+        index, valid = self._new_meta(1, batch)
+        self.keys[:, :, slot:slot + 1] = keys_new
+        self.values[:, :, slot:slot + 1] = values_new
+        self.index[..., slot:slot + 1] = index
+        self.valid[..., slot:slot + 1] = valid
+        self.used += 1
+        new_slots = torch.full((batch, self.num_kv_heads, 1), slot, dtype=torch.int64, device=self.keys.device)
+        return slot, self.valid[..., :slot], new_slots
 
     def _overwrite(self, keys_new: torch.Tensor, values_new: torch.Tensor) -> torch.Tensor:
         """Write one new token over each row's lowest-ranked slot, in place (static shapes)."""
@@ -205,6 +303,10 @@ class CompressedLayer(CacheLayerMixin):
         if self.exact_slot is not None:  # the victim's exact rows, if any, go blank
             self.residual.masked_fill_((self.exact_slot == victim)[..., None], 0.0)
         return victim
+
+    def _evict(self) -> None:
+        """Keep the ``budget`` highest-ranked slots, in their original order."""
+        self._keep(self._priority().topk(self.budget, dim=-1).indices.sort(dim=-1).values)
 
     def _keep(self, slots: torch.Tensor) -> None:
         """Keep only ``slots`` ``(batch, kv_heads, k)``; the result is new, compact tensors."""
@@ -221,9 +323,17 @@ class CompressedLayer(CacheLayerMixin):
         self.valid = self.valid.gather(2, slots)
         if self.score is not None:
             self.score = self.score.gather(2, slots)
+        self.used = slots.shape[-1]
 
-    def _pad_to(self, total: int) -> None:
-        """Append empty slots so that the decode buffer has its fixed ``budget + 1`` size."""
+    def _keep_first(self, slots: int) -> None:
+        """Keep the first ``slots`` slots (new, compact tensors; exact rows never point past them)."""
+        for name in ("keys", "values", "index", "valid", "score"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor[:, :, :slots].clone())
+
+    def _grow(self, total: int) -> None:
+        """Append empty slots (invalid, index -1) up to ``total``; written in place by later decode steps."""
         batch, heads, slots, _ = self.keys.shape
         extra = total - slots
         self.keys = torch.cat([self.keys, self.keys.new_zeros(batch, heads, extra, self.keys.shape[-1])], dim=2)
@@ -245,20 +355,6 @@ class CompressedLayer(CacheLayerMixin):
         if self.window is not None:
             rank = rank.masked_fill(self.index <= self.seen - self.window, float("-inf"))
         return rank.masked_fill(~self.valid, float("-inf"))
-
-    # ------------------------------------------------------------ attention side
-    def past_mask(self, new_slots: torch.Tensor, n: int) -> torch.Tensor:
-        """Which held slots the chunk's queries see: ``(batch, kv_heads, 1, 1 or n, slots)``.
-
-        Excludes the slots just written (the chunk sees itself through the new block at full
-        precision) and, on sliding-window layers, tokens outside each query's window.
-        """
-        visible = self.valid.scatter(2, new_slots, False)[:, :, None, None, :]
-        if self.window is not None:
-            query_index = torch.arange(self.seen - n, self.seen, device=visible.device)
-            lowest = (query_index - self.window)[:, None]  # (n, 1)
-            visible = visible & (self.index[:, :, None, None, :] > lowest)
-        return visible
 
     def _store_residual(self, keys_new: torch.Tensor, new_slots: torch.Tensor, new_valid: torch.Tensor) -> None:
         """Keep the dropped channels of the chunk's sink tokens and of its last ``exact_recent`` tokens.
@@ -298,35 +394,6 @@ class CompressedLayer(CacheLayerMixin):
             self.residual[:, :, :sinks] = torch.where(here[..., None], taken, self.residual[:, :, :sinks])
             self.exact_slot[:, :, :sinks] = torch.where(here, new_slots.gather(2, at), self.exact_slot[:, :, :sinks])
 
-    def after_attention(
-        self, handoff: attention.Handoff, new_valid: torch.Tensor, mass_past: torch.Tensor, mass_new: torch.Tensor
-    ) -> None:
-        """Record what the attention call learnt: padding among the new tokens, attention mass, exact keys.
-
-        Parameters
-        ----------
-        handoff : Handoff
-            What :meth:`update` passed to the attention call (new slots and raw keys).
-        new_valid : torch.Tensor
-            bool ``(batch, n)``: False for padding tokens.
-        mass_past, mass_new : torch.Tensor
-            Attention mass per KV head received by each held slot ``(batch, kv_heads, slots)`` and
-            by each new token ``(batch, kv_heads, n)``, summed over the group's queries.
-
-        """
-        heads = self.num_kv_heads
-        new_slots = handoff.new_slots
-        self.valid.scatter_(2, new_slots, new_valid[:, None, :].expand(-1, heads, -1))
-        self.start += (~new_valid).sum(-1, dtype=torch.int32)[:, None, None]
-        if self.residual is not None:
-            self._store_residual(handoff.keys_new, new_slots, new_valid)
-        if self.score is not None:
-            decay = self.token_policy.score_decay
-            if decay != 1.0:
-                self.score.mul_(decay)
-            self.score += mass_past
-            self.score.scatter_add_(2, new_slots, mass_new)
-
     # --------------------------------------------------- transformers contract
     def get_seq_length(self) -> int:
         """Tokens seen (not held): ``generate`` derives positions from it."""
@@ -350,11 +417,13 @@ class CompressedLayer(CacheLayerMixin):
         """Drop every token; the layer starts empty."""
         for name in self._tensors():
             setattr(self, name, None)
-        self.seen = 0
+        self.seen = self.used = 0
+        self._pending = self._pending_slots = None
         self.is_initialized = False
 
     def _apply_rows(self, fn: Any) -> None:
         if self.is_initialized:
+            self.finalize()  # the pending attention results are per row too
             for name, tensor in self._tensors().items():
                 setattr(self, name, fn(tensor))
 
@@ -472,7 +541,9 @@ class CompressedCache(Cache):
     model : PreTrainedModel
         The decoder the cache serves. Its attention implementation is switched to
         :func:`~kvpress_aqua.attention.compressed_attention` (registered through
-        ``transformers.AttentionInterface``) when a policy needs it; :meth:`detach` restores it.
+        ``transformers.AttentionInterface``) when a policy needs it. Several caches may serve one
+        model: the model gets its own attention back when the last of them is detached
+        (:meth:`detach`) or garbage-collected, and a detached cache that is used again re-attaches.
     *policies : TokenPolicy or ChannelPolicy
         At most one of each kind, in any order. None at all gives a plain ``DynamicCache``.
     prefill_chunk : int, optional
@@ -509,11 +580,16 @@ class CompressedCache(Cache):
         if self.channel is not None:
             self.channel.bind(self.info, param.device, param.dtype)
         super().__init__(layers=[self._make_layer(i) for i in range(self.info.num_layers)])
-        self._previous_attention: str | None = None
+        self._token = next(_TOKENS)
+        self._attached = False
+        self._last_layer: int | None = None
         if self.policies:
-            attention.register()
-            self._previous_attention = model.config._attn_implementation
-            _set_attention(model, attention.ATTENTION_NAME)
+            self._attach()
+            weakref.finalize(self, _release, weakref.ref(model), self._token)
+
+    def _attach(self) -> None:
+        attention.acquire(self._model, self._token)
+        self._attached = True
 
     def _make_layer(self, layer_idx: int) -> CacheLayerMixin:
         window = self.info.sliding_window if self.info.is_sliding(layer_idx) else None
@@ -524,10 +600,35 @@ class CompressedCache(Cache):
         )
 
     def detach(self) -> None:
-        """Give the model back the attention implementation it had before this cache."""
-        if self._previous_attention is not None:
-            _set_attention(self._model, self._previous_attention)
-            self._previous_attention = None
+        """Release the model's attention: it returns to its own once no live cache needs the switch.
+
+        Optional: the cache also releases it when it is garbage-collected. Using the cache again
+        after ``detach`` re-attaches it.
+        """
+        if self._attached:
+            attention.release(self._model, self._token)
+            self._attached = False
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's new tokens (see :meth:`CompressedLayer.update`).
+
+        Re-attaches a detached cache, and finalizes the layer updated before this one, so that a
+        chunk which overfilled that layer's budget is evicted before this layer stores its own.
+        """
+        if self.policies and not self._attached:
+            self._attach()
+        previous, self._last_layer = self._last_layer, layer_idx
+        if previous is not None and previous != layer_idx and isinstance(self.layers[previous], CompressedLayer):
+            self.layers[previous].finalize()
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def finalize(self) -> None:
+        """Fold every layer's pending attention results in (and evict overfilled chunks); reports call it."""
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                layer.finalize()
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feed a prompt through the model in chunks of ``prefill_chunk``, evicting between chunks.
@@ -563,7 +664,7 @@ class CompressedCache(Cache):
                     ones = attention_mask.new_ones(attention_mask.shape[0], offset)
                     kwargs["attention_mask"] = torch.cat([ones, attention_mask[:, :hi]], dim=1)
                     kwargs["position_ids"] = positions[:, lo:hi]
-                out = self._model(input_ids[:, lo:hi], past_key_values=self, use_cache=True,
+                out = self._model(input_ids[:, lo:hi], **cache_kwargs(self._model, self), use_cache=True,
                                   logits_to_keep=1, **kwargs)
                 logits = out.logits[:, -1]
         return logits
@@ -571,6 +672,7 @@ class CompressedCache(Cache):
     def _real_tokens_seen(self) -> torch.Tensor | int:
         layer = self.layers[0]
         if isinstance(layer, CompressedLayer) and layer.is_initialized:
+            layer.finalize()
             return (layer.seen - layer.start[:, 0]).long()
         return self.get_seq_length()
 
@@ -584,7 +686,8 @@ class CompressedCache(Cache):
         return self.memory_report().dense
 
     def memory_report(self) -> MemoryReport:
-        """Per-layer, per-kind bytes held and what ``DynamicCache`` would hold."""
+        """Per-layer, per-kind bytes held and what ``DynamicCache`` would hold (pending results folded in first)."""
+        self.finalize()
         rows = []
         for i, layer in enumerate(self.layers):
             window = self.info.sliding_window if self.info.is_sliding(i) else None
@@ -632,8 +735,8 @@ def _check_sinks(policy: TokenPolicy | None, info: ModelInfo) -> None:
         )
 
 
-def _set_attention(model: PreTrainedModel, name: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:
-        model.config._attn_implementation = name
+def _release(model_ref: weakref.ref, token: int) -> None:
+    """A collected cache's release of its model's attention (if the model still exists)."""
+    model = model_ref()
+    if model is not None:
+        attention.release(model, token)

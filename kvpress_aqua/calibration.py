@@ -17,37 +17,34 @@ over its vectors). Without this, queries would outweigh keys ``g``-fold by count
 with the larger norms would choose the basis. Only the ``(head_dim, head_dim)`` Gram matrices are
 accumulated, in float64, so memory does not grow with the amount of text.
 
-The result is an :class:`AquaArtifact`, saved as safetensors under
-:func:`default_artifact_path` by ``kvtool calibrate``.
+The result is an :class:`~kvpress_aqua.artifact_format.AquaArtifact`, saved as safetensors under
+:func:`~kvpress_aqua.artifact_format.default_artifact_path` by ``kvtool calibrate``; the file format
+(write, read, integrity checks, lookup) lives in the torch-free :mod:`kvpress_aqua.artifact_format`,
+re-exported here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
-import json
-import os
 import platform
 import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from .loading import cache_dir
+from . import __version__
+from .artifact_format import SHAPE_KEYS, AquaArtifact, default_artifact_path, find_artifact
 from .model_info import ModelInfo
 
 __all__ = [
@@ -58,187 +55,11 @@ __all__ = [
     "find_artifact",
 ]
 
-FORMAT = "kvpress_aqua.aqua_artifact/1"
-"""Value of the ``format`` metadata key of every artifact file; bumped when the layout changes."""
-
 CAPTURE_ATTENTION = "kvpress_aqua_calibration"
 """Name under which the recording attention function is registered (sdpa plus a record of q and k)."""
 
 ORTHOGONALITY_TOL = 1e-6
 """Largest ``|PᵀP - I|`` entry (float64) accepted for a computed basis."""
-
-_TENSORS = ("projections", "spectrum", "query_norms", "key_norms")
-_SHAPE_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
-
-
-# --------------------------------------------------------------------------------------- artifact
-@dataclass
-class AquaArtifact:
-    """Calibrated AQUA bases of one model, with what they were calibrated on.
-
-    Attributes
-    ----------
-    projections : torch.Tensor
-        float32 ``(num_layers, num_kv_heads, head_dim, head_dim)``; ``projections[l, h]`` is the
-        orthogonal ``P`` of layer ``l``, KV head ``h``, its columns sorted by decreasing energy.
-        Rotate with ``x @ P``; keep the first ``r`` columns to keep ``r`` channels.
-    spectrum : torch.Tensor
-        float32 ``(num_layers, num_kv_heads, head_dim)``: singular values of the normalized stack
-        of keys and queries (see the module docstring), descending; ``sum(s²) = 2`` per head.
-    query_norms, key_norms : torch.Tensor
-        float32 ``(num_layers, num_kv_heads, head_dim)``: root mean square of each *raw* (unrotated)
-        channel over the calibration queries of the KV group, resp. the keys (ThinK's channel
-        importance is their product).
-    metadata : dict
-        JSON-compatible: ``model``, ``fingerprint``, ``model_type``, ``num_layers``, ``num_heads``,
-        ``num_kv_heads``, ``head_dim``, ``keys_post_rope``, ``text_source``, ``text_sha256``,
-        ``text_chars``, ``tokens``, ``chunk``, ``position_span``, ``seed``, ``package_version``,
-        ``transformers_version``, ``created``.
-    path : Path or None
-        The file the artifact was loaded from or last saved to.
-
-    """
-
-    projections: torch.Tensor
-    spectrum: torch.Tensor
-    query_norms: torch.Tensor
-    key_norms: torch.Tensor
-    metadata: dict[str, Any]
-    path: Path | None = field(default=None, compare=False)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the tensors and the metadata (JSON-encoded values) as one safetensors file.
-
-        The file is written next to its destination and renamed into place, so readers never see
-        a partial artifact. Returns the path written.
-        """
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous() for name in _TENSORS}
-        metadata = {key: json.dumps(value) for key, value in {**self.metadata, "format": FORMAT}.items()}
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            save_file(tensors, str(partial), metadata=metadata)
-            partial.replace(path)
-        finally:
-            partial.unlink(missing_ok=True)
-        self.path = path
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> AquaArtifact:
-        """Read an artifact written by :meth:`save`.
-
-        Raises
-        ------
-        FileNotFoundError
-            If ``path`` does not exist.
-        ValueError
-            If the file is not an AQUA artifact of this format.
-
-        """
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"no AQUA artifact at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = f.metadata() or {}
-                missing = [name for name in _TENSORS if name not in f.keys()]
-                tensors = {name: f.get_tensor(name) for name in _TENSORS if name not in missing}
-        except (OSError, SafetensorError) as err:
-            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
-        if raw.get("format") != json.dumps(FORMAT):
-            raise ValueError(f"{path} is not an AQUA artifact of format {FORMAT!r} (format: {raw.get('format')})")
-        if missing:
-            raise ValueError(f"AQUA artifact {path} lacks the tensors {', '.join(missing)}")
-        metadata = {key: json.loads(value) for key, value in raw.items() if key != "format"}
-        return cls(**tensors, metadata=metadata, path=path)
-
-    def check_model(self, info: ModelInfo) -> None:
-        """Raise ``ValueError`` unless the artifact was calibrated for a model of ``info``'s fingerprint and shapes."""
-        where = self.path or "(not saved)"
-        meta = self.metadata
-        if meta.get("fingerprint") != info.fingerprint:
-            raise ValueError(
-                f"AQUA artifact at {where} was calibrated for model {meta.get('model')} (fingerprint "
-                f"{meta.get('fingerprint')}), not {info.name} (fingerprint {info.fingerprint}); "
-                f"run `kvtool calibrate {info.name}`"
-            )
-        expected = (info.num_layers, info.num_kv_heads, info.head_dim, info.head_dim)
-        if tuple(self.projections.shape) != expected or tuple(self.spectrum.shape) != expected[:3]:
-            raise ValueError(
-                f"AQUA artifact at {where} holds projections {tuple(self.projections.shape)} and spectrum "
-                f"{tuple(self.spectrum.shape)}, but {info.name} needs (layers, kv_heads, head_dim, head_dim) = "
-                f"{expected}; run `kvtool calibrate {info.name}`"
-            )
-
-    def energy(self, rank: int) -> torch.Tensor:
-        """Fraction of the squared singular mass held by the first ``rank`` channels.
-
-        Parameters
-        ----------
-        rank : int
-            Channels kept, ``0 <= rank <= head_dim``.
-
-        Returns
-        -------
-        torch.Tensor
-            float64 ``(num_layers, num_kv_heads)`` in ``[0, 1]``.
-
-        """
-        head_dim = self.spectrum.shape[-1]
-        if not 0 <= rank <= head_dim:
-            raise ValueError(f"rank {rank} is outside 0..{head_dim} (head_dim)")
-        power = self.spectrum.double().pow(2)
-        return power[..., :rank].sum(-1) / power.sum(-1)
-
-
-# ---------------------------------------------------------------------------------- where it lives
-def default_artifact_path(info: ModelInfo) -> Path:
-    """``cache_dir() / "aqua" / "<model name>-<fingerprint>.safetensors"``.
-
-    The model name is the last component of ``info.name`` made file-safe, so a hub id
-    (``HuggingFaceTB/SmolLM2-135M-Instruct``) and a local copy in a folder of the same name share one file.
-    """
-    return cache_dir() / "aqua" / f"{_safe_name(info.name)}-{info.fingerprint}.safetensors"
-
-
-def find_artifact(info: ModelInfo) -> AquaArtifact:
-    """Load the artifact ``kvtool calibrate`` wrote for ``info``'s model.
-
-    The file named after the model is preferred. Failing that, a single artifact with the same
-    fingerprint is used: the same checkpoint is often named differently (hub id, short name,
-    local folder), and the fingerprint pins every shape the artifact depends on.
-
-    Raises
-    ------
-    FileNotFoundError
-        If there is none; the message gives the command that makes it.
-    ValueError
-        If several artifacts share the fingerprint and none is named after the model.
-
-    """
-    path = default_artifact_path(info)
-    if path.is_file():
-        return AquaArtifact.load(path)
-    same = sorted(path.parent.glob(f"*-{info.fingerprint}.safetensors"))
-    if len(same) == 1:
-        return AquaArtifact.load(same[0])
-    if same:
-        raise ValueError(
-            f"several AQUA artifacts match model {info.name} (fingerprint {info.fingerprint}): "
-            f"{', '.join(str(p) for p in same)}; pass one explicitly or run `kvtool calibrate {info.name}`"
-        )
-    raise FileNotFoundError(
-        f"no AQUA artifact for model {info.name} (fingerprint {info.fingerprint}) at {path}; "
-        f"make it with `kvtool calibrate {info.name}`"
-    )
-
-
-def _safe_name(name: str) -> str:
-    """The last path component of a model name, with characters other than letters, digits, ``._-`` replaced."""
-    last = re.split(r"[/\\]", name.rstrip("/\\"))[-1]
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("-.")[:80] or "model"
 
 
 # ------------------------------------------------------------------------------------- the text
@@ -476,8 +297,6 @@ def calibrate(
     missing = sorted(set(range(info.num_layers)) - set(recorder.keys))
     if missing:
         raise ValueError(f"no queries/keys were recorded for layers {missing}: does the model use AttentionInterface?")
-    from . import __version__  # here, not at import time: the package may import this module while initializing
-
     projections, spectrum = _bases(recorder)
     used = int(ids.numel())
     return AquaArtifact(
@@ -489,7 +308,7 @@ def calibrate(
             "model": info.name,
             "fingerprint": info.fingerprint,
             "model_type": info.model_type,
-            **{key: getattr(info, key) for key in _SHAPE_KEYS},
+            **{key: getattr(info, key) for key in SHAPE_KEYS},
             "keys_post_rope": True,
             "normalization": "X^T X = K^T K / ||K||_F^2 + Q^T Q / ||Q||_F^2 per KV head (GQA group queries)",
             "text_source": source,

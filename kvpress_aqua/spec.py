@@ -23,10 +23,23 @@ relative size ``kv``: the fraction of dense KV bytes (keys + values, slot metada
 keep at a given context length; :meth:`PolicySpec.build` turns it into token counts once the
 context length is known, taking the channel policy's key pruning (and AQUA's exact tokens, which
 keep every key channel) into account.
+
+Every spec is checked in full by :func:`parse_policy`, before any model is loaded: a TOML file holds
+only ``description`` and ``[[policy]]`` tables (``policy = []`` for no compression), every entry
+names a known ``type``, every knob is a field of that policy (plus ``kv`` for token policies) with a
+value of the right type, and absolute knobs pass the policy's own checks. Errors name the file or
+inline string, the knob, the bad value and the valid choices.
+
+A spec is identified by its content, :attr:`PolicySpec.key` (a hash of its entries), not by its
+name: results of two different files called ``p.toml`` never mix, and an edited file is a new spec.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -38,8 +51,9 @@ import tomllib
 from .policies import H2O, TOVA, SlidingWindow
 from .policies.aqua import Aqua
 from .policies.base import ChannelPolicy, TokenPolicy
+from .policy_defaults import DEFAULT_SINKS as _DEFAULT_SINKS
 
-__all__ = ["POLICY_TYPES", "PolicySpec", "list_presets", "parse_policy"]
+__all__ = ["POLICY_TYPES", "TOML_KEYS", "PolicySpec", "list_presets", "parse_policy", "policy_knobs"]
 
 POLICY_TYPES: dict[str, type] = {
     "h2o": H2O,
@@ -50,8 +64,25 @@ POLICY_TYPES: dict[str, type] = {
 }
 """Names accepted in ``type = ...`` and inline specs."""
 
-DEFAULT_SINKS = 4
-"""Sinks given to relative-size token policies."""
+_CANONICAL_TYPE = {H2O: "h2o", TOVA: "tova", SlidingWindow: "sliding", Aqua: "aqua"}
+"""One name per class, for content keys (``streaming`` and ``sliding`` are the same policy)."""
+
+TOML_KEYS = ("description", "policy")
+"""The top-level keys a policy TOML file may hold."""
+
+DEFAULT_SINKS = _DEFAULT_SINKS
+"""Sinks given to relative-size token policies (:data:`kvpress_aqua.policy_defaults.DEFAULT_SINKS`)."""
+
+KEY_CHARS = 12
+"""Hex digits of :attr:`PolicySpec.key`."""
+
+_NOMINAL_CONTEXT = 4096
+"""Context a relative (``kv=``) spec is built at by :func:`parse_policy`, to run the policies' own checks."""
+
+_SIZES = {H2O: ("heavy", "recent"), TOVA: ("heavy", "recent"), SlidingWindow: ("window",)}
+"""Knobs that ``kv=`` computes (so they cannot be given with it)."""
+
+_KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
 
 
 @dataclass(frozen=True)
@@ -61,17 +92,20 @@ class PolicySpec:
     Attributes
     ----------
     name : str
-        Preset name, file name or the inline string itself.
+        Display name: the preset name, the TOML path as typed, or the inline string itself.
     entries : tuple of dict
         One ``{"type": ..., knob: value}`` per policy.
     description : str
         Human description (presets carry one).
+    source : str
+        Where it came from: ``"preset"``, ``"file"`` or ``"inline"``.
 
     """
 
     name: str
     entries: tuple[dict[str, Any], ...]
     description: str = ""
+    source: str = "inline"
 
     @property
     def is_full(self) -> bool:
@@ -82,6 +116,18 @@ class PolicySpec:
     def is_relative(self) -> bool:
         """Whether a token budget depends on the context length (``kv=`` entries)."""
         return any("kv" in e for e in self.entries)
+
+    @property
+    def key(self) -> str:
+        """Content key: the first :data:`KEY_CHARS` hex digits of the sha256 of the canonical JSON of the entries.
+
+        Equal for equal entries whatever the name, the source or the description (type aliases
+        such as ``streaming``/``sliding`` and ``1``/``1.0`` for a float knob count as equal), and
+        different as soon as one knob differs.
+        """
+        canonical = [_canonical_entry(e) for e in self.entries]
+        text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:KEY_CHARS]
 
     def _aqua_entry(self) -> dict[str, Any] | None:
         return next((e for e in self.entries if POLICY_TYPES[e["type"]] is Aqua), None)
@@ -132,6 +178,8 @@ class PolicySpec:
     def to_toml(self) -> str:
         """The stack as a preset TOML document (loadable by :func:`parse_policy`)."""
         lines = [f"description = {_toml_value(self.description or self.name)}"]
+        if not self.entries:
+            lines.append("policy = []")
         for entry in self.entries:
             lines += ["", "[[policy]]"] + [f"{k} = {_toml_value(v)}" for k, v in entry.items()]
         return "\n".join(lines) + "\n"
@@ -161,6 +209,135 @@ def _toml_value(value: Any) -> str:
     return f'"{escaped}"'
 
 
+# ---------------------------------------------------------------------------------- validation
+def _show(value: Any) -> str:
+    """A knob value as it is written in TOML (``true``, ``1.5``, ``"x"``), for error messages."""
+    return _toml_value(value) if isinstance(value, bool | int | float | str) else repr(value)
+
+
+def _value_kinds(annotation: Any) -> tuple[str, ...]:
+    """The plain value kinds (bool, int, float, str) a dataclass field annotation accepts."""
+    names = annotation.split("|") if isinstance(annotation, str) else [getattr(annotation, "__name__", "")]
+    kinds = []
+    for name in (n.strip() for n in names):
+        kind = "str" if name == "Path" else name
+        if kind in _KIND_WORDS and kind not in kinds:
+            kinds.append(kind)
+    return tuple(kinds)
+
+
+def policy_knobs(kind: type) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """The knobs a policy class takes: name -> (accepted value kinds, default or ``dataclasses.MISSING``).
+
+    The knobs are the class's dataclass fields (those set at construction), plus ``kv`` (a float,
+    the fraction of dense KV bytes) for token policies.
+    """
+    knobs: dict[str, tuple[tuple[str, ...], Any]] = {}
+    for f in dataclasses.fields(kind):
+        if f.init and not f.name.startswith("_"):
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            knobs[f.name] = (_value_kinds(f.type), f.default if has_default else dataclasses.MISSING)
+    if issubclass(kind, TokenPolicy):
+        knobs["kv"] = (("float",), dataclasses.MISSING)
+    return knobs
+
+
+def _describe_knobs(type_name: str) -> str:
+    parts = []
+    for name, (kinds, default) in policy_knobs(POLICY_TYPES[type_name]).items():
+        text = f"{name} ({' or '.join(kinds) or 'object'}"
+        if name == "kv":
+            text += ", fraction of dense KV bytes in (0, 1]"
+        elif default is not dataclasses.MISSING:
+            text += f", default {default!r}"
+        parts.append(text + ")")
+    return f"{type_name} takes {', '.join(parts)}"
+
+
+def _canonical_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """The entry with its type's one name and ints of float knobs as floats (for content keys)."""
+    kind = POLICY_TYPES.get(str(entry.get("type", "")).lower())
+    if kind is None:
+        return dict(entry)
+    knobs = policy_knobs(kind)
+    out: dict[str, Any] = {"type": _CANONICAL_TYPE.get(kind, entry["type"])}
+    for name, value in entry.items():
+        if name == "type":
+            continue
+        kinds = knobs.get(name, ((), None))[0]
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        out[name] = float(value) if is_int and "float" in kinds and "int" not in kinds else value
+    return out
+
+
+def _check_value(value: Any, kinds: tuple[str, ...]) -> bool:
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if isinstance(value, int):
+        return "int" in kinds or "float" in kinds
+    if isinstance(value, float):
+        return "float" in kinds
+    return isinstance(value, str) and "str" in kinds
+
+
+def _check_entry(raw: Any, where: str) -> dict[str, Any]:
+    """A validated copy of one policy entry (type lower-cased, ints of float knobs as floats)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a policy entry must be a table (type = ..., knobs), got {raw!r}")
+    kind_name = raw.get("type")
+    if not isinstance(kind_name, str) or kind_name.lower() not in POLICY_TYPES:
+        what = "no type" if kind_name is None else f"unknown policy type {kind_name!r}"
+        raise ValueError(f"{where}: {what}; use type = one of {', '.join(sorted(POLICY_TYPES))}")
+    type_name = kind_name.lower()
+    kind = POLICY_TYPES[type_name]
+    knobs = policy_knobs(kind)
+    entry: dict[str, Any] = {"type": type_name}
+    for name, value in raw.items():
+        if name == "type":
+            continue
+        if name not in knobs:
+            close = difflib.get_close_matches(name, list(knobs), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where}: bad knobs for {type_name}: unknown knob {name!r} = {_show(value)}{hint}; "
+                             f"{_describe_knobs(type_name)}")
+        kinds = knobs[name][0]
+        if not _check_value(value, kinds):
+            wanted = " or ".join(_KIND_WORDS[k] for k in kinds)
+            raise ValueError(f"{where}: bad knobs for {type_name}: {name} = {_show(value)} must be {wanted}; "
+                             f"{_describe_knobs(type_name)}")
+        entry[name] = _canonical_entry({"type": type_name, name: value})[name]
+    if "kv" in entry:
+        if not 0 < entry["kv"] <= 1:
+            raise ValueError(f"{where}: {type_name} kv = {_show(raw['kv'])}: the fraction of dense KV bytes kept "
+                             "must be in (0, 1], e.g. kv = 0.25")
+        given = [k for k in _SIZES.get(kind, ()) if k in entry]
+        if given:
+            raise ValueError(f"{where}: {type_name} kv = {_show(raw['kv'])} computes {' and '.join(_SIZES[kind])} from "
+                             f"the context; give kv or {', '.join(given)}, not both")
+    else:
+        missing = [k for k, (_, default) in knobs.items() if default is dataclasses.MISSING and k != "kv"
+                   and k not in entry]
+        if missing:
+            relative = " (or kv = a fraction of dense KV bytes)" if "kv" in knobs else ""
+            raise ValueError(f"{where}: {type_name} needs {', '.join(missing)}{relative}; {_describe_knobs(type_name)}")
+    return entry
+
+
+def _checked_spec(spec: PolicySpec, where: str) -> PolicySpec:
+    """``spec`` once its stack is valid: one policy of each kind, and each policy's own checks pass."""
+    kinds = [POLICY_TYPES[e["type"]] for e in spec.entries]
+    for base, what in ((TokenPolicy, "token"), (ChannelPolicy, "channel")):
+        names = [e["type"] for e, k in zip(spec.entries, kinds, strict=True) if issubclass(k, base)]
+        if len(names) > 1:
+            raise ValueError(f"{where}: a stack holds at most one {what} policy, got {' and '.join(names)}")
+    try:
+        spec.build(context=_NOMINAL_CONTEXT if spec.is_relative else None)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return spec
+
+
+# ------------------------------------------------------------------------------------ parsing
 def _parse_scalar(text: str) -> Any:
     for cast in (int, float):
         try:
@@ -172,24 +349,54 @@ def _parse_scalar(text: str) -> Any:
     return text
 
 
-def _check_entry(entry: dict[str, Any], where: str) -> dict[str, Any]:
-    kind = entry.get("type")
-    if kind not in POLICY_TYPES:
-        raise ValueError(f"{where}: unknown policy type {kind!r}; use one of {', '.join(sorted(POLICY_TYPES))}")
-    return entry
-
-
-def _from_toml(text: str, name: str) -> PolicySpec:
+def _from_toml(text: str, name: str, where: str, source: str, allow_no_policy: bool = False) -> PolicySpec:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"policy file {name}: not valid TOML ({err})") from None
-    entries = tuple(_check_entry(dict(e), f"policy file {name}") for e in data.get("policy", []))
-    return PolicySpec(name=name, entries=entries, description=str(data.get("description", "")))
+        raise ValueError(f"{where}: not valid TOML ({err})") from None
+    for key, value in data.items():
+        if key not in TOML_KEYS:
+            close = difflib.get_close_matches(key, TOML_KEYS, n=1)
+            hint = f" (did you mean [[{close[0]}]]?)" if close == ["policy"] else (
+                f" (did you mean {close[0]!r}?)" if close else "")
+            raise ValueError(f"{where}: unknown top-level key {key!r} = {_show(value)}{hint}; a policy file holds only "
+                             "description = \"...\" and [[policy]] tables (policy = [] for no compression)")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise ValueError(f"{where}: description = {description!r} must be a string")
+    if "policy" not in data:
+        if not allow_no_policy:
+            raise ValueError(f"{where}: no [[policy]] tables; add [[policy]] tables (type = "
+                             f"{' | '.join(sorted(POLICY_TYPES))}, knobs), or write policy = [] for no compression")
+        policies: Any = []
+    else:
+        policies = data["policy"]
+    if isinstance(policies, dict):
+        raise ValueError(f"{where}: [policy] is a single table; write [[policy]] (an array of tables, one per "
+                         "policy of the stack)")
+    if not isinstance(policies, list):
+        raise ValueError(f"{where}: policy = {policies!r} must be an array of tables ([[policy]]), or [] for no "
+                         "compression")
+    entries = tuple(_check_entry(e, f"{where}, [[policy]] #{i}") for i, e in enumerate(policies, 1))
+    return _checked_spec(PolicySpec(name=name, entries=entries, description=description, source=source), where)
 
 
 def _preset_dir() -> resources.abc.Traversable:
     return resources.files("kvpress_aqua.presets")
+
+
+def _load_preset(name: str) -> PolicySpec:
+    item = _preset_dir() / f"{name}.toml"
+    # the shipped "full" preset holds only its description: no compression
+    return _from_toml(item.read_text(), name, f"preset {name!r}", "preset", allow_no_policy=name == "full")
+
+
+def _is_shipped_full(path: Path) -> bool:
+    shipped = _preset_dir() / "full.toml"
+    try:
+        return path.resolve() == Path(str(shipped)).resolve()
+    except OSError:
+        return False
 
 
 def list_presets() -> dict[str, str]:
@@ -197,12 +404,12 @@ def list_presets() -> dict[str, str]:
     out = {}
     for item in sorted(_preset_dir().iterdir(), key=lambda p: p.name):
         if item.name.endswith(".toml"):
-            out[item.name[:-5]] = _from_toml(item.read_text(), item.name[:-5]).description
+            out[item.name[:-5]] = _load_preset(item.name[:-5]).description
     return out
 
 
 def parse_policy(spec: str | Path) -> PolicySpec:
-    """Parse a preset name, a TOML path or an inline spec string.
+    """Parse and check a preset name, a TOML path or an inline spec string.
 
     Parameters
     ----------
@@ -212,38 +419,50 @@ def parse_policy(spec: str | Path) -> PolicySpec:
     Returns
     -------
     PolicySpec
+        Named by the preset name, the path as given (so that a file never takes a preset's name, and
+        two files of the same name stay apart) or the inline string.
 
     Raises
     ------
     ValueError
-        Naming the bad part and the accepted forms.
+        Naming the file or string, the bad key or value and the accepted ones: unknown top-level
+        keys, a ``[policy]`` table, no ``[[policy]]`` at all (``policy = []`` means no compression),
+        unknown types or knobs, values of the wrong type (``heavy = 1.5``, ``heavy = true``), ``kv``
+        outside (0, 1], and whatever the policies' own checks refuse.
 
     """
     text = str(spec).strip()
     if text in ("", "full", "none"):
-        return PolicySpec(name="full", entries=(), description="no compression (DynamicCache)")
+        return PolicySpec(name="full", entries=(), description="no compression (DynamicCache)", source="preset")
     if text.endswith(".toml"):
         path = Path(text)
         if not path.is_file():
             raise ValueError(f"policy file {text!r} does not exist")
-        return _from_toml(path.read_text(), path.stem)
-    preset = _preset_dir() / f"{text}.toml"
-    if ":" not in text and preset.is_file():
-        return _from_toml(preset.read_text(), text)
+        try:
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"policy file {text!r} cannot be read ({err})") from None
+        return _from_toml(content, text, f"policy file {text!r}", "file", allow_no_policy=_is_shipped_full(path))
+    if ":" not in text and "/" not in text and (_preset_dir() / f"{text}.toml").is_file():
+        return _load_preset(text)
+    where = f"policy {text!r}"
     entries = []
     for part in text.split("+"):
         kind, _, args = part.strip().partition(":")
-        entry: dict[str, Any] = {"type": kind.strip().lower()}
+        raw: dict[str, Any] = {"type": kind.strip().lower()}
         for pair in filter(None, (a.strip() for a in args.split(","))):
             key, eq, value = pair.partition("=")
-            if not eq or not key.strip():
-                raise ValueError(f"policy {text!r}: expected key=value, got {pair!r} (e.g. 'h2o:heavy=256,recent=64')")
-            entry[key.strip()] = _parse_scalar(value.strip())
-        if entry["type"] not in POLICY_TYPES:
+            key = key.strip()
+            if not eq or not key:
+                raise ValueError(f"{where}: expected key=value, got {pair!r} (e.g. 'h2o:heavy=256,recent=64')")
+            if key in raw:
+                raise ValueError(f"{where}: {key} is given twice in {part.strip()!r}")
+            raw[key] = _parse_scalar(value.strip())
+        if raw["type"] not in POLICY_TYPES:
             known = ", ".join(sorted(list_presets()))
             raise ValueError(
                 f"unknown policy {text!r}: not a preset ({known}), not a .toml file, and {kind!r} is not a policy "
                 f"type ({', '.join(sorted(POLICY_TYPES))})"
             )
-        entries.append(entry)
-    return PolicySpec(name=text, entries=tuple(entries))
+        entries.append(_check_entry(raw, where))
+    return _checked_spec(PolicySpec(name=text, entries=tuple(entries)), where)

@@ -9,7 +9,9 @@ The sweep is stored as a JSON file next to the AQUA artifact (:func:`sweep_path`
 ``<artifact stem>.sweep.json``), with the text (source, sha256, tokens), the chunk, the grid, the
 measured perplexity of every point and the fingerprint of the artifact it was measured with
 (:func:`artifact_fingerprint`); ``kvtool calibrate --sweep`` writes it and
-:func:`kvpress_aqua.planner.plan` reads it (:func:`find_sweep`) when it matches the artifact.
+:func:`kvpress_aqua.planner.plan` reads it (:func:`find_sweep`) when it matches the artifact. The
+file format (:class:`QualitySweep`, :class:`SweepPoint`, :func:`find_sweep`...) lives in the
+torch-free :mod:`kvpress_aqua.sweep_format`, re-exported here.
 
 What a point measures: perplexity averages over every position of the text, and a position ``t``
 sees at most ``budget`` tokens only once ``t > budget``, so a point at ``retained = r`` mixes
@@ -21,24 +23,23 @@ than the loss of a single token generated after a prompt of the full length.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
+from . import __version__
+from .artifact_format import AquaArtifact
+from .model_info import ModelInfo
 from .perplexity import perplexity
 from .policies.aqua import Aqua
-from .spec import DEFAULT_SINKS, PolicySpec
-
-if TYPE_CHECKING:
-    from .calibration import AquaArtifact
+from .policy_defaults import token_entry
+from .spec import PolicySpec
+from .sweep_format import QualitySweep, SweepPoint, artifact_fingerprint, find_sweep, sweep_path
 
 __all__ = [
     "DEFAULT_K_RATIOS",
@@ -54,8 +55,6 @@ __all__ = [
     "token_entry",
 ]
 
-FORMAT = "kvpress_aqua.quality_sweep/1"
-"""Value of the ``format`` key of every sweep file; bumped when the layout changes."""
 DEFAULT_K_RATIOS = (1.0, 0.75, 0.5, 0.375, 0.25)
 """Key-channel fractions measured by default: the planner's range (it offers nothing below 0.25)."""
 DEFAULT_RETAINED = (1.0, 0.5, 0.25, 0.125)
@@ -65,176 +64,6 @@ DEFAULT_SWEEP_TOKENS = 512
 DEFAULT_SWEEP_CHUNK = 32
 """Tokens per forward of :func:`~kvpress_aqua.perplexity.perplexity` by default."""
 _TOKEN_POLICIES = ("h2o", "sliding")
-
-
-def token_entry(kind: str, budget: int, max_sinks: int = DEFAULT_SINKS) -> dict[str, Any]:
-    """The token-policy entry for a budget, split as in the shipped presets.
-
-    Parameters
-    ----------
-    kind : {"h2o", "sliding"}
-        ``h2o``: ``DEFAULT_SINKS`` sinks, the rest half heavy hitters and half recent tokens;
-        ``sliding``: the sinks and a window.
-    budget : int
-        Tokens kept per layer, KV head and sequence.
-    max_sinks : int
-        Cap on the sinks (a model's own sliding window minus one).
-
-    Returns
-    -------
-    dict
-        A :class:`~kvpress_aqua.spec.PolicySpec` entry.
-
-    """
-    sinks = max(0, min(DEFAULT_SINKS, budget - 1, max_sinks))
-    rest = budget - sinks
-    if kind == "sliding":
-        return {"type": "sliding", "sinks": sinks, "window": rest}
-    recent = rest // 2
-    return {"type": "h2o", "heavy": rest - recent, "recent": recent, "sinks": sinks}
-
-
-def artifact_fingerprint(artifact: AquaArtifact) -> str:
-    """sha256 of the artifact's float32 projection matrices: changes whenever the calibration does."""
-    data = artifact.projections.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()
-
-
-def sweep_path(artifact_path: str | Path) -> Path:
-    """Where the sweep of the artifact at ``artifact_path`` lives: ``<artifact stem>.sweep.json`` beside it."""
-    path = Path(artifact_path).expanduser()
-    return path.with_name(f"{path.stem}.sweep.json")
-
-
-@dataclass(frozen=True)
-class SweepPoint:
-    """One measured grid point.
-
-    Attributes
-    ----------
-    k_ratio : float
-        Fraction of key channels kept (1: no AQUA).
-    retained : float
-        Token budget as a fraction of the evaluated tokens (1: no token policy).
-    token_budget : int or None
-        The budget in tokens (``None``: every token kept).
-    ppl, nll : float
-        Perplexity and mean negative log-likelihood per scored token.
-    quality : float
-        ``exp(-(nll - nll_full))`` = ``ppl_full / ppl`` (1: as the full cache; can exceed 1 slightly).
-    seconds : float
-        Wall time of the pass.
-
-    """
-
-    k_ratio: float
-    retained: float
-    token_budget: int | None
-    ppl: float
-    nll: float
-    quality: float
-    seconds: float
-
-
-@dataclass(frozen=True)
-class QualitySweep:
-    """A measured quality grid and what it was measured on.
-
-    Attributes
-    ----------
-    points : tuple of SweepPoint
-        One per grid point, the full-cache reference (``k_ratio = retained = 1``) included.
-    metadata : dict
-        JSON-compatible: ``model``, ``model_fingerprint``, ``artifact_fingerprint``, ``token_policy``,
-        ``text_source``, ``text_sha256``, ``tokens``, ``chunk``, ``k_ratios``, ``retained``,
-        ``full_ppl``, ``seconds``, ``package_version``, ``created``.
-    path : Path or None
-        The file it was loaded from or last saved to.
-
-    """
-
-    points: tuple[SweepPoint, ...]
-    metadata: dict[str, Any]
-    path: Path | None = field(default=None, compare=False)
-
-    def rows(self) -> list[dict[str, float]]:
-        """``{"k_ratio", "retained", "quality"}`` per point (:meth:`kvpress_aqua.planner.QualityModel.from_sweep`)."""
-        return [{"k_ratio": p.k_ratio, "retained": p.retained, "quality": p.quality} for p in self.points]
-
-    def save(self, path: str | Path) -> Path:
-        """Write the sweep as JSON (through a temporary file renamed into place); returns the path."""
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"format": FORMAT, **self.metadata, "points": [asdict(p) for p in self.points]}
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(json.dumps(data, indent=2) + "\n")
-        partial.replace(path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> QualitySweep:
-        """Read a sweep written by :meth:`save`.
-
-        Raises
-        ------
-        FileNotFoundError
-            If ``path`` does not exist.
-        ValueError
-            If the file is not a sweep of this format.
-
-        """
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"no quality sweep at {path}; make one with `kvtool calibrate --sweep`")
-        try:
-            data = json.loads(path.read_text())
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format {data.get('format')!r}")
-            points = tuple(SweepPoint(**p) for p in data.pop("points"))
-        except (OSError, json.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError) as err:
-            raise ValueError(f"{path} is not a quality sweep of format {FORMAT!r} ({err}); "
-                             "re-run `kvtool calibrate --sweep`") from None
-        data.pop("format")
-        return cls(points, data, path)
-
-
-def find_sweep(artifact: AquaArtifact, token_policy: str = "h2o") -> tuple[QualitySweep | None, str]:
-    """The sweep stored beside ``artifact``, if it was measured with it and with ``token_policy``.
-
-    Parameters
-    ----------
-    artifact : AquaArtifact
-        A saved artifact (``artifact.path`` set).
-    token_policy : {"h2o", "sliding"}
-        The eviction policy the caller plans for.
-
-    Returns
-    -------
-    tuple
-        ``(sweep, "")`` when a matching sweep exists, else ``(None, reason)``: why none is used
-        (no file; measured with another calibration or another token policy; unreadable).
-
-    """
-    if artifact.path is None:
-        return None, "the artifact is not saved, so it has no sweep file"
-    path = sweep_path(artifact.path)
-    if not path.is_file():
-        return None, f"no calibration sweep at {path} (`kvtool calibrate --sweep` measures one)"
-    try:
-        sweep = QualitySweep.load(path)
-    except ValueError as err:
-        return None, f"calibration sweep ignored: {err}"
-    if sweep.metadata.get("artifact_fingerprint") != artifact_fingerprint(artifact):
-        return None, (f"calibration sweep {path} ignored: it was measured with another calibration of this model "
-                      "(re-run `kvtool calibrate --sweep`)")
-    if sweep.metadata.get("token_policy") != token_policy:
-        return None, (f"calibration sweep {path} ignored: it measured {sweep.metadata.get('token_policy')}, "
-                      f"the plan uses {token_policy}")
-    exact = sweep.metadata.get("aqua_exact_sinks"), sweep.metadata.get("aqua_exact_recent")
-    if exact != (Aqua.exact_sinks, Aqua.exact_recent):
-        return None, (f"calibration sweep {path} ignored: it measured AQUA with exact sinks/recent tokens {exact}, "
-                      f"Aqua now keeps {(Aqua.exact_sinks, Aqua.exact_recent)} (re-run `kvtool calibrate --sweep`)")
-    return sweep, ""
 
 
 def _check_grid(name: str, values: Sequence[float]) -> tuple[float, ...]:
@@ -297,9 +126,6 @@ def measure_sweep(
         Bad grid, too few tokens, unknown token policy, or an artifact of another model.
 
     """
-    from . import __version__
-    from .model_info import ModelInfo
-
     if token_policy not in _TOKEN_POLICIES:
         raise ValueError(f"token policy {token_policy!r}: use one of {', '.join(_TOKEN_POLICIES)}")
     k_grid, r_grid = _check_grid("k_ratios", k_ratios), _check_grid("retained", retained)

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 from kvpress_aqua import CompressedCache, ModelInfo
 from kvpress_aqua.accounting import layer_nbytes
+from kvpress_aqua.attention import _top_channels
 from kvpress_aqua.calibration import AquaArtifact, calibrate
 from kvpress_aqua.policies import H2O
 from kvpress_aqua.policies.aqua import CHANNEL_MULTIPLE, Aqua
@@ -80,18 +81,21 @@ def test_key_bytes_really_shrink_and_accounting_is_exact(sinks, recent):
 
 
 def test_query_selection_keeps_top_channels():
+    """q_ratio keeps ceil(q_ratio * r) channels of each projected query: the largest, unchanged."""
     model = make_tiny_model("llama")
     aqua = Aqua(k_ratio=1.0, q_ratio=0.5, artifact=_artifact(model))
     aqua.bind(ModelInfo.from_config(model.config), torch.device("cpu"), torch.float32)
-    q = torch.randn(2, 4, 3, 16)
-    projected = aqua.project_queries(0, q)
-    assert ((projected != 0).sum(-1) == math.ceil(0.5 * 16)).all()
+    assert aqua.query_channels(0) == math.ceil(0.5 * 16)
     full = Aqua(k_ratio=1.0, artifact=aqua.artifact)
     full.bind(ModelInfo.from_config(model.config), torch.device("cpu"), torch.float32)
-    dense = full.project_queries(0, q)
+    assert full.query_channels(0) is None
+    q = torch.randn(2, 2, 2, 3, 16) @ aqua.key_basis(0)[:, None]  # (batch, kv_heads, group, seq, r)
+    projected = _top_channels(q, aqua.query_channels(0))
+    assert ((projected != 0).sum(-1) == math.ceil(0.5 * 16)).all()
     kept = projected != 0
-    assert torch.allclose(projected[kept], dense[kept])
-    assert (dense.abs().masked_fill(kept, 0).amax(-1) <= dense.abs().masked_fill(~kept, math.inf).amin(-1)).all()
+    assert torch.allclose(projected[kept], q[kept])
+    assert (q.abs().masked_fill(kept, 0).amax(-1) <= q.abs().masked_fill(~kept, math.inf).amin(-1)).all()
+    assert torch.equal(_top_channels(q, None), q)
 
 
 def test_spectrum_split_keeps_the_total_and_favours_flat_spectra():
@@ -213,6 +217,7 @@ def test_residual_rows_hold_the_dropped_channels_of_sinks_and_recent_tokens(evic
     with torch.no_grad():
         for t in range(20, 23):
             model(ids[:, t:t + 1], past_key_values=cache)
+    cache.finalize()  # the last layer folds its last attention call in at its next update, or when asked
     tokens = list(range(sinks)) + [None] * recent  # the token each row stands for
     for i in range(23 - recent, 23):
         tokens[sinks + i % recent] = i

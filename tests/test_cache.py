@@ -6,7 +6,7 @@ import torch
 from tiny_models import make_tiny_model
 from transformers import AttentionInterface, DynamicCache
 
-from kvpress_aqua import CompressedCache
+from kvpress_aqua import CompressedCache, attention
 from kvpress_aqua.accounting import decode_slots, layer_nbytes
 from kvpress_aqua.policies import H2O, TOVA, SlidingWindow
 
@@ -70,7 +70,7 @@ def _masked_reference_attention(module, query, key, value, attention_mask, scali
      (TOVA(heavy=6, recent=2, sinks=1), 6)],
     ids=["h2o", "sliding", "h2o-chunked", "tova-chunked"],
 )
-def test_eviction_equals_masked_full_attention(arch, policy, chunk):
+def test_eviction_equals_masked_full_attention(arch, policy, chunk, monkeypatch):
     """Logits of every step equal a full-attention forward that hides exactly the evicted tokens."""
     model = make_tiny_model(arch)
     gen = torch.Generator().manual_seed(3)
@@ -81,25 +81,28 @@ def test_eviction_equals_masked_full_attention(arch, policy, chunk):
     seq_len = prompt.shape[1] + total_steps
     visible = {i: torch.zeros(2, model.config.num_key_value_heads, seq_len, seq_len, dtype=torch.bool)
                for i in range(model.config.num_hidden_layers)}
+    real_attention = attention.reference_attention
 
-    def record(lo, hi):
-        # queries lo..hi-1 of this forward saw: what is held now minus tokens newer than each query
-        for i, layer in enumerate(cache.layers):
-            held = torch.zeros(2, layer.num_kv_heads, seq_len, dtype=torch.bool)
-            idx = layer.index.long().clamp_min(0)
-            held.scatter_(2, idx, layer.valid)
-            for t in range(lo, hi):
-                visible[i][:, :, t, : t + 1] = held[:, :, : t + 1] | (torch.arange(t + 1) >= lo)
+    def record(inputs, query, *args):
+        # what queries first..first+n-1 of this call see: the visible held past plus the chunk up to themselves
+        layer = cache.layers[inputs.layer_idx]
+        past = inputs.past_keys.shape[-2]
+        index = layer.index[..., :past].long()
+        held = torch.zeros(2, layer.num_kv_heads, seq_len, dtype=torch.int32)
+        held.scatter_add_(2, index.clamp_min(0), (inputs.past_visible & (index >= 0)).int())
+        first = inputs.first_index
+        for t in range(first, first + query.shape[-2]):
+            visible[inputs.layer_idx][:, :, t, : t + 1] = (held[:, :, : t + 1] > 0) | (torch.arange(t + 1) >= first)
+        return real_attention(inputs, query, *args)
 
+    monkeypatch.setattr(attention, "reference_attention", record)
     with torch.no_grad():
         if chunk is None:
             logits = model(prompt, past_key_values=cache).logits[:, -1]
-            record(0, prompt.shape[1])
         else:
             for lo in range(0, prompt.shape[1], chunk):
                 hi = min(lo + chunk, prompt.shape[1])
                 logits = model(prompt[:, lo:hi], past_key_values=cache).logits[:, -1]
-                record(lo, hi)
         for step in range(total_steps):
             step_logits.append(logits)
             nxt = logits.argmax(-1, keepdim=True)
@@ -107,7 +110,6 @@ def test_eviction_equals_masked_full_attention(arch, policy, chunk):
             if step == total_steps - 1:
                 break
             logits = model(nxt, past_key_values=cache).logits[:, -1]
-            record(tokens.shape[1] - 1, tokens.shape[1])
             held = [int(layer.valid.sum(-1).max()) for layer in cache.layers]
             assert max(held) <= policy.budget + 1
 
@@ -144,7 +146,7 @@ def test_nbytes_is_exact_and_storage_is_released():
             total += t.nbytes
     assert cache.nbytes() == total
     cfg = model.config
-    slots = decode_slots(policy.budget, cache.get_seq_length())
+    slots = decode_slots(policy.budget, cache.get_seq_length(), prompt=40)
     per_layer = layer_nbytes(3, cfg.num_key_value_heads, slots, cfg.head_dim, cfg.head_dim, 4,
                              compressed=True, needs_scores=True)
     assert total == per_layer * cfg.num_hidden_layers
@@ -356,14 +358,16 @@ def test_tova_scores_are_the_latest_call_only_and_h2o_accumulates():
     for name, cache in caches.items():
         layer = cache.layers[0]
         seen = []
-        original = layer.after_attention
+        original = layer._fold
 
-        def spy(handoff, new_valid, mass_past, mass_new, original=original, seen=seen, layer=layer):
+        def spy(inputs, new_slots, original=original, seen=seen, layer=layer):
             before = layer.score.clone()
-            original(handoff, new_valid, mass_past, mass_new)
-            seen.append((before, layer.score.clone(), mass_past.clone(), handoff.new_slots, mass_new.clone()))
+            original(inputs, new_slots)
+            fresh = torch.zeros_like(before)
+            fresh[..., :inputs.mass_past.shape[-1]] = inputs.mass_past
+            seen.append((before, layer.score.clone(), fresh.scatter_add_(2, new_slots, inputs.mass_new)))
 
-        layer.after_attention = spy
+        layer._fold = spy
         with torch.no_grad():
             logits = model(prompt, past_key_values=cache).logits[:, -1]
             for _ in range(3):
@@ -371,8 +375,7 @@ def test_tova_scores_are_the_latest_call_only_and_h2o_accumulates():
         cache.detach()
         masses[name] = seen
     for name, seen in masses.items():
-        for before, after, mass_past, new_slots, mass_new in seen[1:]:
-            fresh = mass_past.clone().scatter_add_(2, new_slots, mass_new)
+        for before, after, fresh in seen[1:]:
             expected = fresh if name == "tova" else before + fresh
             assert torch.allclose(after, expected, atol=1e-6), name
             assert before.abs().sum() > 0  # the earlier calls did leave scores behind

@@ -4,6 +4,7 @@ restoring the attention implementation, artifact lookup and ``kvtool calibrate``
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -149,6 +150,100 @@ def test_load_refuses_other_files(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not an AQUA artifact"):
         AquaArtifact.load(tmp_path / "other.safetensors")
+
+
+def _data_range(path, name):
+    """Byte range of tensor ``name`` in a safetensors file (8-byte header size, JSON header, then the data)."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    start, end = json.loads(raw[8:8 + size])[name]["data_offsets"]
+    return 8 + size + start, 8 + size + end
+
+
+def _flip(path, offset, mask=0xFF):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def _without_hash(path):
+    """Rewrite an artifact as earlier versions wrote it: no ``tensors_sha256`` in the metadata."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "tensors_sha256"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_load_refuses_flipped_bytes_in_the_projections(llama_artifact, tmp_path):
+    path = llama_artifact.save(tmp_path / "a.safetensors")
+    start, end = _data_range(path, "projections")
+    _flip(path, (start + end) // 2, mask=0x01)  # one bit of one mantissa: the basis still looks orthogonal
+    with pytest.raises(ValueError, match="sha256") as err:
+        AquaArtifact.load(path)
+    message = str(err.value)
+    assert str(path) in message and "corrupted" in message and "run `kvtool calibrate llama` again" in message
+    with pytest.raises(ValueError, match="sha256"):
+        AquaArtifact.load(path, framework="np")  # the planner's reader checks the same
+
+
+def test_older_files_without_the_hash_load_and_are_checked(llama_artifact, tmp_path):
+    path = llama_artifact.save(tmp_path / "old.safetensors")
+    _without_hash(path)
+    loaded = AquaArtifact.load(path)
+    assert loaded.metadata == llama_artifact.metadata and torch.equal(loaded.projections, llama_artifact.projections)
+    start, _ = _data_range(path, "projections")
+    _flip(path, start + 4 * 5 + 3, mask=0x40)  # the exponent byte of projections[0, 0, 0, 5]
+    with pytest.raises(ValueError, match=r"projections\[0, 0\] is not orthogonal") as err:
+        AquaArtifact.load(path)
+    assert str(path) in str(err.value) and "kvtool calibrate llama" in str(err.value)
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda a: {"spectrum": a.spectrum.flip(-1)}, "rises at channel"),
+    (lambda a: {"spectrum": -a.spectrum}, "spectrum holds negative values"),
+    (lambda a: {"key_norms": a.key_norms.clone().fill_(float("nan"))}, "key_norms holds NaN"),
+    (lambda a: {"projections": a.projections * 1.01}, "is not orthogonal"),
+    (lambda a: {"metadata": {**a.metadata, "num_layers": 3}}, "expected (layers, kv_heads, head_dim, head_dim)"),
+    (lambda a: {"query_norms": a.query_norms[..., :8]}, "query_norms has shape"),
+])
+def test_load_checks_the_basis(llama_artifact, tmp_path, change, words):
+    path = dataclasses.replace(llama_artifact, **change(llama_artifact)).save(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="corrupted") as err:
+        AquaArtifact.load(path)
+    assert words in str(err.value) and str(path) in str(err.value)
+
+
+def test_load_refuses_non_float32_tensors(llama_artifact, tmp_path):
+    path = llama_artifact.save(tmp_path / "a.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["spectrum"] = tensors["spectrum"].half()
+    save_file(tensors, str(path), metadata={k: v for k, v in metadata.items() if k != "tensors_sha256"})
+    with pytest.raises(ValueError, match="must be float32 .spectrum is float16"):
+        AquaArtifact.load(path)
+
+
+def test_load_refuses_a_truncated_file(llama_artifact, tmp_path):
+    path = llama_artifact.save(tmp_path / "a.safetensors")
+    data = path.read_bytes()
+    for cut in (len(data) - 100, 200, 5):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="not a readable safetensors file") as err:
+            AquaArtifact.load(path)
+        assert str(path) in str(err.value) and "truncated" in str(err.value) and "kvtool calibrate" in str(err.value)
+
+
+def test_load_as_numpy(llama, llama_artifact, tmp_path):
+    path = llama_artifact.save(tmp_path / "a.safetensors")
+    loaded = AquaArtifact.load(path, framework="np")
+    for name in ("projections", "spectrum", "query_norms", "key_norms"):
+        array = getattr(loaded, name)
+        assert isinstance(array, np.ndarray) and np.array_equal(array, getattr(llama_artifact, name).numpy())
+    assert loaded.metadata == llama_artifact.metadata
+    loaded.check_model(ModelInfo.from_config(llama.config))
+    assert np.allclose(loaded.energy(8), llama_artifact.energy(8).numpy())
+    with pytest.raises(ValueError, match="framework"):
+        AquaArtifact.load(path, framework="tf")
 
 
 def test_check_model_refuses_another_model(llama, llama_artifact, tmp_path):

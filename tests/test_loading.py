@@ -273,6 +273,8 @@ def test_hub_id_goes_to_from_pretrained_and_failure_is_explained(tmp_path, monke
         raise OSError("couldn't connect")
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=None: True)  # online, but the load fails
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offline)
     with pytest.raises(OSError, match="'org/some-model' is not a local directory.*couldn't connect"):
         load_model("org/some-model", dtype="bf16")
@@ -299,3 +301,81 @@ def test_tiny_model_fixture_builds_every_arch(tiny_model):
 def test_tiny_models_are_deterministic():
     first, second = make_tiny_model("qwen3"), make_tiny_model("qwen3")
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters(), strict=True))
+
+
+# ------------------------------------------------------------------ failing fast, before from_pretrained
+def _never(*args, **kwargs):
+    raise AssertionError("from_pretrained was called")
+
+
+def test_folder_without_weights_is_refused_before_loading(tmp_path, monkeypatch):
+    make_tiny_model("llama").config.save_pretrained(tmp_path)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _never)
+    with pytest.raises(FileNotFoundError, match=r"has a config.json but no weights \(\*.safetensors or \*.bin\)"):
+        load_model(tmp_path)
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "https_proxy", "HTTPS_PROXY", "all_proxy",
+                 "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "hub"
+
+
+def test_uncached_hub_id_with_the_hub_offline_fails_at_once(empty_hub_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(loading.socket, "create_connection", _never)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _never)
+    with pytest.raises(OSError, match=r"'foo/bar' is not a local directory, not in the local Hugging Face cache "
+                                      r"\(.*hub\), and HF_HUB_OFFLINE is set; pass a local model directory"):
+        load_model("foo/bar")
+
+
+def test_uncached_hub_id_with_the_hub_unreachable_fails_within_the_timeout(empty_hub_cache, monkeypatch):
+    tried = []
+
+    def refuse(address, timeout=None):
+        tried.append((address, timeout))
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org:8443")
+    monkeypatch.setattr(loading.socket, "create_connection", refuse)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _never)
+    with pytest.raises(OSError, match=r"the Hugging Face Hub \(hub.example.org:8443\) cannot be reached within 2 s"):
+        load_model("foo/bar")
+    assert tried == [(("hub.example.org", 8443), loading.HUB_TIMEOUT_S)]
+
+
+def test_hub_check_gives_up_on_a_hanging_connection(empty_hub_cache, monkeypatch):
+    import time
+
+    def hang(address, timeout=None):  # a resolver that never answers ignores socket timeouts
+        time.sleep(3)
+        raise OSError("too late")
+
+    monkeypatch.setattr(loading.socket, "create_connection", hang)
+    start = time.perf_counter()
+    assert loading.hub_reachable(timeout=0.2) is False
+    assert time.perf_counter() - start < 1.5
+
+
+def test_cached_hub_id_with_the_hub_unreachable_reads_the_cache_only(empty_hub_cache, monkeypatch):
+    snapshot = empty_hub_cache / "models--org--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (empty_hub_cache / "models--org--cached" / "refs").mkdir()
+    (empty_hub_cache / "models--org--cached" / "refs" / "main").write_text("abc123")
+    seen = []
+
+    def record(name, **kwargs):
+        seen.append(kwargs)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=None: False)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", record)
+    with pytest.raises(OSError, match="stop here"):
+        load_model("org/cached")
+    assert seen == [{"dtype": torch.float32, "local_files_only": True}]

@@ -238,3 +238,129 @@ def test_smollm2_finds_a_passkey_with_the_full_cache(smollm2):
     assert [r["score"] for r in full] == [1.0], full
     h2o = [r for r in rows if r["policy"] == "h2o-50"]
     assert all(0.5 < r["kv_fraction"] < 0.6 for r in h2o)
+
+
+# ------------------------------------------------------------------ content keys, resume, interrupts
+def _console(tmp_path):
+    from rich.console import Console
+
+    return Console(file=open(tmp_path / "log.txt", "a"), width=200)
+
+
+def _toml(path, window):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"[[policy]]\ntype = 'sliding'\nsinks = 4\nwindow = {window}\n")
+    return str(path)
+
+
+def test_parse_specs_keeps_different_content_apart_and_dedupes_identical(tmp_path):
+    from kvpress_aqua.cli.needle import parse_specs
+
+    a, b = _toml(tmp_path / "pa" / "p.toml", 60), _toml(tmp_path / "pb" / "p.toml", 50)
+    lookalike = _toml(tmp_path / "h2o-25.toml", 60)
+    specs = parse_specs([a, b, "h2o-25", lookalike, "h2o:kv=0.25", a, "sliding:sinks=4,window=50"])
+    # pa/p.toml and pb/p.toml differ; the file called h2o-25.toml is not the preset; the inline copies of
+    # the preset and of pb/p.toml, and the second pa/p.toml, are the same content: run once, first name kept
+    assert list(specs) == [a, b, "h2o-25"]
+    assert len({s.key for s in specs.values()}) == 3
+    assert all(spec.name == name for name, spec in specs.items())
+
+
+def test_rows_record_the_content_key_and_resume_matches_on_it(tmp_path):
+    from kvpress_aqua.cli.needle import parse_specs
+
+    model = make_tiny_model("llama")
+    config = RunConfig("tiny", HAY, seed=0, prefill_chunk=128, batch_size=2)
+    path = _toml(tmp_path / "p.toml", 60)
+    specs = parse_specs([path])
+    cells = plan_cells(list(specs), ["context-first"], ["passkey"], [300], [0, 100])
+    rows = execute(model, CharTokenizer(), cells, specs, config, tmp_path, _console(tmp_path))
+    assert [r["policy_key"] for r in rows] == [specs[path].key] * 2
+    assert "policy_key" in (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    # the same content under another name: reused, and relabelled with the name of this run
+    inline = parse_specs(["sliding:sinks=4,window=60"])
+    cells2 = plan_cells(list(inline), ["context-first"], ["passkey"], [300], [0, 100])
+    again = execute(model, CharTokenizer(), cells2, inline, config, tmp_path, _console(tmp_path))
+    assert [r["policy"] for r in again] == ["sliding:sinks=4,window=60"] * 2
+    assert [r["answer"] for r in again] == [r["answer"] for r in rows]
+    assert len(read_results(tmp_path / "results.jsonl")) == 2
+    assert "resuming" not in (tmp_path / "log.txt").read_text()  # nothing was pending
+    # the file edited: a new policy, its cells run again
+    _toml(tmp_path / "p.toml", 40)
+    edited = parse_specs([path])
+    assert edited[path].key != specs[path].key
+    rows = execute(model, CharTokenizer(), cells, edited, config, tmp_path, _console(tmp_path))
+    assert len(read_results(tmp_path / "results.jsonl")) == 4
+    assert [r["policy_key"] for r in rows] == [edited[path].key] * 2
+
+
+def test_rows_without_a_key_are_reported_by_name_but_never_reused(tmp_path):
+    model = make_tiny_model("llama")
+    config = RunConfig("tiny", HAY, seed=0, prefill_chunk=128, batch_size=2)
+    specs = {n: parse_policy(n) for n in ("full", "sliding:sinks=4,window=60")}
+    cells = plan_cells(list(specs), ["context-first"], ["passkey"], [300], [50])
+    execute(model, CharTokenizer(), cells, specs, config, tmp_path, _console(tmp_path))
+    results = tmp_path / "results.jsonl"
+    old = [{k: v for k, v in r.items() if k != "policy_key"} for r in read_results(results)]
+    results.write_text("".join(json.dumps(r) + "\n" for r in old))  # as an older kvtool wrote them
+    reported = execute(None, None, cells, specs, config, tmp_path, _console(tmp_path))
+    assert [r["policy"] for r in reported] == list(specs)
+    assert "2 rows without policy_key" in (tmp_path / "log.txt").read_text()
+    rows = execute(model, CharTokenizer(), cells, specs, config, tmp_path, _console(tmp_path))
+    assert len(read_results(results)) == 4 and all(r.get("policy_key") for r in rows)
+
+
+def test_a_row_appended_after_a_torn_line_stays_readable(tmp_path):
+    from kvpress_aqua.needle import append_result
+
+    path = tmp_path / "results.jsonl"
+    append_result(path, {"a": 1})
+    with path.open("a") as f:
+        f.write('{"a": 2, "tor')  # a run killed mid-write
+    append_result(path, {"a": 3})
+    assert read_results(path) == [{"a": 1}, {"a": 3}]
+
+
+def _tiny_loader(monkeypatch):
+    from kvpress_aqua import loading
+
+    model = make_tiny_model("llama")
+    monkeypatch.setattr(loading, "load_model", lambda name=None, **kwargs: (model, CharTokenizer()))
+
+
+def test_ctrl_c_saves_whole_rows_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    import kvpress_aqua.cli.needle as cli_needle
+
+    _tiny_loader(monkeypatch)
+    real_append, calls = cli_needle.append_result, []
+
+    def append_then_interrupt(path, row):
+        real_append(path, row)
+        calls.append(row)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_needle, "append_result", append_then_interrupt)
+    argv = ["needle", "--policy", "full", "--policy", "sliding:sinks=4,window=60", "--lengths", "300",
+            "--depths", "0,50,100", "--protocol", "context-first", "--haystack", "noise", "--batch-size", "1",
+            "--prefill-chunk", "128", "--no-plots", "--out", str(tmp_path)]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"interrupted: 3 of 6 cells saved in {tmp_path / 'results.jsonl'}; rerun the "
+                                    "same command to resume")
+    assert "Traceback" not in err
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["policy_key"] for line in lines)
+    monkeypatch.setattr(cli_needle, "append_result", real_append)
+    assert main(argv) == 0
+    assert "resuming: 3 of 6 cells" in capsys.readouterr().out
+    assert len(read_results(tmp_path / "results.jsonl")) == 6
+
+
+def test_needle_run_emits_no_future_warning(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        rows = _run(plan_cells(list(SPECS), ["context-first"], ["passkey"], [300], [50]), chunk=64)
+    assert len(rows) == 3

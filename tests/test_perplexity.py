@@ -83,3 +83,27 @@ def test_cli_on_smollm2(tmp_path, capsys, smollm2):
     assert rows["full"]["ppl"] < 5  # repetitive text is easy
     for name in ("h2o:heavy=48,recent=48,sinks=4", "sliding:sinks=4,window=92"):
         assert rows[name]["kv_fraction"] < 0.5
+
+
+def test_no_future_warning_from_the_cache_argument():
+    """transformers 5.24 renamed past_key_values= to cache=; the old name warns there."""
+    import warnings
+
+    model = make_tiny_model("qwen3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        dense = perplexity(model, _ids(40), chunk=8)
+        squeezed = perplexity(model, _ids(40), [H2O(heavy=8, recent=8, sinks=2)], chunk=8)
+    assert dense.nll == pytest.approx(_reference_nll(model, _ids(40)), abs=1e-4)
+    assert squeezed.kv_bytes < dense.kv_bytes
+
+
+def test_cli_checks_threads_and_chunk_before_loading(monkeypatch, capsys):
+    from kvpress_aqua import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for argv, shown in ((["--threads", "0"], "--threads 0"), (["--threads", "-1"], "--threads -1"),
+                        (["--chunk", "0"], "--chunk 0")):
+        assert main(["ppl", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {shown}:") and err.count("\n") == 1

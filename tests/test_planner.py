@@ -4,14 +4,16 @@ measured cache, the quality sources, the "does not fit" analysis, presets and th
 import dataclasses
 import importlib.util
 import json
-import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig
 
+from kvpress_aqua import model_shape, quality_model
 from kvpress_aqua.accounting import decode_slots, dense_layer_tokens, layer_nbytes
+from kvpress_aqua.artifact_format import AquaArtifact
 from kvpress_aqua.cli import main
 from kvpress_aqua.planner import (
     MemoryModel,
@@ -170,13 +172,14 @@ def test_unsupported_families_get_a_clear_message(tmp_path, capsys, model_type, 
 
 
 # ---------------------------------------------------------------------------------- memory model
-def _accounting_kv(info, batch, seen, key_dim, budget, elem, scores, exact):
+def _accounting_kv(info, batch, seen, key_dim, budget, elem, scores, exact, prompt, chunk):
     """KV bytes at the end of decoding, written straight from kvpress_aqua.accounting."""
     total = 0
     compressed = budget is not None or key_dim < info.head_dim
     for i in range(info.num_layers):
         window = info.sliding_window if info.is_sliding(i) else None
-        slots = decode_slots(budget, seen, window) if compressed else dense_layer_tokens(seen, window)
+        slots = (decode_slots(budget, seen, window, prompt=prompt, chunk=chunk) if compressed
+                 else dense_layer_tokens(seen, window))
         total += layer_nbytes(batch, info.num_kv_heads, slots, key_dim, info.head_dim, elem, compressed=compressed,
                               needs_scores=scores and budget is not None, exact_tokens=exact,
                               residual_dim=info.head_dim - key_dim)
@@ -192,7 +195,8 @@ def test_kv_prediction_is_the_accounting_formula(name, key_dim_frac, budget, exa
                      overhead=0, token_policy="h2o", exact_tokens=exact)
     key_dim = int(shape.info.head_dim * key_dim_frac)
     got = mm.evaluate(key_dim, budget)
-    assert got.kv == _accounting_kv(shape.info, 3, 20_000 + 64, key_dim, budget, 2, scores=True, exact=exact)
+    assert got.kv == _accounting_kv(shape.info, 3, 20_000 + 64, key_dim, budget, 2, scores=True, exact=exact,
+                                    prompt=20_000, chunk=1024)
     columns = shape.info.head_dim if exact else key_dim
     expected_proj = shape.info.num_layers * shape.info.num_kv_heads * shape.info.head_dim * columns * 2
     assert got.projections == (expected_proj if key_dim < shape.info.head_dim else 0)
@@ -295,14 +299,47 @@ def test_quality_from_a_synthetic_spectrum_and_a_sweep():
     assert p.quality_source == model.source and p.to_dict()["quality_source"] == model.source
 
 
-def test_artifact_found_by_calibration_is_used(monkeypatch, tmp_path):
-    artifact = types.SimpleNamespace(spectrum=torch.linspace(2, 0.1, 64).expand(30, 3, 64), path=tmp_path / "a.pt")
-    fake = types.ModuleType("kvpress_aqua.calibration")
-    fake.find_artifact = lambda info: artifact
-    monkeypatch.setitem(sys.modules, "kvpress_aqua.calibration", fake)
+def test_artifact_found_for_the_model_is_used(monkeypatch, tmp_path):
+    checked = []
+    artifact = types.SimpleNamespace(spectrum=torch.linspace(2, 0.1, 64).expand(30, 3, 64), path=tmp_path / "a.pt",
+                                     check_model=checked.append)
+    monkeypatch.setattr(quality_model, "find_artifact", lambda info, framework: artifact)
     p = plan("2GB", "smollm2-135m", context=1024, dtype="fp32")
     assert p.quality_model.kind == "spectrum" and str(tmp_path / "a.pt") in p.quality_source
     assert f"no calibration sweep at {tmp_path / 'a.sweep.json'}" in p.quality_source
+    assert [info.name for info in checked] == ["smollm2-135m"]  # checked against the model, as the runtime does
+
+
+def _identity_artifact(path, info, model, layers=None):
+    """A valid artifact (identity bases) keyed to ``info``'s fingerprint; ``layers`` overrides its layer count."""
+    layers = layers or info.num_layers
+    h, d = info.num_kv_heads, info.head_dim
+    ones = np.ones((layers, h, d), np.float32)
+    meta = {"model": model, "fingerprint": info.fingerprint, "num_layers": layers, "num_heads": info.num_heads,
+            "num_kv_heads": h, "head_dim": d}
+    return AquaArtifact(np.broadcast_to(np.eye(d, dtype=np.float32), (layers, h, d, d)),
+                        np.broadcast_to(np.linspace(1, 0.1, d, dtype=np.float32), (layers, h, d)), ones, ones,
+                        meta).save(path)
+
+
+def test_artifact_of_another_model_is_refused(tmp_path, capsys):
+    smol = resolve_model("smollm2-135m").info
+    path = _identity_artifact(tmp_path / "smol.safetensors", smol, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert plan("8GB", "smollm2-135m", context="4k", artifact=path).quality_model.kind == "spectrum"
+    with pytest.raises(ValueError) as err:
+        plan("24GiB", "llama-3.1-8b", context="8k", artifact=path)
+    message = str(err.value)
+    assert "calibrated for model HuggingFaceTB/SmolLM2-135M-Instruct" in message and "not llama-3.1-8b" in message
+    assert str(path) in message and "run `kvtool calibrate llama-3.1-8b`" in message
+    code, out, err_text = run_cli(capsys, "--budget", "24GiB", "--model", "llama-3.1-8b", "--artifact", str(path))
+    assert code == 2 and out == "" and "not llama-3.1-8b" in " ".join(err_text.split())
+
+
+def test_artifact_of_the_wrong_shapes_is_refused(tmp_path):
+    smol = resolve_model("smollm2-135m").info
+    path = _identity_artifact(tmp_path / "cut.safetensors", smol, "smollm2-135m", layers=2)  # same fingerprint
+    with pytest.raises(ValueError, match=r"needs \(layers, kv_heads, head_dim, head_dim\) = \(30, 3, 64, 64\)"):
+        plan("8GB", "smollm2-135m", context="4k", artifact=path)
 
 
 def test_does_not_fit_names_need_have_and_the_largest_context_and_batch():
@@ -368,12 +405,10 @@ def test_cli_bad_input_exits_2_with_the_fix(capsys, argv, words):
 
 
 def test_cli_unknown_hub_id_offline_is_a_one_line_error(capsys, monkeypatch):
-    import kvpress_aqua.planner as planner
-
     def offline(name):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
 
-    monkeypatch.setattr(planner, "_hub_config", offline)
+    monkeypatch.setattr(model_shape, "_hub_config", offline)
     code, _, err = run_cli(capsys, "--budget", "8GB", "--model", "someone/unknown-model", "--context", "1k")
     assert code == 2 and "couldn't connect" in err and "Check your connection" not in err
 

@@ -1,10 +1,14 @@
 """The one policy parser: presets, TOML files, inline strings, relative budgets, errors."""
 
+import hashlib
+import json
+from pathlib import Path
+
 import pytest
 
 from kvpress_aqua.policies import H2O, TOVA, SlidingWindow
 from kvpress_aqua.policies.aqua import Aqua
-from kvpress_aqua.spec import list_presets, parse_policy
+from kvpress_aqua.spec import PolicySpec, list_presets, parse_policy
 
 
 def test_inline_stack():
@@ -74,3 +78,107 @@ def test_bad_toml(tmp_path):
     path.write_text("[[policy]]\ntype = 'teleport'\n")
     with pytest.raises(ValueError, match="unknown policy type"):
         parse_policy(str(path))
+
+
+# ------------------------------------------------------------------ full validation at parse time
+def _toml(tmp_path, text, name="p.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", r"no \[\[policy\]\] tables.*policy = \[\]"),
+    ('description = "only words"\n', r"no \[\[policy\]\] tables"),
+    ("[[policies]]\ntype = 'h2o'\nkv = 0.25\n", r"unknown top-level key 'policies'.*did you mean \[\[policy\]\]"),
+    ("descripton = 'x'\npolicy = []\n", r"unknown top-level key 'descripton' = \"x\".*'description'"),
+    ("[policy]\ntype = 'h2o'\nkv = 0.25\n", r"\[policy\] is a single table; write \[\[policy\]\]"),
+    ("policy = 3\n", r"policy = 3 must be an array of tables"),
+    ("policy = [1]\n", r"#1: a policy entry must be a table"),
+    ("[[policy]]\nkv = 0.25\n", r"#1: no type; use type = one of aqua, h2o"),
+    ("[[policy]]\ntype = 'h2o'\nheavy = 1.5\nrecent = 2\n", r"#1: bad knobs for h2o: heavy = 1.5 must be an integer"),
+    ("[[policy]]\ntype = 'h2o'\nheavy = true\nrecent = 2\n", r"heavy = true must be an integer"),
+    ("[[policy]]\ntype = 'aqua'\nk_ratio = true\n", r"k_ratio = true must be a number"),
+    ("[[policy]]\ntype = 'aqua'\nper_layer = 3\n", r"per_layer = 3 must be a string"),
+    ("[[policy]]\ntype = 'h2o'\nkv = 1.5\n", r"kv = 1.5: the fraction of dense KV bytes kept must be in \(0, 1\]"),
+    ("[[policy]]\ntype = 'aqua'\nkv = 0.5\n", r"unknown knob 'kv'"),
+])
+def test_bad_toml_is_refused_at_parse_time_naming_the_file(tmp_path, text, match):
+    path = _toml(tmp_path, text)
+    with pytest.raises(ValueError, match=match) as err:
+        parse_policy(path)
+    assert f"policy file {path!r}" in str(err.value)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("h2o:heavvy=3", r"unknown knob 'heavvy' = 3 \(did you mean 'heavy'\?\); h2o takes heavy \(int\), recent \(int\), "
+                     r"sinks \(int, default 0\), kv"),
+    ("h2o:heavy=1.5,recent=2", r"heavy = 1.5 must be an integer; h2o takes heavy"),
+    ("h2o:heavy=true,recent=2", r"heavy = true must be an integer"),
+    ("sliding:window=1e3", r"window = 1000.0 must be an integer; sliding takes sinks \(int, default 4\), "
+                           r"window \(int, default 1020\), kv"),
+    ("tova:heavy=4,recent=4,sinks=yes", r"sinks = \"yes\" must be an integer"),
+    ("aqua:k_ratio=0.5,basis=svd,q_ratio=high", r"q_ratio = \"high\" must be a number; aqua takes k_ratio"),
+    ("aqua:exact_recent=1.5", r"exact_recent = 1.5 must be an integer"),
+    ("h2o:recent=4", r"h2o needs heavy \(or kv = a fraction"),
+    ("h2o:kv=0", r"kv = 0: the fraction of dense KV bytes kept must be in \(0, 1\]"),
+    ("sliding:kv=-0.5", r"kv = -0.5"),
+    ("h2o:kv=true", r"kv = true must be a number"),
+    ("h2o:kv=0.25,heavy=8", r"kv = 0.25 computes heavy and recent from the context; give kv or heavy, not both"),
+    ("h2o:heavy=-1,recent=3", r"H2O\(heavy=-1\): must be >= 0"),
+    ("h2o:kv=0.25,sinks=-1", r"sinks=-1"),
+    ("sliding:window=0", r"window=0"),
+    ("aqua:per_layer=random", r"per_layer='random'"),
+    ("h2o:heavy=4,recent=4+sliding:window=8", r"at most one token policy, got h2o and sliding"),
+    ("h2o:heavy=4,heavy=5,recent=4", r"heavy is given twice"),
+])
+def test_bad_inline_specs_are_refused_at_parse_time(bad, match):
+    """Before any model loads: parse_policy alone refuses them (no build() needed), naming the string."""
+    with pytest.raises(ValueError, match=match) as err:
+        parse_policy(bad)
+    assert repr(bad) in str(err.value)
+
+
+def test_knob_types_follow_the_policy_dataclasses():
+    assert parse_policy("aqua:k_ratio=1").entries == ({"type": "aqua", "k_ratio": 1.0},)
+    assert isinstance(parse_policy("aqua:k_ratio=1").entries[0]["k_ratio"], float)
+    assert parse_policy("aqua:k_ratio=0.5,artifact=/some/a.safetensors").build()[0].artifact == "/some/a.safetensors"
+    assert parse_policy("H2O:heavy=4,recent=4").entries == ({"type": "h2o", "heavy": 4, "recent": 4},)
+
+
+def test_no_compression_file_and_the_shipped_full_preset(tmp_path):
+    assert parse_policy(_toml(tmp_path, 'description = "none"\npolicy = []\n')).is_full
+    shipped = Path(__file__).parents[1] / "policies" / "full.toml"
+    assert parse_policy(str(shipped)).is_full  # the shipped file holds only its description
+    assert "full" in list_presets()
+    # the same file elsewhere is an empty file: refused, so a typo never runs silently as full
+    with pytest.raises(ValueError, match="no \\[\\[policy\\]\\]"):
+        parse_policy(_toml(tmp_path, shipped.read_text(), "copy.toml"))
+    again = parse_policy(_toml(tmp_path, parse_policy("full").to_toml(), "full-again.toml"))
+    assert again.is_full
+
+
+# ------------------------------------------------------------------ names and content keys
+def test_content_key_is_a_hash_of_the_canonical_entries():
+    spec = parse_policy("h2o:heavy=4,recent=4")
+    canonical = json.dumps([{"heavy": 4, "recent": 4, "type": "h2o"}], sort_keys=True, separators=(",", ":"))
+    assert spec.key == hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    assert spec.key == parse_policy("h2o:recent=4,heavy=4").key  # order of knobs
+    assert spec.key != parse_policy("h2o:heavy=4,recent=5").key
+    assert parse_policy("streaming:window=8").key == parse_policy("sliding:window=8").key  # aliases
+    assert parse_policy("aqua:k_ratio=1").key == parse_policy("aqua:k_ratio=1.0").key
+    assert parse_policy("h2o-25").key == parse_policy("h2o:kv=0.25").key
+    assert PolicySpec("other name", spec.entries, "words").key == spec.key
+    assert parse_policy("full").key == PolicySpec("x", ()).key != spec.key
+
+
+def test_files_are_named_by_their_path_never_by_a_preset(tmp_path):
+    (tmp_path / "pa").mkdir()
+    (tmp_path / "pb").mkdir()
+    a = _toml(tmp_path, "[[policy]]\ntype = 'h2o'\nheavy = 8\nrecent = 8\n", "pa/p.toml")
+    b = _toml(tmp_path, "[[policy]]\ntype = 'h2o'\nheavy = 16\nrecent = 8\n", "pb/p.toml")
+    assert (parse_policy(a).name, parse_policy(b).name) == (a, b)
+    assert parse_policy(a).source == "file" and parse_policy(a).key != parse_policy(b).key
+    lookalike = _toml(tmp_path, "[[policy]]\ntype = 'h2o'\nkv = 0.5\n", "h2o-25.toml")
+    assert parse_policy(lookalike).name == lookalike != "h2o-25"
+    assert parse_policy("h2o-25").name == "h2o-25" and parse_policy("h2o-25").source == "preset"

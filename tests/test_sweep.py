@@ -1,19 +1,23 @@
 """The calibration sweep: measured on a tiny model, stored beside the artifact, read by the planner."""
 
+import dataclasses
+import hashlib
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import byte_tokenizer
 
+from kvpress_aqua.artifact_format import AquaArtifact
 from kvpress_aqua.calibration import calibrate
 from kvpress_aqua.cli import main
 from kvpress_aqua.perplexity import perplexity
 from kvpress_aqua.planner import QualityModel, plan
 from kvpress_aqua.policies import H2O
 from kvpress_aqua.policies.aqua import Aqua
-from kvpress_aqua.sweep import QualitySweep, find_sweep, measure_sweep, sweep_path, token_entry
+from kvpress_aqua.sweep import QualitySweep, artifact_fingerprint, find_sweep, measure_sweep, sweep_path, token_entry
 
 CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. " * 12
 HELD_OUT = "Startups grow when founders talk to users, write code and ignore most of the noise around them. " * 4
@@ -32,6 +36,24 @@ def tiny(tiny_model, tmp_path):
 def test_token_entry_splits_like_the_presets():
     assert token_entry("h2o", 100) == {"type": "h2o", "heavy": 48, "recent": 48, "sinks": 4}
     assert token_entry("sliding", 100, max_sinks=2) == {"type": "sliding", "sinks": 2, "window": 98}
+
+
+def _torch_fingerprint(projections):
+    """The fingerprint as earlier versions computed it, from torch; sweeps already on disk carry it."""
+    return hashlib.sha256(projections.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def test_artifact_fingerprint_is_the_same_from_numpy_and_torch(tiny):
+    _, _, artifact = tiny
+    expected = _torch_fingerprint(artifact.projections)
+    assert artifact_fingerprint(artifact) == expected
+    assert artifact_fingerprint(AquaArtifact.load(artifact.path)) == expected
+    as_numpy = AquaArtifact.load(artifact.path, framework="np")
+    assert isinstance(as_numpy.projections, np.ndarray) and artifact_fingerprint(as_numpy) == expected
+    for projections in (artifact.projections.transpose(-2, -1), artifact.projections.bfloat16()):
+        assert artifact_fingerprint(dataclasses.replace(artifact, projections=projections)) == _torch_fingerprint(
+            projections)  # non-contiguous and non-float32 tensors too
+    assert artifact_fingerprint(dataclasses.replace(artifact, projections=artifact.projections[:1])) != expected
 
 
 def test_sweep_measures_each_point_with_the_cache_in_the_loop(tiny):
@@ -115,10 +137,11 @@ def test_bad_grid_and_too_little_text_are_refused(tiny):
 
 
 def test_cli_calibrate_sweep_writes_the_sidecar(tiny_model, tmp_path, monkeypatch, capsys):
-    import kvpress_aqua.cli.calibrate as cli
+    from kvpress_aqua import loading
 
-    model = tiny_model("llama")
-    monkeypatch.setattr(cli, "load_model", lambda name=None: (model, byte_tokenizer(model.config.vocab_size)))
+    model = tiny_model("llama")  # `kvtool calibrate` loads its model through kvpress_aqua.loading.load_model
+    tokenizer = byte_tokenizer(model.config.vocab_size)
+    monkeypatch.setattr(loading, "load_model", lambda name=None, **kwargs: (model, tokenizer))
     (tmp_path / "cal.txt").write_text(CALIBRATION_TEXT)
     (tmp_path / "held.txt").write_text(HELD_OUT)
     out = tmp_path / "tiny.safetensors"

@@ -1,8 +1,13 @@
 """The ``kvtool`` command line: one sub-module per sub-command, each with ``register`` and ``run``.
 
 Every sub-command module exposes ``register(subparsers)``, which adds its parser and sets
-``func=run``; ``run(args) -> int`` returns the exit code. Bad input raises ``ValueError`` (or
-``FileNotFoundError``), which ``main`` prints as one line and turns into exit code 2.
+``func=run``; ``run(args) -> int`` returns the exit code. Building the parser imports neither torch
+nor transformers: the command modules import their heavy modules when ``run`` is called, so
+``kvtool --help`` is quick.
+
+Bad input raises ``ValueError`` (or ``FileNotFoundError``, or another ``OSError``), which ``main``
+prints as one plain line, ``error: ...``, and turns into exit code 2. Ctrl-C ends with one line and
+exit code 130.
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ import argparse
 import importlib
 import sys
 
-from rich.console import Console
+from .common import EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, one_line, print_error
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 _COMMANDS = ("demo", "needle", "ppl", "plan", "calibrate", "generate")
 
@@ -37,14 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``kvtool``; returns the process exit code."""
+    """Run ``kvtool``; returns the process exit code (0 ok, 1 nothing fits, 2 bad input, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
-        return 2
+    except Interrupted as err:
+        sys.stderr.write(one_line(err) + "\n")
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError) as err:
+        print_error(err)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

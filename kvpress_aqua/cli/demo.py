@@ -6,7 +6,8 @@ score 0.24 at 25% and 0.42 at 50%, against H2O's 0.12 and 0.31 and TOVA's 0.12 a
 scored 0.11-0.12 and 0.22-0.26 on SmolLM2). Passkey needles at a few depths of 512 and 1k-token Paul Graham haystacks,
 both protocols; ends with the rich table and writes the heatmap
 PNGs. ``--policy`` swaps in other presets; if one needs AQUA and the model's calibration is
-missing, it is made first (what ``kvtool calibrate`` does).
+missing, it is made first (what ``kvtool calibrate`` does). Arguments are checked before the model
+loads, and Ctrl-C stops it as it stops ``kvtool needle`` (resumable).
 """
 
 from __future__ import annotations
@@ -15,14 +16,26 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from rich.console import Console
+from ..needle_results import summary_json
+from ..needle_tasks import PROTOCOLS, plan_cells
+from .common import load_model_checked, make_console, where
+from .needle import (
+    add_model_arguments,
+    check_model_arguments,
+    check_policies,
+    execute,
+    parse_specs,
+    run_config,
+    summary_table,
+    write_plots,
+)
 
-from ..needle import PROTOCOLS, plan_cells, summary_json
-from ..spec import PolicySpec
-from .needle import add_model_arguments, check_policies, execute, parse_specs, run_config, summary_table, write_plots
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..spec import PolicySpec
 
 DEMO_POLICIES = ("full", "streaming-25", "streaming-50")
 DEMO_LENGTHS = (512, 1024)
@@ -61,31 +74,32 @@ def ensure_calibration(model: Any, tokenizer: Any, specs: dict[str, PolicySpec],
         return
     except FileNotFoundError:
         pass
-    console.print(f"[bold]No AQUA calibration for {name} yet: running `kvtool calibrate` first (once).[/]")
+    console.print(f"No AQUA calibration for {name} yet: running `kvtool calibrate` first (once).", style="bold",
+                  soft_wrap=True)
     text, source = default_calibration_text()
     start = time.perf_counter()
     artifact = calibrate(model, tokenizer, text, name=name, source=source)
     path = artifact.save(default_artifact_path(ModelInfo.from_config(model.config, name=name)))
-    console.print(f"calibrated in {time.perf_counter() - start:.0f} s -> {path}")
+    console.print(f"calibrated in {time.perf_counter() - start:.0f} s -> {path}", soft_wrap=True)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit code."""
-    from ..loading import DEFAULT_MODEL, load_model
-
+    check_model_arguments(args)
     specs = parse_specs(args.policy or DEMO_POLICIES)
     cells = plan_cells(list(specs), PROTOCOLS, [DEMO_TASK], DEMO_LENGTHS, DEMO_DEPTHS)
-    console = Console(stderr=args.json, highlight=False)
+    from ..loading import DEFAULT_MODEL  # torch: after the checks, so that typos are reported at once
+
+    console = make_console(stderr=args.json)
     model_name = args.model or DEFAULT_MODEL
     config = run_config(args, model_name, args.haystack)
-    with console.status("loading model"):
-        model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model_checked(args.model, console, device=args.device)
     ensure_calibration(model, tokenizer, specs, model_name, console)
     check_policies(model, specs, max(DEMO_LENGTHS))
     console.print(f"needle demo: {len(cells)} cells ({', '.join(specs)}; passkey; "
                   f"{', '.join(str(n) for n in DEMO_LENGTHS)} tokens; depths "
                   f"{', '.join(f'{d:g}%' for d in DEMO_DEPTHS)}; both protocols) on {model_name}, "
-                  f"{torch.get_num_threads()} threads")
+                  f"{where(args.device)}", soft_wrap=True)
     start = time.perf_counter()
     rows = execute(model, tokenizer, cells, specs, config, args.out, console)
     if args.json:
@@ -95,5 +109,5 @@ def run(args: argparse.Namespace) -> int:
                                           f"{time.perf_counter() - start:.0f} s"))
     if not args.no_plots:
         for path in write_plots(rows, args.out, model_name, console):
-            console.print(f"wrote {path}")
+            console.print(f"wrote {path}", soft_wrap=True)
     return 0

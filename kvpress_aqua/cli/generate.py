@@ -1,4 +1,7 @@
-"""``kvtool generate``: generate with each policy on the same prompt and compare text and bytes held."""
+"""``kvtool generate``: generate with each policy on the same prompt and compare text and bytes held.
+
+Arguments are checked before the model loads; torch and the cache are imported when it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.table import Table
+from .common import load_model_checked, make_console
+from .needle import parse_specs
 
-from ..cache import CompressedCache
-from ..spec import parse_policy
+DEFAULT_POLICIES = ("full", "streaming-25", "h2o-25")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate with several policies and compare their output and KV bytes")
     p.add_argument("--model", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--policy", action="append", default=None,
-                   help="preset name, TOML path or inline spec; repeatable (default: full, streaming-25, h2o-25)")
+                   help=f"preset name, TOML path or inline spec; repeatable (default: {', '.join(DEFAULT_POLICIES)})")
     p.add_argument("--prompt", default=None, help="user message (default: a built-in long prompt)")
     p.add_argument("--prompt-file", type=Path, default=None, help="read the user message from a file")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -40,15 +41,23 @@ def default_prompt() -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the comparison; returns the exit code."""
-    from ..loading import load_model
-
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: give a positive number of tokens")
-    specs = [parse_policy(s) for s in (args.policy or ["full", "streaming-25", "h2o-25"])]
-    prompt = args.prompt_file.read_text() if args.prompt_file else (args.prompt or default_prompt())
-    console = Console(stderr=args.json)
-    with console.status("loading model"):
-        model, tokenizer = load_model(args.model)
+    if args.prefill_chunk is not None and args.prefill_chunk <= 0:
+        raise ValueError(f"--prefill-chunk {args.prefill_chunk}: give a positive token count, or leave it out")
+    if args.prompt_file is not None and not args.prompt_file.is_file():
+        raise FileNotFoundError(f"prompt file {args.prompt_file} does not exist")
+    specs = list(parse_specs(args.policy or DEFAULT_POLICIES).values())
+    # torch and the cache: after the checks, so that typos are reported at once
+    import torch
+    from rich.table import Table
+
+    from ..cache import CompressedCache
+    from ..compat import cache_kwargs
+
+    prompt = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else (args.prompt or default_prompt())
+    console = make_console(stderr=args.json)
+    model, tokenizer = load_model_checked(args.model, console)
     messages = [{"role": "user", "content": prompt}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     context = inputs["input_ids"].shape[1]
@@ -59,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         with torch.inference_mode():
             if args.prefill_chunk:
                 cache.prefill(inputs["input_ids"][:, :-1])
-            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+            out = model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=args.max_new_tokens,
+                                 do_sample=False)
         seconds = time.perf_counter() - start
         text = tokenizer.decode(out[0, context:], skip_special_tokens=True).strip()
         rows.append({"policy": spec.name, "prompt_tokens": context, "kv_bytes": cache.nbytes(),

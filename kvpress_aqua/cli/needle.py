@@ -3,6 +3,12 @@
 Writes ``results.jsonl`` (one row per cell, appended as cells finish: rerunning the same command
 skips the cells already there), ``results.csv``, ``summary.json`` and, with matplotlib,
 ``heatmap-<policy>.png``, ``heatmaps.png`` and ``score_vs_bytes.png`` into ``--out``.
+
+Rows are matched to cells by the policy's content key (:attr:`~kvpress_aqua.spec.PolicySpec.key`),
+not its name. Every argument is checked before the model is loaded. Ctrl-C stops the run with one
+line saying how many cells are saved; rerunning the same command resumes.
+
+The parser part of this module is light (no torch); the runner is imported when a command runs.
 """
 
 from __future__ import annotations
@@ -11,33 +17,29 @@ import argparse
 import json
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
-
-from ..cache import CompressedCache
-from ..needle import (
-    PROTOCOLS,
-    TASKS,
-    Cell,
-    RunConfig,
-    append_result,
-    load_haystack,
-    parse_depths,
-    plan_cells,
-    read_results,
-    row_key,
-    run_cells,
-    summarize,
-    summary_json,
-    write_csv,
-)
+from ..needle_results import append_result, cell_key, read_results, row_key, summarize, summary_json, write_csv
+from ..needle_tasks import PROTOCOLS, TASKS, Cell, parse_depths, plan_cells
 from ..sizes import format_bytes, parse_tokens
-from ..spec import PolicySpec, parse_policy
+from .common import (
+    Interrupted,
+    apply_threads,
+    check_device,
+    check_threads,
+    load_model_checked,
+    make_console,
+    where,
+)
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..needle import RunConfig
+    from ..spec import PolicySpec
 
 DEFAULT_POLICIES = ("full", "streaming-25", "h2o-25", "h2o-aqua-4x")
 
@@ -73,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``needle`` and ``demo``: model, batching, chunking, threads."""
+    """Options shared by ``needle`` and ``demo``: model, batching, chunking, threads, device."""
     p.add_argument("--model", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--batch-size", type=int, default=4,
                    help="depths run together for one policy, protocol, task and length (default 4)")
@@ -81,6 +83,29 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill chunk in tokens, or 'none' for one forward per prompt (default 512)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda (default cpu)")
+
+
+def check_model_arguments(args: argparse.Namespace) -> int | None:
+    """Check the options of :func:`add_model_arguments` (before anything loads); returns the prefill chunk.
+
+    The checks that need no torch come first, so that most typos are reported at once.
+    """
+    check_threads(args.threads)
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size {args.batch_size}: give a positive number")
+    chunk = None if str(args.prefill_chunk).lower() == "none" else parse_tokens(args.prefill_chunk, "prefill chunk")
+    if chunk is not None and chunk <= 0:
+        raise ValueError(f"--prefill-chunk {args.prefill_chunk}: give a positive token count or 'none'")
+    check_device(args.device)
+    return chunk
+
+
+def parse_lengths(text: str) -> list[int]:
+    """``--lengths``: a comma list of prompt lengths in tokens (``1k`` = 1024)."""
+    lengths = [parse_tokens(t, "length") for t in text.split(",") if t.strip()]
+    if not lengths:
+        raise ValueError(f"--lengths {text!r}: give a comma list of prompt lengths, e.g. 1k,2k")
+    return lengths
 
 
 def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
@@ -93,38 +118,73 @@ def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
 
 
 def parse_specs(policies: Sequence[str]) -> dict[str, PolicySpec]:
-    """Parse policy strings with :func:`~kvpress_aqua.spec.parse_policy`, keyed by their names (deduplicated)."""
+    """Parse policy strings with :func:`~kvpress_aqua.spec.parse_policy`, keyed by display name.
+
+    Specs are told apart by content (:attr:`~kvpress_aqua.spec.PolicySpec.key`): identical ones
+    (the same file typed twice, an inline string equal to a preset) are kept once, under the first
+    name; different ones always stay apart, a clashing name getting ``@<key>`` appended.
+    """
+    from ..spec import parse_policy  # the policies import torch: loaded when a command runs
+
     specs: dict[str, PolicySpec] = {}
+    seen: set[str] = set()
     for text in policies:
         spec = parse_policy(text)
-        specs.setdefault(spec.name, spec)
+        if spec.key in seen:
+            continue
+        seen.add(spec.key)
+        if spec.name in specs:
+            spec = replace(spec, name=f"{spec.name}@{spec.key}")
+        specs[spec.name] = spec
     return specs
 
 
 def run_config(args: argparse.Namespace, model_name: str, haystack: str) -> RunConfig:
-    """The shared settings of a run from parsed arguments."""
-    if args.batch_size <= 0:
-        raise ValueError(f"--batch-size {args.batch_size}: give a positive number")
-    chunk = None if str(args.prefill_chunk).lower() == "none" else parse_tokens(args.prefill_chunk)
-    if chunk is not None and chunk <= 0:
-        raise ValueError(f"--prefill-chunk {args.prefill_chunk}: give a positive token count or 'none'")
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise ValueError(f"--threads {args.threads}: give a positive number")
-        torch.set_num_threads(args.threads)
+    """The shared settings of a run from parsed arguments (checked again; sets torch's threads)."""
+    from ..needle import RunConfig, load_haystack  # torch: loaded when a command runs
+
+    chunk = check_model_arguments(args)
+    apply_threads(args.threads)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stack = load_haystack(haystack)
     for w in caught:
-        Console(stderr=True).print(f"[yellow]warning:[/] {w.message}", highlight=False)
+        make_console(stderr=True).print(f"warning: {w.message}", style="yellow", soft_wrap=True)
     return RunConfig(model=model_name, haystack=stack, seed=getattr(args, "seed", 0), prefill_chunk=chunk,
                      batch_size=args.batch_size)
 
 
 def check_policies(model: Any, specs: dict[str, PolicySpec], context: int) -> None:
     """Build every policy once on ``model`` so that a missing AQUA artifact or bad knob fails before any cell."""
+    from ..cache import CompressedCache
+
     for spec in specs.values():
         CompressedCache(model, *spec.build(context=context)).detach()
+
+
+def _cell_keys(cells: Sequence[Cell], specs: dict[str, PolicySpec], config: RunConfig) -> dict[Cell, tuple]:
+    return {c: cell_key(c, specs[c.policy].key, model=config.model, haystack=config.haystack.name,
+                        seed=config.seed, prefill_chunk=config.prefill_chunk) for c in cells}
+
+
+def _stored_rows(path: Path, specs: dict[str, PolicySpec], legacy: bool) -> dict[tuple, dict[str, Any]]:
+    """Rows of ``path`` by key (a later row replaces an earlier one of the same key).
+
+    With ``legacy`` (report only), rows written before rows carried ``policy_key`` are matched to
+    this run's presets and inline specs by name; a run never reuses them (docs/needle.md).
+    """
+    rows = read_results(path)
+    done: dict[tuple, dict[str, Any]] = {}
+    if legacy:
+        by_name = {name: spec.key for name, spec in specs.items() if spec.source != "file"}
+        for row in rows:
+            if not row.get("policy_key") and row.get("policy") in by_name:
+                if (key := row_key(row, by_name[row["policy"]])) is not None:
+                    done[key] = row
+    for row in rows:
+        if row.get("policy_key") and (key := row_key(row)) is not None:
+            done[key] = row
+    return done
 
 
 def execute(
@@ -133,21 +193,54 @@ def execute(
 ) -> list[dict[str, Any]]:
     """Run the cells not yet in ``out/results.jsonl`` with a progress bar; returns the grid's rows.
 
-    With ``model=None`` nothing is run: the rows already there are reported (missing cells left out).
-    Rows of other runs in the same file (other model, haystack, seed or prefill chunk) are kept but
-    not returned.
+    A stored row counts for a cell when its model, haystack, seed, prefill chunk, policy content key
+    and cell agree; it is returned under the cell's policy name. With ``model=None`` nothing is run:
+    the rows already there are reported (missing cells left out), rows of older files without
+    ``policy_key`` included by name. Rows of other runs in the same file are kept but not returned.
+
+    Raises
+    ------
+    Interrupted
+        On Ctrl-C, saying how many of the cells are saved (every finished row is).
+
     """
     path = out / "results.jsonl"
-    done = {row_key(r): r for r in read_results(path)}
-    pending = [c for c in cells if _key(config, c) not in done]
+    done = _stored_rows(path, specs, legacy=model is None)
+    keys = _cell_keys(cells, specs, config)
+    pending = [c for c in cells if keys[c] not in done]
     if model is None:
-        console.print(f"report only: {len(cells) - len(pending)} of {len(cells)} cells found in {path}")
+        console.print(f"report only: {len(cells) - len(pending)} of {len(cells)} cells found in {path}",
+                      soft_wrap=True)
     elif pending:
         if len(pending) < len(cells):
-            console.print(f"resuming: {len(cells) - len(pending)} of {len(cells)} cells already in {path}")
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=False) as progress:
+            console.print(f"resuming: {len(cells) - len(pending)} of {len(cells)} cells already in {path}",
+                          soft_wrap=True)
+        _run_pending(model, tokenizer, pending, specs, config, path, done, console, keys, len(cells))
+    rows = [_labelled(done[keys[c]], c.policy) for c in cells if keys[c] in done]
+    if not rows:
+        raise FileNotFoundError(f"no results for these cells in {path}")
+    if legacy := sum(not row.get("policy_key") for row in rows):
+        console.print(f"note: {legacy} rows without policy_key (written by an older kvtool) matched by policy name",
+                      style="yellow", soft_wrap=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "results.csv")
+    (out / "summary.json").write_text(json.dumps(summary_json(rows), indent=2) + "\n")
+    return rows
+
+
+def _run_pending(
+    model: Any, tokenizer: Any, pending: list[Cell], specs: dict[str, PolicySpec], config: RunConfig, path: Path,
+    done: dict[tuple, dict[str, Any]], console: Console, keys: dict[Cell, tuple], total: int,
+) -> None:
+    from rich import progress as bars
+
+    from ..needle import run_cells
+
+    columns = (bars.TextColumn("{task.description}", markup=False), bars.BarColumn(), bars.MofNCompleteColumn(),
+               bars.TimeElapsedColumn(), bars.TimeRemainingColumn())
+    wanted = set(keys.values())
+    try:
+        with bars.Progress(*columns, console=console, transient=False) as progress:
             bar = progress.add_task("needle cells", total=len(pending))
 
             def on_row(row: dict[str, Any]) -> None:
@@ -157,21 +250,22 @@ def execute(
                                 f"{row['length']} tok: {row['score']:.2f}")
 
             run_cells(model, tokenizer, pending, specs, config, on_row)
-    rows = [done[k] for k in (_key(config, c) for c in cells) if k in done]
-    if not rows:
-        raise FileNotFoundError(f"no results for these cells in {path}")
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "results.csv")
-    (out / "summary.json").write_text(json.dumps(summary_json(rows), indent=2) + "\n")
-    return rows
+    except KeyboardInterrupt:
+        stored = {row_key(row) for row in read_results(path)}  # what the file holds, torn last line excluded
+        saved = len(wanted & stored)
+        raise Interrupted(f"interrupted: {saved} of {total} cells saved in {path}; rerun the same command to "
+                          "resume") from None
 
 
-def _key(config: RunConfig, cell: Cell) -> tuple:
-    return (config.model, config.haystack.name, config.seed, config.prefill_chunk, *cell.key())
+def _labelled(row: dict[str, Any], policy: str) -> dict[str, Any]:
+    """``row`` under this run's name for its policy (the content matched; the name may differ)."""
+    return row if row.get("policy") == policy else {**row, "policy": policy}
 
 
 def summary_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
     """Mean exact-match score per policy and protocol, per length and task, with measured KV bytes."""
+    from rich.table import Table
+
     summary = summarize(rows)
     lengths = sorted({n for s in summary for n in s.by_length})
     tasks = list(dict.fromkeys(t for s in summary for t in s.by_task))
@@ -203,34 +297,30 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path, model: str, console: 
         paths.append(heatmap_grid(rows, out / "heatmaps.png", model))
         paths.append(plot_score_vs_bytes(rows, out / "score_vs_bytes.png", model))
     except ImportError as err:
-        console.print(f"[yellow]no plots:[/] {err}", highlight=False)
+        console.print(f"no plots: {err}", style="yellow", soft_wrap=True)
         return []
     return paths
 
 
-def _where(device: str) -> str:
-    return f"{torch.get_num_threads()} threads" if device == "cpu" else device
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the needle grid; returns the exit code."""
-    from ..loading import DEFAULT_MODEL, load_model
-
+    lengths, depths = parse_lengths(args.lengths), parse_depths(args.depths)
+    protocols, tasks = parse_list(args.protocol, PROTOCOLS, "--protocol"), parse_list(args.task, TASKS, "--task")
+    check_model_arguments(args)
     specs = parse_specs(args.policy or DEFAULT_POLICIES)
-    lengths = [parse_tokens(t) for t in args.lengths.split(",") if t.strip()]
-    cells = plan_cells(list(specs), parse_list(args.protocol, PROTOCOLS, "--protocol"),
-                       parse_list(args.task, TASKS, "--task"), lengths, parse_depths(args.depths))
-    console = Console(stderr=args.json, highlight=False)
+    cells = plan_cells(list(specs), protocols, tasks, lengths, depths)
+    from ..loading import DEFAULT_MODEL  # torch: after the checks, so that typos are reported at once
+
+    console = make_console(stderr=args.json)
     model_name = args.model or DEFAULT_MODEL
     config = run_config(args, model_name, args.haystack)
     if args.report_only:
         model = tokenizer = None
     else:
-        with console.status("loading model"):
-            model, tokenizer = load_model(args.model, device=args.device)
+        model, tokenizer = load_model_checked(args.model, console, device=args.device)
         check_policies(model, specs, max(lengths))
     console.print(f"{len(cells)} cells on {model_name}, haystack {config.haystack.name}, "
-                  f"prefill chunk {config.prefill_chunk}, {_where(args.device)} -> {args.out}")
+                  f"prefill chunk {config.prefill_chunk}, {where(args.device)} -> {args.out}", soft_wrap=True)
     rows = execute(model, tokenizer, cells, specs, config, args.out, console)
     if args.json:
         print(json.dumps(summary_json(rows), indent=2))
@@ -238,5 +328,5 @@ def run(args: argparse.Namespace) -> int:
         console.print(summary_table(rows, f"needle in a haystack: {model_name}, {config.haystack.name} haystack"))
     if not args.no_plots:
         for path in write_plots(rows, args.out, model_name, console):
-            console.print(f"wrote {path}")
+            console.print(f"wrote {path}", soft_wrap=True)
     return 0

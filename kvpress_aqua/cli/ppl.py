@@ -1,4 +1,7 @@
-"""``kvtool ppl``: perplexity of a text with each policy's compressed cache in the loop, and its change vs full."""
+"""``kvtool ppl``: perplexity of a text with each policy's compressed cache in the loop, and its change vs full.
+
+Arguments are checked before the model loads; torch and the runner are imported when it runs.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +9,11 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
-from ..needle import load_haystack
-from ..perplexity import PerplexityResult, perplexity
 from ..sizes import format_bytes, parse_tokens
-from ..spec import parse_policy
+from .common import apply_threads, check_threads, load_model_checked, make_console
+from .needle import parse_specs
+
+DEFAULT_POLICIES = ("h2o-50", "h2o-aqua-2x", "aqua-k50")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--policy", action="append", default=None,
-                   help="preset name, TOML path or inline spec; repeatable (default: h2o-50, h2o-aqua-2x, aqua-k50)")
+                   help=f"preset name, TOML path or inline spec; repeatable (default: {', '.join(DEFAULT_POLICIES)})")
     p.add_argument("--text", type=Path, default=None, metavar="FILE",
                    help="text file (default: the Paul Graham essays of the needle haystack, held out from AQUA "
                    "calibration)")
@@ -40,32 +39,37 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compute and print perplexities; returns the exit code."""
-    from ..loading import DEFAULT_MODEL, load_model
-
-    specs = {}
-    for text in ["full", *(args.policy or ["h2o-50", "h2o-aqua-2x", "aqua-k50"])]:
-        spec = parse_policy(text)
-        specs.setdefault(spec.name, spec)
+    check_threads(args.threads)
+    if args.chunk <= 0:
+        raise ValueError(f"--chunk {args.chunk}: give a positive number of tokens per forward (1 = token by token)")
     tokens = parse_tokens(args.tokens)
     if tokens < 2:
         raise ValueError(f"--tokens {args.tokens}: give at least 2 tokens")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.text is not None and not args.text.is_file():
+        raise FileNotFoundError(f"text file {args.text} does not exist")
+    specs = parse_specs(["full", *(args.policy or DEFAULT_POLICIES)])
+    # torch and the runner: after the checks, so that typos are reported at once
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from ..loading import DEFAULT_MODEL
+    from ..needle import load_haystack
+    from ..perplexity import PerplexityResult, perplexity
+
+    apply_threads(args.threads)
     if args.text is None:
         source, text = "Paul Graham essays", load_haystack("essays").text
-    elif not args.text.is_file():
-        raise FileNotFoundError(f"text file {args.text} does not exist")
     else:
         source, text = str(args.text), args.text.read_text(encoding="utf-8")
-    console = Console(stderr=args.json, highlight=False)
-    with console.status("loading model"):
-        model, tokenizer = load_model(args.model)
+    console = make_console(stderr=args.json)
+    model, tokenizer = load_model_checked(args.model, console)
     ids = torch.tensor(tokenizer.encode(text, add_special_tokens=True)[:tokens])
     if ids.numel() < tokens:
-        console.print(f"[yellow]note:[/] the text has only {ids.numel()} tokens; scoring those")
+        console.print(f"note: the text has only {ids.numel()} tokens; scoring those", style="yellow", soft_wrap=True)
     context = ids.numel()
     results: dict[str, PerplexityResult] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         for name, spec in specs.items():
             bar = progress.add_task(name, total=context - 1)

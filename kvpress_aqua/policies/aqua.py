@@ -5,15 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from ..artifact_format import AquaArtifact, find_artifact
 from ..model_info import ModelInfo
+from ..policy_defaults import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS
 from .base import ChannelPolicy
-
-if TYPE_CHECKING:
-    from ..calibration import AquaArtifact
 
 _BASES = ("svd", "identity", "think")
 _SPLITS = ("uniform", "spectrum")
@@ -73,8 +71,8 @@ class Aqua(ChannelPolicy):
     per_layer: str = "uniform"
     basis: str = "svd"
     artifact: str | Path | AquaArtifact | None = None
-    exact_sinks: int = 4
-    exact_recent: int = 64
+    exact_sinks: int = AQUA_EXACT_SINKS
+    exact_recent: int = AQUA_EXACT_RECENT
     _proj: list[torch.Tensor] = field(init=False, default_factory=list, repr=False, compare=False)
     _tail: list[torch.Tensor] = field(init=False, default_factory=list, repr=False, compare=False)
     _dims: list[int] = field(init=False, default_factory=list, repr=False, compare=False)
@@ -118,8 +116,6 @@ class Aqua(ChannelPolicy):
                 self._tail.append(basis[:, :, r:].to(device=device, dtype=dtype).contiguous())
 
     def _load_artifact(self, info: ModelInfo) -> AquaArtifact:
-        from ..calibration import AquaArtifact, find_artifact
-
         if self.artifact is None:
             artifact = find_artifact(info)
         elif isinstance(self.artifact, AquaArtifact):
@@ -149,35 +145,20 @@ class Aqua(ChannelPolicy):
         """Stored key channels of a layer."""
         return self._dims[layer_idx]
 
-    def project_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
-        """``K @ P_r`` per KV head: ``(batch, kv_heads, seq, r)``."""
-        return keys @ self._proj[layer_idx]
+    def key_basis(self, layer_idx: int) -> torch.Tensor:
+        """``P[:, :, :r]`` of a layer, ``(kv_heads, head_dim, r)``."""
+        return self._proj[layer_idx]
 
-    def project_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
-        """``Q @ P_r`` with each query head using its KV group's basis, then per-query channel selection."""
-        q = _per_group(queries, self._proj[layer_idx])
-        keep = math.ceil(self.q_ratio * q.shape[-1])
-        if keep < q.shape[-1]:
-            top = q.abs().topk(keep, dim=-1).indices
-            q = torch.zeros_like(q).scatter_(-1, top, q.gather(-1, top))
-        return q
+    def residual_basis(self, layer_idx: int) -> torch.Tensor:
+        """``P[:, :, r:]``: the channels the stored keys drop (bound with exact tokens only)."""
+        return self._tail[layer_idx]
 
-    def residual_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
-        """``K @ P[:, :, r:]``: the channels the stored keys drop (bound with exact tokens only)."""
-        return keys @ self._tail[layer_idx]
-
-    def residual_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
-        """``Q @ P[:, :, r:]`` per KV group, with no channel selection."""
-        return _per_group(queries, self._tail[layer_idx])
+    def query_channels(self, layer_idx: int) -> int | None:
+        """``ceil(q_ratio * r)`` channels per projected query, or ``None`` when ``q_ratio`` is 1."""
+        keep = math.ceil(self.q_ratio * self._dims[layer_idx])
+        return None if keep >= self._dims[layer_idx] else keep
 
     def nbytes(self) -> int:
         """Bytes of the stored projections."""
         return sum(p.nbytes for p in self._proj) + sum(p.nbytes for p in self._tail)
 
-
-def _per_group(queries: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-    """``(batch, heads, seq, d) @ (kv_heads, d, w)`` with query head ``h`` using KV head ``h // group``."""
-    batch, heads, seq, d = queries.shape
-    kv_heads = proj.shape[0]
-    grouped = queries.reshape(batch, kv_heads, heads // kv_heads, seq, d)
-    return (grouped @ proj[:, None]).reshape(batch, heads, seq, proj.shape[-1])

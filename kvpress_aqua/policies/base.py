@@ -103,14 +103,14 @@ class ChannelPolicy(ABC):
 
     Keys are projected per layer and KV head onto ``key_dim`` channels by :meth:`project_keys`
     (for AQUA: rotated by an orthogonal basis and cut to the leading channels) and stored in that
-    form; queries are projected the same way by :meth:`project_queries` when they read stored keys.
+    form; the attention projects queries by the same :meth:`key_basis` before they meet stored keys.
     The chunk being processed attends to itself with raw queries and keys, so only stored keys are
     approximated. With an orthogonal basis and every channel kept, attention is exact.
 
     A policy may also ask the cache to keep the channels it drops for a few tokens: the first
     ``exact_sinks`` real tokens of each sequence and the ``exact_recent`` tokens before the current
-    chunk. The cache stores their :meth:`residual_keys` and adds ``residual_queries · residual_keys``
-    to their scores, which makes attention to them exact again.
+    chunk. The cache stores their :meth:`residual_keys`, and the attention adds the score of the
+    queries projected by :meth:`residual_basis` against them, which makes attention to them exact.
     """
 
     exact_sinks: int = 0
@@ -128,28 +128,31 @@ class ChannelPolicy(ABC):
         """Number of key channels stored for a layer."""
 
     @abstractmethod
+    def key_basis(self, layer_idx: int) -> torch.Tensor:
+        """``(kv_heads, head_dim, key_dim)``: keys and queries are stored and read as ``x @ basis``.
+
+        Under GQA query head ``h`` uses the basis of KV head ``h // (heads // kv_heads)``.
+        """
+
+    @abstractmethod
+    def residual_basis(self, layer_idx: int) -> torch.Tensor:
+        """``(kv_heads, head_dim, head_dim - key_dim)``: the directions :meth:`key_basis` drops.
+
+        ``(q @ key_basis)·(k @ key_basis) + (q @ residual_basis)·(k @ residual_basis)`` is ``q · k``
+        for an orthogonal basis. Needed only when the policy keeps exact tokens.
+        """
+
+    def query_channels(self, layer_idx: int) -> int | None:
+        """Channels of each projected query kept, by magnitude (per-query selection); ``None`` keeps all."""
+        return None
+
     def project_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
         """Map keys ``(batch, kv_heads, seq, head_dim)`` to their stored form ``(batch, kv_heads, seq, key_dim)``."""
+        return keys @ self.key_basis(layer_idx)
 
-    @abstractmethod
-    def project_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
-        """Map queries ``(batch, heads, seq, head_dim)`` to ``(batch, heads, seq, key_dim)``.
-
-        Under GQA query head ``h`` uses the basis of KV head ``h // (heads // kv_heads)``. A policy may
-        zero channels it drops per query (dynamic selection) but keeps the width.
-        """
-
-    @abstractmethod
     def residual_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
         """The channels :meth:`project_keys` drops: ``(batch, kv_heads, seq, head_dim - key_dim)``."""
-
-    @abstractmethod
-    def residual_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
-        """Queries in the dropped channels, ``(batch, heads, seq, head_dim - key_dim)``.
-
-        ``project_queries(q) · project_keys(k) + residual_queries(q) · residual_keys(k)`` is ``q · k``
-        for an orthogonal basis when the policy drops no query channel.
-        """
+        return keys @ self.residual_basis(layer_idx)
 
     @abstractmethod
     def nbytes(self) -> int:

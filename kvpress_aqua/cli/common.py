@@ -1,0 +1,196 @@
+"""What every ``kvtool`` command shares: argument checks, plain consoles, one-line errors, model loading.
+
+Light on purpose: importing this module imports neither torch nor transformers (the parser is built
+from the command modules, which import it); the checks that need torch import it when they run.
+
+Every check runs before any model is loaded and raises ``ValueError`` with one line naming the
+option, the value given and what to give instead; ``kvtool`` prints it as ``error: ...`` and exits
+with code 2.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_USAGE",
+    "Interrupted",
+    "apply_threads",
+    "check_device",
+    "check_dtype",
+    "check_threads",
+    "load_model_checked",
+    "make_console",
+    "one_line",
+    "print_error",
+    "where",
+]
+
+EXIT_USAGE = 2
+"""Exit code for bad input (and for a model that cannot be loaded)."""
+EXIT_INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+class Interrupted(Exception):  # noqa: N818 - an outcome, not an error
+    """A run stopped by Ctrl-C; the message says what was saved and how to resume."""
+
+
+def one_line(message: object) -> str:
+    """``message`` as one physical line: line breaks (and the spaces around them) become one space."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", str(message).strip())
+
+
+def print_error(message: object, file: TextIO | None = None) -> None:
+    """Print ``error: <message>`` as plain text (no markup, no emoji codes) on one line, to stderr."""
+    stream = sys.stderr if file is None else file
+    stream.write(f"error: {one_line(message)}\n")
+    stream.flush()
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console that prints text as given: no markup, no ``:emoji:`` codes, no highlighting.
+
+    User input (paths, policy names, model names, generated text) goes through it unchanged, in
+    tables too; style whole lines with ``console.print(text, style=...)`` instead of markup.
+    """
+    from rich.console import Console  # rich is imported when a command runs, not for --help
+
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False)
+
+
+def check_threads(threads: int | None, option: str = "--threads") -> int | None:
+    """Check a CPU thread count: ``None`` (torch's choice) or a positive integer.
+
+    Raises
+    ------
+    ValueError
+        For zero or a negative count.
+
+    """
+    if threads is not None and threads <= 0:
+        raise ValueError(f"{option} {threads}: give a positive number of CPU threads, or leave {option} out for "
+                         "torch's choice")
+    return threads
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's CPU threads (after :func:`check_threads`); ``None`` leaves them."""
+    if check_threads(threads) is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def check_device(device: str, option: str = "--device") -> str:
+    """Check that ``device`` names a torch device this machine has.
+
+    Parameters
+    ----------
+    device : str
+        ``cpu``, ``cuda``, ``cuda:1``, ``mps``...
+    option : str
+        The option it came from, for the message.
+
+    Returns
+    -------
+    str
+        ``device`` unchanged.
+
+    Raises
+    ------
+    ValueError
+        For a name torch does not know, or a device type (or index) that is not available here.
+
+    """
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{option} {device}: not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cpu":
+        return device
+    backend = getattr(torch, parsed.type, None)
+    if parsed.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    available = bool(backend is not None and hasattr(backend, "is_available") and backend.is_available())
+    if not available:
+        raise ValueError(f"{option} {device}: this machine has no {parsed.type} device available to torch "
+                         f"{torch.__version__}; use {option} cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"{option} {device}: only {count} {parsed.type} device(s) here (index 0 to {count - 1})")
+    return device
+
+
+def check_dtype(dtype: str | None, option: str = "--dtype") -> str | None:
+    """Check a weight dtype name (``fp32``, ``bf16``, ``fp16``...); ``None`` keeps the default.
+
+    Raises
+    ------
+    ValueError
+        For a name :func:`kvpress_aqua.loading.resolve_dtype` does not know.
+
+    """
+    if dtype is None:
+        return None
+    from ..loading import resolve_dtype
+
+    try:
+        resolve_dtype(dtype)
+    except ValueError as err:
+        raise ValueError(f"{option} {dtype}: {err}") from None
+    return dtype
+
+
+def where(device: str) -> str:
+    """What the model runs on, for a status line: ``"2 threads"`` on the CPU, else the device."""
+    if device != "cpu":
+        return device
+    import torch
+
+    threads = torch.get_num_threads()
+    return f"{threads} thread{'' if threads == 1 else 's'}"
+
+
+def load_model_checked(name: str | None, console: Console | None = None, **kwargs: Any) -> tuple[Any, Any]:
+    """:func:`kvpress_aqua.loading.load_model` with a spinner; a model that cannot load is one ``ValueError``.
+
+    Parameters
+    ----------
+    name : str or None
+        ``--model`` as given (``None`` for the offline default model).
+    console : Console, optional
+        Shows a "loading model" spinner while it loads.
+    **kwargs
+        ``device``, ``dtype``... passed on.
+
+    Returns
+    -------
+    tuple
+        Model and tokenizer.
+
+    Raises
+    ------
+    ValueError
+        Wrapping the ``OSError`` (missing folder or weights, hub offline, unknown id) or
+        ``RuntimeError`` (failed conversion, device errors) of the loader, in one line.
+
+    """
+    from .. import loading
+
+    try:
+        if console is None:
+            return loading.load_model(name, **kwargs)
+        with console.status("loading model"):
+            return loading.load_model(name, **kwargs)
+    except (OSError, RuntimeError) as err:
+        what = "the default model" if name is None else f"model {name!r}"
+        raise ValueError(f"cannot load {what}: {one_line(err)}") from None

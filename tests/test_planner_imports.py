@@ -1,0 +1,79 @@
+"""`kvtool plan` reads configs, not models: planning (with an artifact and its sweep) imports neither torch nor
+transformers, and the command completes in a fresh process. (Its wall time is measured by hand, not here.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from kvpress_aqua.artifact_format import AquaArtifact
+from kvpress_aqua.planner import resolve_model
+from kvpress_aqua.policy_defaults import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS
+from kvpress_aqua.sweep_format import QualitySweep, SweepPoint, artifact_fingerprint, sweep_path
+
+HEAVY = ("torch", "transformers")
+
+
+def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {"KVPRESS_AQUA_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path)
+
+
+def smollm2_artifact(path: Path) -> Path:
+    """An artifact keyed to SmolLM2-135M (identity bases), made with numpy only."""
+    info = resolve_model("smollm2-135m").info
+    layers, heads, d = info.num_layers, info.num_kv_heads, info.head_dim
+    ones = np.ones((layers, heads, d), np.float32)
+    return AquaArtifact(
+        projections=np.broadcast_to(np.eye(d, dtype=np.float32), (layers, heads, d, d)),
+        spectrum=np.broadcast_to(np.linspace(1.0, 0.1, d, dtype=np.float32), (layers, heads, d)),
+        query_norms=ones, key_norms=ones,
+        metadata={"model": info.name, "fingerprint": info.fingerprint, "num_layers": layers,
+                  "num_heads": info.num_heads, "num_kv_heads": heads, "head_dim": d},
+    ).save(path)
+
+
+def test_planning_imports_neither_torch_nor_transformers(tmp_path):
+    artifact = smollm2_artifact(tmp_path / "smol.safetensors")
+    points = tuple(SweepPoint(k, r, None, 10.0, 2.3, q, 1.0) for k, r, q in [(1, 1, 1), (1, 0.5, 0.9), (0.5, 1, 0.8),
+                                                                             (0.5, 0.5, 0.7)])
+    meta = {"artifact_fingerprint": artifact_fingerprint(AquaArtifact.load(artifact, framework="np")),
+            "token_policy": "h2o", "aqua_exact_sinks": AQUA_EXACT_SINKS, "aqua_exact_recent": AQUA_EXACT_RECENT}
+    QualitySweep(points, meta).save(sweep_path(artifact))
+    code = f"""
+import json, sys
+import kvpress_aqua.artifact_format, kvpress_aqua.sweep_format, kvpress_aqua.model_config, kvpress_aqua.cli.plan
+from kvpress_aqua.planner import plan
+plans = [plan("8GB", "smollm2-135m", context="4k", new_tokens=16, prefill_chunk=512),
+         plan("8GB", "smollm2-135m", context="4k", artifact={str(artifact)!r}),
+         plan("8GB", "smollm2-135m", context="4k", artifact={str(artifact)!r}, token_policy="sliding")]
+print(json.dumps({{"fits": [p.fits for p in plans], "kinds": [p.quality_model.kind for p in plans],
+                  "loaded": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out == {"fits": [True] * 3, "kinds": ["default", "sweep", "spectrum"], "loaded": []}
+
+
+def test_kvtool_plan_json_completes_in_a_fresh_process(tmp_path):
+    argv = ["plan", "--budget", "8GB", "--model", "smollm2-135m", "--context", "4k", "--json"]
+    script = Path(sys.executable).with_name("kvtool")
+    env = {"KVPRESS_AQUA_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run([str(script), *argv], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["fits"] and data["model"]["layers"] == 30 and data["context"] == 4096
+    code = f"""
+import sys
+from kvpress_aqua.cli import main
+code = main({argv!r})
+print("loaded:", [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)
+sys.exit(code)
+"""
+    inline = run_python(code, tmp_path)
+    assert inline.returncode == 0 and "loaded: []" in inline.stderr, inline.stderr
+    assert json.loads(inline.stdout) == data

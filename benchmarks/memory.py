@@ -7,8 +7,9 @@ RSS above the post-load baseline and the wall time. Two ways of feeding the prom
 
 - ``prefill``: ``cache.prefill(ids)`` (chunks of 512 for the ``*-chunked`` and compressed rows, one
   forward for ``full``), then a greedy decode loop;
-- ``generate``: the README's snippet, ``model.generate(ids, cache=cache)`` with no chunking at all
-  (``generate-*`` rows), against ``DynamicCache`` in ``generate-full``.
+- ``generate``: the README's snippet, ``model.generate(ids, cache=cache)``, with no chunking at all
+  (``generate-*`` rows, against ``DynamicCache`` in ``generate-full``) or with generate's own
+  ``prefill_chunk_size=512`` (``generate-chunked-*``).
 
 The prompt is random token ids from a fixed seed: bytes do not depend on text.
 
@@ -35,6 +36,9 @@ CONFIGS = {
     "generate-full": "full",
     "generate-sliding-25": "streaming-25",
     "generate-h2o-25": "h2o-25",
+    "generate-chunked-full": "full",
+    "generate-chunked-sliding-25": "streaming-25",
+    "generate-chunked-h2o-25": "h2o-25",
 }
 CHUNK = 512
 
@@ -52,6 +56,7 @@ def run_one(name: str, tokens: int, new_tokens: int) -> dict:
     spec = parse_policy(CONFIGS[name])
     generate = name.startswith("generate-")
     chunk = None if name == "full" or generate else CHUNK
+    generate_chunk = {"prefill_chunk_size": CHUNK} if name.startswith("generate-chunked-") else {}
     cache = CompressedCache(model, *spec.build(context=tokens), prefill_chunk=chunk)
     with torch.inference_mode():  # page the memory-mapped weights in before the baseline
         model(ids[:, :8])
@@ -62,7 +67,8 @@ def run_one(name: str, tokens: int, new_tokens: int) -> dict:
     with torch.inference_mode():
         if generate:
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens + 1,
-                           min_new_tokens=new_tokens + 1, do_sample=False, **cache_kwargs(model, cache))
+                           min_new_tokens=new_tokens + 1, do_sample=False, **generate_chunk,
+                           **cache_kwargs(model, cache))
             after_prefill = None
         else:
             logits = cache.prefill(ids)
@@ -80,7 +86,7 @@ def run_one(name: str, tokens: int, new_tokens: int) -> dict:
         "prompt_tokens": tokens,
         "new_tokens": new_tokens,
         "prefill_chunk": chunk,
-        "feed": "generate" if generate else "prefill",
+        "feed": ("generate, prefill_chunk_size=512" if generate_chunk else "generate") if generate else "prefill",
         "seconds": round(seconds, 2),
         "kv_bytes": cache.nbytes(),
         "kv_bytes_after_prefill": after_prefill,
@@ -98,13 +104,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="configurations to run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "memory.json")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.tokens, args.new_tokens)))
         return
     results = []
-    for name in CONFIGS:
+    for name in args.only:
         cmd = [sys.executable, __file__, "--one", name, "--tokens", str(args.tokens),
                "--new-tokens", str(args.new_tokens)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)

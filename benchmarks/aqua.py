@@ -2,7 +2,7 @@
 
 The text comes from the first half of the Paul Graham essays of the needle haystack, which the
 default calibration (CPython's documentation prose and the essays' second half) never saw. Every
-prediction reads the cache as it stores keys (see ``kvpress_aqua.perplexity``). Compared at the
+prediction reads the cache as it stores keys (see ``kvpress_aqua.evaluation.perplexity``). Compared at the
 same bytes where it matters:
 
 - full cache vs SVD basis at k_ratio 1, 0.75, 0.5, 0.375 (memory mode, static slicing);
@@ -22,11 +22,11 @@ import json
 import sys
 from pathlib import Path
 
-from kvpress_aqua.calibration import AquaArtifact, find_artifact
+from kvpress_aqua.calibration.calibrate import AquaArtifact, find_artifact
+from kvpress_aqua.evaluation.needle.runner import load_haystack
+from kvpress_aqua.evaluation.perplexity import perplexity
 from kvpress_aqua.loading import load_model
 from kvpress_aqua.model_info import ModelInfo
-from kvpress_aqua.needle import load_haystack
-from kvpress_aqua.perplexity import perplexity
 from kvpress_aqua.policies.aqua import Aqua
 
 NO_EXACT = dict(exact_sinks=0, exact_recent=0)

@@ -16,7 +16,7 @@ recent window) the new query and key are also projected on the ``d - r`` dropped
 
 This script times the three side by side, in one run, for several ``S``, and reports the measured
 ratios next to the predicted break-evens. Each timing is one decode step of the package's own
-attention op (``kvpress_aqua.attention.reference_attention``: query projection, scores, exact-token
+attention op (``kvpress_aqua.ops.reference.reference_attention``: query projection, scores, exact-token
 scores scattered in by the held slot map, softmax, values) plus the projection of the new key that
 the layer's update does; the values cost the same in all three, so the measured ratios are closer
 to 1 than the score-only multiply-add model.
@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from kvpress_aqua.attention import AttentionInputs, reference_attention
+from kvpress_aqua.ops.inputs import AttentionInputs
+from kvpress_aqua.ops.reference import reference_attention
 from kvpress_aqua.policies.aqua import Aqua
 
 EXACT = Aqua.exact_sinks + Aqua.exact_recent

@@ -21,7 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvpress_aqua import CompressedCache
-from kvpress_aqua.planner import MemoryModel, resolve_model
+from kvpress_aqua.planner.search import MemoryModel, resolve_model
 from kvpress_aqua.policies import H2O, SlidingWindow
 from kvpress_aqua.policies.aqua import Aqua
 

@@ -47,9 +47,9 @@ def run_one(name: str, tokens: int, new_tokens: int) -> dict:
     import torch
 
     from kvpress_aqua import CompressedCache
-    from kvpress_aqua.compat import cache_kwargs
     from kvpress_aqua.loading import load_model
-    from kvpress_aqua.spec import parse_policy
+    from kvpress_aqua.presets.spec import parse_policy
+    from kvpress_aqua.util.compat import cache_kwargs
 
     model, _ = load_model()
     ids = torch.randint(100, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))

@@ -1,6 +1,6 @@
 """Planner check: predicted vs measured memory for a few plans (peak RSS on CPU, max_memory_allocated on a GPU).
 
-For each plan: ask `kvpress_aqua.planner.plan` for the recommendation (and, for some plans, also the
+For each plan: ask `kvpress_aqua.planner.search.plan` for the recommendation (and, for some plans, also the
 k_ratio 0.5 candidate), then, in a fresh process, build the model, note the memory after loading,
 run the plan's cache (chunked prefill through `cache.prefill`, then `new_tokens - 1` decode steps)
 and read the peak. Compared:
@@ -16,7 +16,7 @@ and read the peak. Compared:
 
 On CPU each candidate runs twice, in fresh processes: with glibc's default allocator settings
 (`*_measured`), and with its mmap and trim thresholds pinned at 128 KiB by
-`kvpress_aqua.malloc.pin_malloc_thresholds` (`*_measured_pinned`): by default glibc keeps freed
+`kvpress_aqua.util.malloc.pin_malloc_thresholds` (`*_measured_pinned`): by default glibc keeps freed
 buffers below its dynamic mmap threshold (up to 32 MiB) on the heap, so RSS runs above the live
 tensors by an amount that changes from run to run. `--live` adds a third run that records the peak
 of live tensor bytes with the PyTorch profiler's memory events (`*_live`; the CPU counterpart of
@@ -67,7 +67,7 @@ WITH_HALF_K = {"4k-chunk512", "8k-chunk256-tight", "32k-batch4-chunk512"}
 
 
 def _plan(shape_name: str, dtype: str, settings: dict):
-    from kvpress_aqua.planner import plan
+    from kvpress_aqua.planner.search import plan
 
     return plan(model=shape_name, dtype=dtype, **settings)
 
@@ -83,7 +83,7 @@ def _build(shape_name: str, init: str, device: str, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kvpress_aqua.planner import resolve_model
+    from kvpress_aqua.planner.search import resolve_model
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if init == "load":
@@ -116,8 +116,8 @@ def run_one(shape_name: str, init: str, device: str, dtype: str, name: str, inde
     import torch
 
     from kvpress_aqua import CompressedCache
-    from kvpress_aqua.malloc import pin_malloc_thresholds
-    from kvpress_aqua.spec import PolicySpec
+    from kvpress_aqua.presets.spec import PolicySpec
+    from kvpress_aqua.util.malloc import pin_malloc_thresholds
 
     if mode == "pinned" and not pin_malloc_thresholds():
         raise RuntimeError("this C library has no mallopt: the pinned mode needs glibc")

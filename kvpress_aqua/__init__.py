@@ -10,18 +10,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _EXPORTS = {
-    "CompressedCache": "cache",
-    "CompressedLayer": "cache",
-    "MemoryReport": "cache",
+    "CompressedCache": "core.cache",
+    "CompressedLayer": "core.cache",
+    "MemoryReport": "core.cache",
     "ModelInfo": "model_info",
-    "PolicySpec": "spec",
+    "PolicySpec": "presets.spec",
     "UnsupportedModelError": "model_info",
     "load_model": "loading",
-    "parse_policy": "spec",
-    "plan": "planner",
+    "parse_policy": "presets.spec",
+    "plan": "planner.search",
 }
 """Public name -> the submodule defining it."""
 
@@ -39,11 +39,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .cache import CompressedCache, CompressedLayer, MemoryReport
+    from .core.cache import CompressedCache, CompressedLayer, MemoryReport
     from .loading import load_model
     from .model_info import ModelInfo, UnsupportedModelError
-    from .planner import plan
-    from .spec import PolicySpec, parse_policy
+    from .planner.search import plan
+    from .presets.spec import PolicySpec, parse_policy
 
 
 def __getattr__(name: str) -> Any:

@@ -30,8 +30,8 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .paths import CACHE_ENV as _CACHE_ENV
-from .paths import cache_dir
+from .util.paths import CACHE_ENV as _CACHE_ENV
+from .util.paths import cache_dir
 
 __all__ = [
     "DEFAULT_MODEL",

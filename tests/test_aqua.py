@@ -8,9 +8,9 @@ from tiny_models import ARCHS, byte_tokenizer, make_tiny_model
 from transformers import DynamicCache
 
 from kvpress_aqua import CompressedCache, ModelInfo
-from kvpress_aqua.accounting import layer_nbytes
-from kvpress_aqua.attention import _top_channels
-from kvpress_aqua.calibration import AquaArtifact, calibrate
+from kvpress_aqua.calibration.calibrate import AquaArtifact, calibrate
+from kvpress_aqua.core.accounting import layer_nbytes
+from kvpress_aqua.ops.reference import top_channels
 from kvpress_aqua.policies import H2O
 from kvpress_aqua.policies.aqua import CHANNEL_MULTIPLE, Aqua
 
@@ -90,12 +90,12 @@ def test_query_selection_keeps_top_channels():
     full.bind(ModelInfo.from_config(model.config), torch.device("cpu"), torch.float32)
     assert full.query_channels(0) is None
     q = torch.randn(2, 2, 2, 3, 16) @ aqua.key_basis(0)[:, None]  # (batch, kv_heads, group, seq, r)
-    projected = _top_channels(q, aqua.query_channels(0))
+    projected = top_channels(q, aqua.query_channels(0))
     assert ((projected != 0).sum(-1) == math.ceil(0.5 * 16)).all()
     kept = projected != 0
     assert torch.allclose(projected[kept], q[kept])
     assert (q.abs().masked_fill(kept, 0).amax(-1) <= q.abs().masked_fill(~kept, math.inf).amin(-1)).all()
-    assert torch.equal(_top_channels(q, None), q)
+    assert torch.equal(top_channels(q, None), q)
 
 
 def test_spectrum_split_keeps_the_total_and_favours_flat_spectra():

@@ -6,8 +6,9 @@ import torch
 from tiny_models import make_tiny_model
 from transformers import AttentionInterface, DynamicCache
 
-from kvpress_aqua import CompressedCache, attention
-from kvpress_aqua.accounting import decode_slots, layer_nbytes
+from kvpress_aqua import CompressedCache
+from kvpress_aqua.core.accounting import decode_slots, layer_nbytes
+from kvpress_aqua.ops import reference
 from kvpress_aqua.policies import H2O, TOVA, SlidingWindow
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi3"]
@@ -81,7 +82,7 @@ def test_eviction_equals_masked_full_attention(arch, policy, chunk, monkeypatch)
     seq_len = prompt.shape[1] + total_steps
     visible = {i: torch.zeros(2, model.config.num_key_value_heads, seq_len, seq_len, dtype=torch.bool)
                for i in range(model.config.num_hidden_layers)}
-    real_attention = attention.reference_attention
+    real_attention = reference.reference_attention
 
     def record(inputs, query, *args):
         # what queries first..first+n-1 of this call see: the visible held past plus the chunk up to themselves
@@ -95,7 +96,7 @@ def test_eviction_equals_masked_full_attention(arch, policy, chunk, monkeypatch)
             visible[inputs.layer_idx][:, :, t, : t + 1] = (held[:, :, : t + 1] > 0) | (torch.arange(t + 1) >= first)
         return real_attention(inputs, query, *args)
 
-    monkeypatch.setattr(attention, "reference_attention", record)
+    monkeypatch.setattr(reference, "reference_attention", record)
     with torch.no_grad():
         if chunk is None:
             logits = model(prompt, past_key_values=cache).logits[:, -1]

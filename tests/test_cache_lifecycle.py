@@ -8,10 +8,12 @@ import torch
 from tiny_models import make_tiny_model
 from transformers import DynamicCache
 
-from kvpress_aqua import CompressedCache, attention
-from kvpress_aqua.accounting import GROWTH_MIN, decode_slots, layer_nbytes
-from kvpress_aqua.compat import cache_kwargs
+from kvpress_aqua import CompressedCache
+from kvpress_aqua.attention.dispatch import ATTENTION_NAME
+from kvpress_aqua.core.accounting import GROWTH_MIN, decode_slots, layer_nbytes
+from kvpress_aqua.ops import reference
 from kvpress_aqua.policies import H2O, TOVA, SlidingWindow
+from kvpress_aqua.util.compat import cache_kwargs
 
 TOL = 1e-4
 
@@ -40,7 +42,7 @@ def test_a_detached_cache_reattaches_when_used_again():
     assert model.config._attn_implementation == "sdpa"
     got = _generate(model, full, cache)  # reuse after detach: the cache re-attaches on its next update
     assert (got - want).abs().max().item() < TOL
-    assert model.config._attn_implementation == attention.ATTENTION_NAME
+    assert model.config._attn_implementation == ATTENTION_NAME
     cache.detach()
     assert model.config._attn_implementation == "sdpa"
 
@@ -55,7 +57,7 @@ def test_two_live_caches_on_one_model_are_independent(order):
     first, second = (a, b) if order == "a-first" else (b, a)
     first.detach()
     # the other cache is still live: the model keeps the compressed attention
-    assert model.config._attn_implementation == attention.ATTENTION_NAME
+    assert model.config._attn_implementation == ATTENTION_NAME
     got = _generate(model, ids, a)
     assert (got - want).abs().max().item() < TOL
     second.detach()
@@ -74,7 +76,7 @@ def test_the_last_collected_cache_gives_the_model_its_attention_back():
         assert (model(ids).logits - want).abs().max().item() < TOL
     caches.pop()
     gc.collect()
-    assert model.config._attn_implementation == attention.ATTENTION_NAME
+    assert model.config._attn_implementation == ATTENTION_NAME
     caches.pop()
     gc.collect()
     assert model.config._attn_implementation == "eager"
@@ -163,7 +165,7 @@ def test_blockwise_attention_equals_one_block(arch, monkeypatch):
         return logits, [(layer.index.clone(), layer.score.clone()) for layer in cache.layers]
 
     one_logits, one_state = run()
-    monkeypatch.setattr(attention, "BLOCK_SCORE_BYTES", 1)  # one query row per block
+    monkeypatch.setattr(reference, "BLOCK_SCORE_BYTES", 1)  # one query row per block
     blocked_logits, blocked_state = run()
     assert (one_logits - blocked_logits).abs().max().item() < 1e-5
     for (index_a, score_a), (index_b, score_b) in zip(one_state, blocked_state, strict=True):

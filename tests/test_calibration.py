@@ -13,8 +13,8 @@ from tiny_models import ARCHS, byte_tokenizer, make_tiny_model
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kvpress_aqua import calibration
-from kvpress_aqua.calibration import (
+from kvpress_aqua.calibration import calibrate as calibration
+from kvpress_aqua.calibration.calibrate import (
     AquaArtifact,
     calibrate,
     default_artifact_path,
@@ -22,8 +22,8 @@ from kvpress_aqua.calibration import (
     find_artifact,
 )
 from kvpress_aqua.cli import main
+from kvpress_aqua.evaluation.needle.runner import load_haystack
 from kvpress_aqua.model_info import ModelInfo
-from kvpress_aqua.needle import load_haystack
 
 TEXT = "The quick brown fox jumps over the lazy dog while the keeper counts ships in the harbour. " * 8
 

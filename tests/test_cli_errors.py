@@ -84,9 +84,9 @@ def test_user_input_is_printed_verbatim_on_one_line(no_model, capsys, tmp_path):
 
 
 def test_plot_install_hint_keeps_its_brackets(tmp_path, capsys, monkeypatch):
-    from kvpress_aqua import plots
     from kvpress_aqua.cli.common import make_console
     from kvpress_aqua.cli.needle import write_plots
+    from kvpress_aqua.evaluation.needle import plots
 
     def missing(*args, **kwargs):
         raise ImportError("plots need matplotlib: pip install 'kvpress-aqua[plot]' (or pass --no-plots)")
@@ -148,7 +148,7 @@ def test_generate_passes_the_cache_without_future_warning(monkeypatch, capsys):
 
 
 def test_sweep_tokens_help_matches_the_sweep_default():
-    from kvpress_aqua.sweep import DEFAULT_SWEEP_TOKENS
+    from kvpress_aqua.evaluation.sweep import DEFAULT_SWEEP_TOKENS
 
     assert SWEEP_TOKENS_HELP == DEFAULT_SWEEP_TOKENS
 

@@ -3,7 +3,7 @@
 import pytest
 from tiny_models import ARCHS, make_tiny_model
 
-from kvpress_aqua import compat
+from kvpress_aqua.util import compat
 
 
 class OldModel:

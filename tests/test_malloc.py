@@ -1,4 +1,4 @@
-"""kvpress_aqua.malloc: pinning glibc's thresholds gives freed blocks back to the kernel at once."""
+"""kvpress_aqua.util.malloc: pinning glibc's thresholds gives freed blocks back to the kernel at once."""
 
 import platform
 import subprocess
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from kvpress_aqua.malloc import pin_malloc_thresholds
+from kvpress_aqua.util.malloc import pin_malloc_thresholds
 
 SCRIPT = """
 import sys
-from kvpress_aqua.malloc import pin_malloc_thresholds
+from kvpress_aqua.util.malloc import pin_malloc_thresholds
 
 def rss():
     with open("/proc/self/status") as f:

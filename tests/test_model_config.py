@@ -9,10 +9,10 @@ import pytest
 from tiny_models import ARCHS, make_tiny_model
 from transformers import AutoConfig
 
-from kvpress_aqua import model_config
-from kvpress_aqua.model_config import KNOWN_FAMILIES, config_from_dict, offline_models
 from kvpress_aqua.model_info import ModelInfo
-from kvpress_aqua.model_shape import ModelShape, count_parameters, resolve_model
+from kvpress_aqua.planner import config as model_config
+from kvpress_aqua.planner.config import KNOWN_FAMILIES, config_from_dict, offline_models
+from kvpress_aqua.planner.model_shape import ModelShape, count_parameters, resolve_model
 
 SMOLLM2_FINGERPRINT = "779cf92b2795246c"
 """ModelInfo.from_config(model.config).fingerprint of the real SmolLM2-135M-Instruct at runtime, as recorded by the

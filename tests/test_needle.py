@@ -11,7 +11,7 @@ from tiny_models import make_tiny_model
 
 from kvpress_aqua.cli import main
 from kvpress_aqua.cli.needle import execute, summary_table
-from kvpress_aqua.needle import (
+from kvpress_aqua.evaluation.needle.runner import (
     MULTIVALUE_VALUES,
     NOISE_TEXT,
     Haystack,
@@ -27,7 +27,7 @@ from kvpress_aqua.needle import (
     score_answer,
     summarize,
 )
-from kvpress_aqua.spec import parse_policy
+from kvpress_aqua.presets.spec import parse_policy
 
 
 class CharTokenizer:
@@ -202,7 +202,7 @@ def test_execute_resumes_and_writes_outputs(tmp_path):
 
 def test_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    from kvpress_aqua.plots import heatmap_grid, plot_heatmaps, plot_score_vs_bytes
+    from kvpress_aqua.evaluation.needle.plots import heatmap_grid, plot_heatmaps, plot_score_vs_bytes
 
     rows = [{"policy": p, "protocol": proto, "task": "passkey", "length": n, "depth": d, "score": (d + n) % 2,
              "kv_fraction": f, "kv_bytes": 100} for p, f in (("full", 1.0), ("h2o:kv=0.25", 0.26))
@@ -311,7 +311,7 @@ def test_rows_without_a_key_are_reported_by_name_but_never_reused(tmp_path):
 
 
 def test_a_row_appended_after_a_torn_line_stays_readable(tmp_path):
-    from kvpress_aqua.needle import append_result
+    from kvpress_aqua.evaluation.needle.runner import append_result
 
     path = tmp_path / "results.jsonl"
     append_result(path, {"a": 1})

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tiny_models import make_tiny_model
 
 from kvpress_aqua.cli import main
-from kvpress_aqua.perplexity import perplexity
+from kvpress_aqua.evaluation.perplexity import perplexity
 from kvpress_aqua.policies import H2O, SlidingWindow
 
 

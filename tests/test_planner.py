@@ -1,8 +1,7 @@
-"""kvtool plan: size parsing, model resolution, the memory model against kvpress_aqua.accounting and the
+"""kvtool plan: size parsing, model resolution, the memory model against kvpress_aqua.core.accounting and the
 measured cache, the quality sources, the "does not fit" analysis, presets and the command line."""
 
 import dataclasses
-import importlib.util
 import json
 import types
 
@@ -11,11 +10,12 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from kvpress_aqua import model_shape, quality_model
-from kvpress_aqua.accounting import decode_slots, dense_layer_tokens, layer_nbytes
-from kvpress_aqua.artifact_format import AquaArtifact
+from kvpress_aqua.artifacts.aqua import AquaArtifact
 from kvpress_aqua.cli import main
-from kvpress_aqua.planner import (
+from kvpress_aqua.core.accounting import decode_slots, dense_layer_tokens, layer_nbytes
+from kvpress_aqua.planner import model_shape
+from kvpress_aqua.planner import quality as quality_model
+from kvpress_aqua.planner.search import (
     MemoryModel,
     QualityModel,
     candidate_key_dims,
@@ -24,11 +24,8 @@ from kvpress_aqua.planner import (
     plan,
     resolve_model,
 )
-from kvpress_aqua.sizes import format_bytes, parse_size, parse_tokens
-from kvpress_aqua.spec import PolicySpec, parse_policy
-
-HAS_CACHE = importlib.util.find_spec("kvpress_aqua.cache") is not None
-needs_cache = pytest.mark.skipif(not HAS_CACHE, reason="kvpress_aqua.cache (CompressedCache) is not importable yet")
+from kvpress_aqua.presets.spec import PolicySpec, parse_policy
+from kvpress_aqua.util.sizes import format_bytes, parse_size, parse_tokens
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, head_dim=32, pad_token_id=0, eos_token_id=1, bos_token_id=1, max_position_embeddings=512)
@@ -173,7 +170,7 @@ def test_unsupported_families_get_a_clear_message(tmp_path, capsys, model_type, 
 
 # ---------------------------------------------------------------------------------- memory model
 def _accounting_kv(info, batch, seen, key_dim, budget, elem, scores, exact, prompt, chunk):
-    """KV bytes at the end of decoding, written straight from kvpress_aqua.accounting."""
+    """KV bytes at the end of decoding, written straight from kvpress_aqua.core.accounting."""
     total = 0
     compressed = budget is not None or key_dim < info.head_dim
     for i in range(info.num_layers):
@@ -472,7 +469,6 @@ def _check_plan_against_cache(model, p, chunk):
     return chosen
 
 
-@needs_cache
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3_text", "phi3", "llama-mqa"])
 @pytest.mark.parametrize("batch,context,new_tokens,chunk", [(2, 60, 6, 16), (1, 45, 1, None)])
 def test_recommended_cache_bytes_match_the_prediction(arch, batch, context, new_tokens, chunk):
@@ -487,7 +483,6 @@ def test_recommended_cache_bytes_match_the_prediction(arch, batch, context, new_
         assert any(c.token_budget is not None and c.k_ratio < 1 for c in checked)
 
 
-@needs_cache
 def test_smollm2_shaped_cache_bytes_match_the_prediction():
     from transformers import AutoModelForCausalLM
 
@@ -500,7 +495,6 @@ def test_smollm2_shaped_cache_bytes_match_the_prediction():
     _check_plan_against_cache(model, p, 128)
 
 
-@needs_cache
 @pytest.mark.slow
 def test_real_smollm2_cache_bytes_match_the_prediction(smollm2):
     model, _ = smollm2

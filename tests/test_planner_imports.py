@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kvpress_aqua.artifact_format import AquaArtifact
-from kvpress_aqua.planner import resolve_model
-from kvpress_aqua.policy_defaults import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS
-from kvpress_aqua.sweep_format import QualitySweep, SweepPoint, artifact_fingerprint, sweep_path
+from kvpress_aqua.artifacts.aqua import AquaArtifact
+from kvpress_aqua.artifacts.sweep import QualitySweep, SweepPoint, artifact_fingerprint, sweep_path
+from kvpress_aqua.planner.search import resolve_model
+from kvpress_aqua.policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS
 
 HEAVY = ("torch", "transformers")
 
@@ -45,8 +45,8 @@ def test_planning_imports_neither_torch_nor_transformers(tmp_path):
     QualitySweep(points, meta).save(sweep_path(artifact))
     code = f"""
 import json, sys
-import kvpress_aqua.artifact_format, kvpress_aqua.sweep_format, kvpress_aqua.model_config, kvpress_aqua.cli.plan
-from kvpress_aqua.planner import plan
+import kvpress_aqua.artifacts.aqua, kvpress_aqua.artifacts.sweep, kvpress_aqua.planner.config, kvpress_aqua.cli.plan
+from kvpress_aqua.planner.search import plan
 plans = [plan("8GB", "smollm2-135m", context="4k", new_tokens=16, prefill_chunk=512),
          plan("8GB", "smollm2-135m", context="4k", artifact={str(artifact)!r}),
          plan("8GB", "smollm2-135m", context="4k", artifact={str(artifact)!r}, token_policy="sliding")]

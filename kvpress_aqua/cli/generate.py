@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.table import Table
 
-    from ..cache import CompressedCache
-    from ..compat import cache_kwargs
+    from ..core.cache import CompressedCache
+    from ..util.compat import cache_kwargs
 
     prompt = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else (args.prompt or default_prompt())
     console = make_console(stderr=args.json)

@@ -21,9 +21,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..needle_results import append_result, cell_key, read_results, row_key, summarize, summary_json, write_csv
-from ..needle_tasks import PROTOCOLS, TASKS, Cell, parse_depths, plan_cells
-from ..sizes import format_bytes, parse_tokens
+from ..evaluation.needle.results import (
+    append_result,
+    cell_key,
+    read_results,
+    row_key,
+    summarize,
+    summary_json,
+    write_csv,
+)
+from ..evaluation.needle.tasks import PROTOCOLS, TASKS, Cell, parse_depths, plan_cells
+from ..util.sizes import format_bytes, parse_tokens
 from .common import (
     Interrupted,
     apply_threads,
@@ -38,8 +46,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from ..needle import RunConfig
-    from ..spec import PolicySpec
+    from ..evaluation.needle.runner import RunConfig
+    from ..presets.spec import PolicySpec
 
 DEFAULT_POLICIES = ("full", "streaming-25", "h2o-25", "h2o-aqua-4x")
 
@@ -124,7 +132,7 @@ def parse_specs(policies: Sequence[str]) -> dict[str, PolicySpec]:
     (the same file typed twice, an inline string equal to a preset) are kept once, under the first
     name; different ones always stay apart, a clashing name getting ``@<key>`` appended.
     """
-    from ..spec import parse_policy  # the policies import torch: loaded when a command runs
+    from ..presets.spec import parse_policy  # the policies import torch: loaded when a command runs
 
     specs: dict[str, PolicySpec] = {}
     seen: set[str] = set()
@@ -141,7 +149,7 @@ def parse_specs(policies: Sequence[str]) -> dict[str, PolicySpec]:
 
 def run_config(args: argparse.Namespace, model_name: str, haystack: str) -> RunConfig:
     """The shared settings of a run from parsed arguments (checked again; sets torch's threads)."""
-    from ..needle import RunConfig, load_haystack  # torch: loaded when a command runs
+    from ..evaluation.needle.runner import RunConfig, load_haystack  # torch: loaded when a command runs
 
     chunk = check_model_arguments(args)
     apply_threads(args.threads)
@@ -156,7 +164,7 @@ def run_config(args: argparse.Namespace, model_name: str, haystack: str) -> RunC
 
 def check_policies(model: Any, specs: dict[str, PolicySpec], context: int) -> None:
     """Build every policy once on ``model`` so that a missing AQUA artifact or bad knob fails before any cell."""
-    from ..cache import CompressedCache
+    from ..core.cache import CompressedCache
 
     for spec in specs.values():
         CompressedCache(model, *spec.build(context=context)).detach()
@@ -234,7 +242,7 @@ def _run_pending(
 ) -> None:
     from rich import progress as bars
 
-    from ..needle import run_cells
+    from ..evaluation.needle.runner import run_cells
 
     columns = (bars.TextColumn("{task.description}", markup=False), bars.BarColumn(), bars.MofNCompleteColumn(),
                bars.TimeElapsedColumn(), bars.TimeRemainingColumn())
@@ -291,7 +299,7 @@ def summary_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
 def write_plots(rows: Sequence[dict[str, Any]], out: Path, model: str, console: Console) -> list[Path]:
     """Heatmaps and the score-vs-bytes plot; a missing matplotlib is reported, not raised."""
     try:
-        from ..plots import heatmap_grid, plot_heatmaps, plot_score_vs_bytes
+        from ..evaluation.needle.plots import heatmap_grid, plot_heatmaps, plot_score_vs_bytes
 
         paths = plot_heatmaps(rows, out, model)
         paths.append(heatmap_grid(rows, out / "heatmaps.png", model))

@@ -12,8 +12,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..planner import DEFAULT_MIN_TOKENS, Candidate, Plan, plan
-from ..sizes import format_bytes
+from ..planner.search import DEFAULT_MIN_TOKENS, Candidate, Plan, plan
+from ..util.sizes import format_bytes
 
 _FRONTIER_ROWS = 10
 

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..sizes import format_bytes, parse_tokens
+from ..util.sizes import format_bytes, parse_tokens
 from .common import apply_threads, check_threads, load_model_checked, make_console
 from .needle import parse_specs
 
@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from ..evaluation.needle.runner import load_haystack
+    from ..evaluation.perplexity import PerplexityResult, perplexity
     from ..loading import DEFAULT_MODEL
-    from ..needle import load_haystack
-    from ..perplexity import PerplexityResult, perplexity
 
     apply_threads(args.threads)
     if args.text is None:

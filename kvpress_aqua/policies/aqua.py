@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from ..artifact_format import AquaArtifact, find_artifact
+from ..artifacts.aqua import AquaArtifact, find_artifact
 from ..model_info import ModelInfo
-from ..policy_defaults import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS
 from .base import ChannelPolicy
+from .registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS
 
 _BASES = ("svd", "identity", "think")
 _SPLITS = ("uniform", "spectrum")

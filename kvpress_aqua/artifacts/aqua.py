@@ -33,8 +33,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from .model_info import ModelInfo
-from .paths import cache_dir
+from ..model_info import ModelInfo
+from ..util.paths import cache_dir
 
 __all__ = [
     "FORMAT",

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .needle_tasks import Cell
+from .tasks import Cell
 
 __all__ = [
     "RESULT_FIELDS",

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from .artifact_format import AquaArtifact, as_float64, find_artifact
-from .model_info import ModelInfo
-from .sweep_format import find_sweep
+from ..artifacts.aqua import AquaArtifact, as_float64, find_artifact
+from ..artifacts.sweep import find_sweep
+from ..model_info import ModelInfo
 
 __all__ = ["DEFAULT_ENERGY", "ENERGY_BETA", "ENERGY_GAMMA", "RETENTION_EXPONENT", "QualityModel", "find_quality"]
 

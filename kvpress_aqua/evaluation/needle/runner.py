@@ -40,9 +40,11 @@ from typing import Any
 
 import torch
 
-from .cache import CompressedCache
-from .compat import cache_kwargs
-from .needle_results import (
+from ...core.cache import CompressedCache
+from ...presets.spec import PolicySpec
+from ...util.compat import cache_kwargs
+from ...util.paths import cache_dir
+from .results import (
     RESULT_FIELDS,
     SummaryRow,
     append_result,
@@ -52,7 +54,7 @@ from .needle_results import (
     summary_json,
     write_csv,
 )
-from .needle_tasks import (
+from .tasks import (
     MULTIKEY_DISTRACTORS,
     MULTIVALUE_VALUES,
     PROTOCOLS,
@@ -65,8 +67,6 @@ from .needle_tasks import (
     plan_cells,
     score_answer,
 )
-from .paths import cache_dir
-from .spec import PolicySpec
 
 __all__ = [
     "HAYSTACK_WHEEL",

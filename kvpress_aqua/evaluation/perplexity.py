@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from .cache import CompressedCache
-from .compat import cache_kwargs
-from .policies.base import ChannelPolicy, TokenPolicy
+from ..core.cache import CompressedCache
+from ..policies.base import ChannelPolicy, TokenPolicy
+from ..util.compat import cache_kwargs
 
 __all__ = ["PerplexityResult", "perplexity"]
 

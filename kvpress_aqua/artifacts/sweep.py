@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact_format import AquaArtifact, as_float32
-from .policy_defaults import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS
+from ..policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS
+from .aqua import AquaArtifact, as_float32
 
 __all__ = ["FORMAT", "QualitySweep", "SweepPoint", "artifact_fingerprint", "find_sweep", "sweep_path"]
 

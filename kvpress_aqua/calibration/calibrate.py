@@ -43,9 +43,9 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from . import __version__
-from .artifact_format import SHAPE_KEYS, AquaArtifact, default_artifact_path, find_artifact
-from .model_info import ModelInfo
+from .._version import __version__
+from ..artifacts.aqua import SHAPE_KEYS, AquaArtifact, default_artifact_path, find_artifact
+from ..model_info import ModelInfo
 
 __all__ = [
     "AquaArtifact",
@@ -141,7 +141,7 @@ def _held_out_essays() -> list[str] | None:
     The essay files have lost their paragraph breaks (a paragraph's last sentence runs into the next),
     so lines, not paragraphs, are the pieces.
     """
-    from .needle import load_haystack  # here: the needle module imports the cache, which is heavier
+    from ..evaluation.needle.runner import load_haystack  # here: the needle module imports the cache, which is heavier
 
     try:
         text = load_haystack("essays").text

@@ -37,12 +37,12 @@ from rich.table import Table
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from . import attention
+from ..attention import dispatch, switch
+from ..model_info import ModelInfo
+from ..ops.inputs import AttentionInputs
+from ..policies.base import ChannelPolicy, SlotView, TokenPolicy
+from ..util.compat import cache_kwargs
 from .accounting import capped_budget, dense_layer_tokens, grown_capacity
-from .attention import AttentionInputs
-from .compat import cache_kwargs
-from .model_info import ModelInfo
-from .policies.base import ChannelPolicy, SlotView, TokenPolicy
 
 __all__ = ["CompressedCache", "CompressedLayer", "MemoryReport"]
 
@@ -183,7 +183,7 @@ class CompressedLayer(CacheLayerMixin):
         self.seen += n
         inputs = self._attention_inputs(past, visible, key_states, value_states)
         self._pending, self._pending_slots = inputs, new_slots
-        attention.hand_off(inputs)
+        dispatch.hand_off(inputs)
         return self.keys, self.values
 
     def _attention_inputs(
@@ -588,7 +588,7 @@ class CompressedCache(Cache):
             weakref.finalize(self, _release, weakref.ref(model), self._token)
 
     def _attach(self) -> None:
-        attention.acquire(self._model, self._token)
+        switch.acquire(self._model, self._token)
         self._attached = True
 
     def _make_layer(self, layer_idx: int) -> CacheLayerMixin:
@@ -606,7 +606,7 @@ class CompressedCache(Cache):
         after ``detach`` re-attaches it.
         """
         if self._attached:
-            attention.release(self._model, self._token)
+            switch.release(self._model, self._token)
             self._attached = False
 
     def update(
@@ -739,4 +739,4 @@ def _release(model_ref: weakref.ref, token: int) -> None:
     """A collected cache's release of its model's attention (if the model still exists)."""
     model = model_ref()
     if model is not None:
-        attention.release(model, token)
+        switch.release(model, token)

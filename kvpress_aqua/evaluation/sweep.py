@@ -32,14 +32,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from . import __version__
-from .artifact_format import AquaArtifact
-from .model_info import ModelInfo
+from .._version import __version__
+from ..artifacts.aqua import AquaArtifact
+from ..artifacts.sweep import QualitySweep, SweepPoint, artifact_fingerprint, find_sweep, sweep_path
+from ..model_info import ModelInfo
+from ..policies.aqua import Aqua
+from ..policies.registry import token_entry
+from ..presets.spec import PolicySpec
 from .perplexity import perplexity
-from .policies.aqua import Aqua
-from .policy_defaults import token_entry
-from .spec import PolicySpec
-from .sweep_format import QualitySweep, SweepPoint, artifact_fingerprint, find_sweep, sweep_path
 
 __all__ = [
     "DEFAULT_K_RATIOS",

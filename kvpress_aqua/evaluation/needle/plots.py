@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .needle import summarize
+from .runner import summarize
 
 __all__ = ["heatmap_grid", "plot_heatmaps", "plot_score_vs_bytes", "require_matplotlib", "safe_name"]
 

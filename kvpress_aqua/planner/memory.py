@@ -54,7 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .accounting import (
+from ..core.accounting import (
     EXACT_SLOT_BYTES,
     INDEX_BYTES,
     SCORE_BYTES,
@@ -67,8 +67,8 @@ from .accounting import (
     layer_nbytes,
     prefill_slots,
 )
+from ..policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS
 from .model_shape import ModelShape
-from .policy_defaults import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS
 
 __all__ = ["ATTENTION_COPIES", "DEFAULT_OVERHEAD", "HIDDEN_COPIES", "MLP_COPIES", "Breakdown", "MemoryModel", "Term"]
 

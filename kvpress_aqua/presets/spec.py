@@ -2,7 +2,7 @@
 
 A policy stack is written in one of three ways:
 
-- a preset name: a TOML file shipped in the top-level ``policies/`` folder (``kvtool presets``
+- a preset name: a TOML file shipped in ``kvpress_aqua/presets/`` (``kvtool presets``
   lists them), e.g. ``h2o-aqua-4x``;
 - a path to such a TOML file, e.g. ``./my-policy.toml``;
 - an inline string: ``full`` (no compression) or ``+``-joined entries ``type:key=value,...``, e.g.
@@ -48,10 +48,10 @@ from typing import Any
 
 import tomllib
 
-from .policies import H2O, TOVA, SlidingWindow
-from .policies.aqua import Aqua
-from .policies.base import ChannelPolicy, TokenPolicy
-from .policy_defaults import DEFAULT_SINKS as _DEFAULT_SINKS
+from ..policies import H2O, TOVA, SlidingWindow
+from ..policies.aqua import Aqua
+from ..policies.base import ChannelPolicy, TokenPolicy
+from ..policies.registry import DEFAULT_SINKS as _DEFAULT_SINKS
 
 __all__ = ["POLICY_TYPES", "TOML_KEYS", "PolicySpec", "list_presets", "parse_policy", "policy_knobs"]
 
@@ -349,7 +349,7 @@ def _parse_scalar(text: str) -> Any:
     return text
 
 
-def _from_toml(text: str, name: str, where: str, source: str, allow_no_policy: bool = False) -> PolicySpec:
+def _from_toml(text: str, name: str, where: str, source: str) -> PolicySpec:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -365,12 +365,9 @@ def _from_toml(text: str, name: str, where: str, source: str, allow_no_policy: b
     if not isinstance(description, str):
         raise ValueError(f"{where}: description = {description!r} must be a string")
     if "policy" not in data:
-        if not allow_no_policy:
-            raise ValueError(f"{where}: no [[policy]] tables; add [[policy]] tables (type = "
-                             f"{' | '.join(sorted(POLICY_TYPES))}, knobs), or write policy = [] for no compression")
-        policies: Any = []
-    else:
-        policies = data["policy"]
+        raise ValueError(f"{where}: no [[policy]] tables; add [[policy]] tables (type = "
+                         f"{' | '.join(sorted(POLICY_TYPES))}, knobs), or write policy = [] for no compression")
+    policies = data["policy"]
     if isinstance(policies, dict):
         raise ValueError(f"{where}: [policy] is a single table; write [[policy]] (an array of tables, one per "
                          "policy of the stack)")
@@ -387,16 +384,7 @@ def _preset_dir() -> resources.abc.Traversable:
 
 def _load_preset(name: str) -> PolicySpec:
     item = _preset_dir() / f"{name}.toml"
-    # the shipped "full" preset holds only its description: no compression
-    return _from_toml(item.read_text(), name, f"preset {name!r}", "preset", allow_no_policy=name == "full")
-
-
-def _is_shipped_full(path: Path) -> bool:
-    shipped = _preset_dir() / "full.toml"
-    try:
-        return path.resolve() == Path(str(shipped)).resolve()
-    except OSError:
-        return False
+    return _from_toml(item.read_text(), name, f"preset {name!r}", "preset")
 
 
 def list_presets() -> dict[str, str]:
@@ -442,7 +430,7 @@ def parse_policy(spec: str | Path) -> PolicySpec:
             content = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise ValueError(f"policy file {text!r} cannot be read ({err})") from None
-        return _from_toml(content, text, f"policy file {text!r}", "file", allow_no_policy=_is_shipped_full(path))
+        return _from_toml(content, text, f"policy file {text!r}", "file")
     if ":" not in text and "/" not in text and (_preset_dir() / f"{text}.toml").is_file():
         return _load_preset(text)
     where = f"policy {text!r}"

@@ -12,7 +12,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .model_config import (
+from ..model_info import ModelInfo
+from .config import (
     KNOWN_FAMILIES,
     JsonConfig,
     config_from_dict,
@@ -21,7 +22,6 @@ from .model_config import (
     offline_models,
     read_config_file,
 )
-from .model_info import ModelInfo
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

@@ -25,17 +25,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .accounting import dtype_bytes
-from .memory_model import ATTENTION_COPIES, DEFAULT_OVERHEAD, HIDDEN_COPIES, MLP_COPIES, Breakdown, MemoryModel, Term
+from ..core.accounting import dtype_bytes
+from ..policies.registry import DEFAULT_SINKS, token_entry
+from ..util.sizes import format_bytes, parse_size, parse_tokens
+from .memory import ATTENTION_COPIES, DEFAULT_OVERHEAD, HIDDEN_COPIES, MLP_COPIES, Breakdown, MemoryModel, Term
 from .model_shape import SHORT_DTYPE, ModelShape, count_parameters, offline_models, resolve_model
-from .policy_defaults import DEFAULT_SINKS, token_entry
-from .quality_model import DEFAULT_ENERGY, ENERGY_BETA, ENERGY_GAMMA, RETENTION_EXPONENT, QualityModel, find_quality
-from .sizes import format_bytes, parse_size, parse_tokens
+from .quality import DEFAULT_ENERGY, ENERGY_BETA, ENERGY_GAMMA, RETENTION_EXPONENT, QualityModel, find_quality
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-    from .spec import PolicySpec
+    from ..presets.spec import PolicySpec
 
 __all__ = [
     "ATTENTION_COPIES",
@@ -194,7 +194,7 @@ class Plan:
 
         Imports :mod:`kvpress_aqua.spec`, which imports the policies (torch): only presets need it.
         """
-        from .spec import PolicySpec  # torch: planning itself never needs the policy classes
+        from ..presets.spec import PolicySpec  # torch: planning itself never needs the policy classes
 
         if self.recommendation is None:
             raise ValueError(f"nothing fits, so there is no preset to emit: {self.message}")

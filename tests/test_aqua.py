@@ -8,7 +8,8 @@ from tiny_models import ARCHS, byte_tokenizer, make_tiny_model
 from transformers import DynamicCache
 
 from kvpress_aqua import CompressedCache, ModelInfo
-from kvpress_aqua.calibration.calibrate import AquaArtifact, calibrate
+from kvpress_aqua.artifacts.aqua import AquaArtifact
+from kvpress_aqua.calibration import calibrate
 from kvpress_aqua.core.accounting import layer_nbytes
 from kvpress_aqua.ops.reference import top_channels
 from kvpress_aqua.policies import H2O
@@ -69,7 +70,7 @@ def test_key_bytes_really_shrink_and_accounting_is_exact(sinks, recent):
     for layer in cache.layers:
         assert layer.keys.shape == (3, cfg.num_key_value_heads, seen, r)
         assert layer.keys.untyped_storage().nbytes() == layer.keys.nbytes
-        assert (layer.residual is None) == (exact == 0)
+        assert (layer.exact is None) == (exact == 0)
     projections = cfg.num_hidden_layers * cfg.num_key_value_heads * d * (d if exact else r) * 4
     assert aqua.nbytes() == projections
     per_layer = layer_nbytes(3, cfg.num_key_value_heads, seen, r, d, 4, compressed=True, exact_tokens=exact,
@@ -118,7 +119,7 @@ def test_think_basis_selects_raw_channels():
     artifact = _artifact(model)
     aqua = Aqua(k_ratio=0.5, basis="think", artifact=artifact)
     aqua.bind(ModelInfo.from_config(model.config), torch.device("cpu"), torch.float32)
-    p = aqua._proj[0][0]  # (head_dim, r) columns of the identity
+    p = aqua.key_basis(0)[0]  # (head_dim, r) columns of the identity
     assert torch.equal(p.sum(0), torch.ones(8)) and set(p.unique().tolist()) == {0.0, 1.0}
     chosen = p.argmax(0)
     importance = artifact.query_norms[0, 0] * artifact.key_norms[0, 0]
@@ -227,10 +228,10 @@ def test_residual_rows_hold_the_dropped_channels_of_sinks_and_recent_tokens(evic
         for row, token in enumerate(tokens):
             for head in range(layer.num_kv_heads):
                 if ((layer.index[0, head] == token) & layer.valid[0, head]).any():
-                    slot = int(layer.exact_slot[0, head, row])
+                    slot = int(layer.exact.slot[0, head, row])
                     assert layer.index[0, head, slot] == token and layer.valid[0, head, slot]
-                    assert torch.allclose(layer.residual[0, head, row], dropped[0, head, token], atol=1e-6)
-                else:  # evicted: the row is blank, so it adds nothing wherever it points
-                    assert not layer.residual[0, head, row].any()
+                    assert torch.allclose(layer.exact.keys[0, head, row], dropped[0, head, token], atol=1e-6)
+                else:  # evicted: the row is blank (zeros, slot -1), so it adds nothing
+                    assert not layer.exact.keys[0, head, row].any() and int(layer.exact.slot[0, head, row]) == -1
                     evicted += 1
     assert (evicted > 0) == evict

@@ -141,7 +141,7 @@ def test_nbytes_is_exact_and_storage_is_released():
     _logits(model, ids, cache, steps=5)
     total = 0
     for layer in cache.layers:
-        for t in (layer.keys, layer.values, layer.index, layer.valid, layer.score, layer.start):
+        for t in (layer.keys, layer.values, layer.index, layer.valid, layer.score, layer.left_pad):
             # held tensors own their storage: no view into a larger, freed-looking buffer
             assert t.untyped_storage().nbytes() == t.nbytes
             total += t.nbytes
@@ -219,7 +219,7 @@ def test_padding_is_never_kept():
     for layer in cache.layers:
         kept = layer.index[1][layer.valid[1]]
         assert (kept >= pads).all()
-        assert int(layer.start[1]) == pads and int(layer.start[0]) == 0
+        assert int(layer.left_pad[1]) == pads and int(layer.left_pad[0]) == 0
 
 
 @pytest.mark.parametrize("mode", ["sample", "beam", "num_return"])

@@ -13,17 +13,13 @@ from tiny_models import ARCHS, byte_tokenizer, make_tiny_model
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kvpress_aqua.calibration import calibrate as calibration
-from kvpress_aqua.calibration.calibrate import (
-    AquaArtifact,
-    calibrate,
-    default_artifact_path,
-    default_calibration_text,
-    find_artifact,
-)
+from kvpress_aqua.artifacts.aqua import AquaArtifact, default_artifact_path, find_artifact
+from kvpress_aqua.calibration import calibrate, recorder
 from kvpress_aqua.cli import main
-from kvpress_aqua.evaluation.needle.runner import load_haystack
+from kvpress_aqua.data.calibration_text import default_calibration_text
+from kvpress_aqua.data.haystack import load_haystack
 from kvpress_aqua.model_info import ModelInfo
+from kvpress_aqua.util.compat import cache_kwargs
 
 TEXT = "The quick brown fox jumps over the lazy dog while the keeper counts ships in the harbour. " * 8
 
@@ -43,7 +39,7 @@ def _post_rope(model, ids, offset=0):
     cache = DynamicCache()
     positions = torch.arange(offset, offset + ids.shape[1])[None]
     with torch.no_grad():
-        out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
+        out = model(input_ids=ids, position_ids=positions, **cache_kwargs(model, cache), use_cache=True,
                     output_hidden_states=True)
         cos, sin = model.model.rotary_emb(out.hidden_states[0], positions)
         result = []
@@ -270,7 +266,7 @@ def test_attention_implementation_restored_even_on_error(monkeypatch):
         raise RuntimeError("boom")
 
     model.set_attn_implementation("sdpa")
-    monkeypatch.setattr(calibration._GramRecorder, "add", fail)
+    monkeypatch.setattr(recorder.GramRecorder, "add", fail)
     with pytest.raises(RuntimeError, match="boom"):
         calibrate(model, tokenizer, TEXT, tokens=64, progress=False)
     assert model.config._attn_implementation == "sdpa"

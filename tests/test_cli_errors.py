@@ -84,8 +84,8 @@ def test_user_input_is_printed_verbatim_on_one_line(no_model, capsys, tmp_path):
 
 
 def test_plot_install_hint_keeps_its_brackets(tmp_path, capsys, monkeypatch):
+    from kvpress_aqua.cli._needle_run import write_plots
     from kvpress_aqua.cli.common import make_console
-    from kvpress_aqua.cli.needle import write_plots
     from kvpress_aqua.evaluation.needle import plots
 
     def missing(*args, **kwargs):

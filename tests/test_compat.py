@@ -41,3 +41,15 @@ def test_an_opaque_forward_goes_by_the_version(monkeypatch, version, expected):
 def test_installed_models_agree_with_the_version():
     expected = "cache" if compat.transformers_version() >= compat.CACHE_RENAMED_IN else "past_key_values"
     assert {compat.cache_kwarg(make_tiny_model(arch)) for arch in ARCHS} == {expected}
+
+
+def test_the_output_cache_is_read_without_the_old_name():
+    import torch
+
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        out = model(torch.tensor([[5, 9, 17]]), use_cache=True)
+    old = compat.transformers_version() < compat.CACHE_RENAMED_IN
+    cache = compat.output_cache(out)
+    assert cache is (out.past_key_values if old else out.cache)
+    assert cache.get_seq_length() == 3

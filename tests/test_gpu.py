@@ -62,3 +62,47 @@ def test_cuda_exact_tokens_follow_evictions():
     both, _ = _generate(model, ids, CompressedCache(model, policy, Aqua(k_ratio=0.5, basis="identity",
                                                                          exact_recent=128)), steps=8)
     assert (alone - both).abs().max().item() < 1e-4
+
+
+# ------------------------------------------------------------------ the fused kernel and the static decode step
+def _logits_with(model, ids, mask, policies, backend, monkeypatch, chunk=8):
+    from kvpress_aqua.attention import dispatch
+    from kvpress_aqua.util.compat import cache_kwargs
+
+    monkeypatch.setattr(dispatch, "BACKEND", backend)
+    cache = CompressedCache(model, *policies, prefill_chunk=chunk)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+                             **cache_kwargs(model, cache))
+    return torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "mistral", "phi3"])
+@pytest.mark.parametrize(
+    "policies",
+    [(H2O(heavy=10, recent=4, sinks=1),), (SlidingWindow(2, 12),),
+     (H2O(heavy=10, recent=4), Aqua(k_ratio=0.5, basis="identity", exact_sinks=2, exact_recent=3))],
+    ids=["h2o", "sliding", "h2o-aqua-exact"],
+)
+def test_cuda_kernel_path_equals_the_reference(arch, policies, monkeypatch):
+    """The same generation through the fused kernel and through the reference: eviction, AQUA, padding, GQA."""
+    model = make_tiny_model(arch, **({"sliding_window": 9} if arch == "mistral" else {})).cuda()
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(4)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    reference = _logits_with(model, ids, mask, policies, "reference", monkeypatch)
+    fused = _logits_with(model, ids, mask, policies, "auto", monkeypatch)
+    assert (fused - reference).abs().max().item() < 1e-4
+
+
+def test_cuda_compiled_static_decode_with_cuda_graphs_gives_the_same_tokens():
+    from kvpress_aqua.evaluation.static_decode import compiled_step, generate_static
+
+    model = make_tiny_model("llama").cuda()
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(5)).cuda()
+    policy = H2O(heavy=10, recent=4, sinks=1)
+    want = generate_static(model, CompressedCache(model, policy, prefill_chunk=16), ids, 12)
+    step = compiled_step()  # inductor + CUDA graphs
+    got = generate_static(model, CompressedCache(model, policy, prefill_chunk=16), ids, 12, step=step)
+    assert torch.equal(got, want)

@@ -16,6 +16,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from kvpress_aqua import loading
 from kvpress_aqua.loading import cache_dir, default_model_dir, load_model, resolve_dtype
+from kvpress_aqua.util import fetch
+from kvpress_aqua.util.compat import output_cache
 
 ENV = "KVPRESS_AQUA_CACHE"
 # where the converted default model lies under the cache dir: one copy per transformers major version
@@ -71,7 +73,7 @@ def test_default_model_shapes_and_tokenizer(smollm2):
     with torch.no_grad():
         out = model(ids, use_cache=True)
     assert out.logits.shape == (1, ids.shape[1], 49152)
-    layers = out.past_key_values.layers
+    layers = output_cache(out).layers
     assert len(layers) == 30
     assert layers[0].keys.shape == layers[0].values.shape == (1, 3, ids.shape[1], 64)
 
@@ -142,7 +144,7 @@ def test_default_model_comes_from_the_overridden_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     reference = _save_tiny(cache / MODELS / DEFAULT_DIRNAME)
     monkeypatch.setenv(ENV, str(cache))
-    monkeypatch.setattr(loading.subprocess, "run", _no_download)
+    monkeypatch.setattr(fetch.subprocess, "run", _no_download)
     model, tokenizer = load_model()
     assert model.config.num_hidden_layers == 2
     ids = torch.tensor([[5, 9, 17, 3]])
@@ -158,7 +160,7 @@ def test_failed_download_names_the_command_and_leaves_nothing(tmp_path, monkeypa
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found")
 
     monkeypatch.setenv(ENV, str(tmp_path))
-    monkeypatch.setattr(loading.subprocess, "run", fail)
+    monkeypatch.setattr(fetch.subprocess, "run", fail)
     with pytest.raises(RuntimeError) as err:
         default_model_dir()
     message = str(err.value)
@@ -243,7 +245,7 @@ def test_bad_dtype_is_refused(bad):
 
 
 def test_bad_dtype_is_refused_before_loading(tiny_dir, monkeypatch):
-    monkeypatch.setattr(loading.subprocess, "run", _no_download)
+    monkeypatch.setattr(fetch.subprocess, "run", _no_download)
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         load_model(tiny_dir, dtype="fp8")
     with pytest.raises(ValueError, match="unknown dtype"):
@@ -291,7 +293,7 @@ def test_tiny_model_fixture_builds_every_arch(tiny_model):
         with torch.no_grad():
             out = model(torch.tensor([[5, 9, 17]]), use_cache=True)
         assert out.logits.shape == (1, 3, 128)
-        assert out.past_key_values.layers[0].keys.shape == (1, 2, 3, 16)
+        assert output_cache(out).layers[0].keys.shape == (1, 2, 3, 16)
     assert tiny_model("mistral").config.sliding_window is None
     assert tiny_model("mistral", sliding_window=4).config.sliding_window == 4
     with pytest.raises(ValueError, match="unknown tiny architecture"):

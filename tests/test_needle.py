@@ -10,22 +10,18 @@ import torch
 from tiny_models import make_tiny_model
 
 from kvpress_aqua.cli import main
-from kvpress_aqua.cli.needle import execute, summary_table
-from kvpress_aqua.evaluation.needle.runner import (
+from kvpress_aqua.cli._needle_run import execute, summary_table
+from kvpress_aqua.data.haystack import NOISE_TEXT, Haystack, load_haystack
+from kvpress_aqua.evaluation.needle.prompts import PromptBuilder
+from kvpress_aqua.evaluation.needle.results import read_results, summarize
+from kvpress_aqua.evaluation.needle.runner import RunConfig, run_cells
+from kvpress_aqua.evaluation.needle.tasks import (
     MULTIVALUE_VALUES,
-    NOISE_TEXT,
-    Haystack,
-    PromptBuilder,
-    RunConfig,
     cell_rng,
-    load_haystack,
     make_task,
     parse_depths,
     plan_cells,
-    read_results,
-    run_cells,
     score_answer,
-    summarize,
 )
 from kvpress_aqua.presets.spec import parse_policy
 
@@ -254,11 +250,11 @@ def _toml(path, window):
 
 
 def test_parse_specs_keeps_different_content_apart_and_dedupes_identical(tmp_path):
-    from kvpress_aqua.cli.needle import parse_specs
+    from kvpress_aqua.cli.common import parse_specs
 
     a, b = _toml(tmp_path / "pa" / "p.toml", 60), _toml(tmp_path / "pb" / "p.toml", 50)
     lookalike = _toml(tmp_path / "h2o-25.toml", 60)
-    specs = parse_specs([a, b, "h2o-25", lookalike, "h2o:kv=0.25", a, "sliding:sinks=4,window=50"])
+    specs = parse_specs([a, b, "h2o-25", lookalike, "h2o:kv_fraction=0.25", a, "sliding:sinks=4,window=50"])
     # pa/p.toml and pb/p.toml differ; the file called h2o-25.toml is not the preset; the inline copies of
     # the preset and of pb/p.toml, and the second pa/p.toml, are the same content: run once, first name kept
     assert list(specs) == [a, b, "h2o-25"]
@@ -267,7 +263,7 @@ def test_parse_specs_keeps_different_content_apart_and_dedupes_identical(tmp_pat
 
 
 def test_rows_record_the_content_key_and_resume_matches_on_it(tmp_path):
-    from kvpress_aqua.cli.needle import parse_specs
+    from kvpress_aqua.cli.common import parse_specs
 
     model = make_tiny_model("llama")
     config = RunConfig("tiny", HAY, seed=0, prefill_chunk=128, batch_size=2)
@@ -311,7 +307,7 @@ def test_rows_without_a_key_are_reported_by_name_but_never_reused(tmp_path):
 
 
 def test_a_row_appended_after_a_torn_line_stays_readable(tmp_path):
-    from kvpress_aqua.evaluation.needle.runner import append_result
+    from kvpress_aqua.evaluation.needle.results import append_result
 
     path = tmp_path / "results.jsonl"
     append_result(path, {"a": 1})
@@ -329,7 +325,7 @@ def _tiny_loader(monkeypatch):
 
 
 def test_ctrl_c_saves_whole_rows_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
-    import kvpress_aqua.cli.needle as cli_needle
+    import kvpress_aqua.cli._needle_run as cli_needle
 
     _tiny_loader(monkeypatch)
     real_append, calls = cli_needle.append_result, []

@@ -24,6 +24,7 @@ from kvpress_aqua.planner.search import (
     plan,
     resolve_model,
 )
+from kvpress_aqua.policies.registry import policy_type, token_entry
 from kvpress_aqua.presets.spec import PolicySpec, parse_policy
 from kvpress_aqua.util.sizes import format_bytes, parse_size, parse_tokens
 
@@ -371,6 +372,34 @@ def test_preset_toml_round_trips_through_the_policy_parser(tmp_path):
     token = next(e for e in spec.entries if e["type"] == "h2o")
     assert token["heavy"] + token["recent"] + token["sinks"] == p.recommendation.token_budget
     assert "kvtool plan" in spec.description
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova", "sliding", "streaming"])
+def test_every_registered_token_policy_is_planned(no_artifacts, tmp_path, name):
+    row = policy_type(name)
+    p = plan("600MB", "smollm2-135m", context=4096, new_tokens=32, dtype="fp32", prefill_chunk=256, overhead=0,
+             token_policy=name)
+    mm, best = p.memory_model, p.recommendation
+    assert p.fits and mm.token_policy == row.name == p.to_dict()["token_policy"]
+    assert mm.needs_scores == row.needs_scores
+    (token, *_) = best.entries
+    assert token == token_entry(row.name, best.token_budget)
+    # a score per slot is charged exactly when the registry says the policy reads scores
+    unscored = dataclasses.replace(mm, token_policy="sliding").evaluate(best.key_dim, best.token_budget)
+    scored = dataclasses.replace(mm, token_policy="h2o").evaluate(best.key_dim, best.token_budget)
+    assert best.memory.kv == (scored.kv if row.needs_scores else unscored.kv) and scored.kv > unscored.kv
+    assert best.quality == p.quality_model(best.k_ratio, best.retained, "h2o" if row.needs_scores else "sliding")
+    path = tmp_path / "plan.toml"
+    path.write_text(p.to_toml())
+    assert parse_policy(str(path)).build()[0] == row.load()(**{k: v for k, v in token.items() if k != "type"})
+
+
+def test_tova_is_scored_like_h2o_by_the_heuristic():
+    default = QualityModel.default()
+    assert default(0.5, 0.25, "tova") == default(0.5, 0.25, "h2o") > default(0.5, 0.25, "sliding")
+    assert quality_model.retention_exponent("streaming") == quality_model.RETENTION_EXPONENT["position"]
+    with pytest.raises(ValueError, match="unknown token policy 'aqua'; use one of h2o, sliding, streaming, tova"):
+        plan("8GB", "smollm2-135m", context=1024, token_policy="aqua")
 
 
 def test_bad_python_arguments_raise_value_error():

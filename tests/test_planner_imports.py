@@ -1,5 +1,6 @@
-"""`kvtool plan` reads configs, not models: planning (with an artifact and its sweep) imports neither torch nor
-transformers, and the command completes in a fresh process. (Its wall time is measured by hand, not here.)"""
+"""`kvtool plan` reads configs, not models: planning (with an artifact and its sweep) and writing its preset import
+neither torch nor transformers, nor does the spec parser until a spec is checked or built, and the command completes
+in a fresh process. (Its wall time is measured by hand, not here.)"""
 
 import json
 import subprocess
@@ -12,6 +13,7 @@ from kvpress_aqua.artifacts.aqua import AquaArtifact
 from kvpress_aqua.artifacts.sweep import QualitySweep, SweepPoint, artifact_fingerprint, sweep_path
 from kvpress_aqua.planner.search import resolve_model
 from kvpress_aqua.policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS
+from kvpress_aqua.presets.spec import parse_policy
 
 HEAVY = ("torch", "transformers")
 
@@ -77,3 +79,42 @@ sys.exit(code)
     inline = run_python(code, tmp_path)
     assert inline.returncode == 0 and "loaded: []" in inline.stderr, inline.stderr
     assert json.loads(inline.stdout) == data
+
+
+def test_the_spec_module_and_to_toml_import_no_torch(tmp_path):
+    code = f"""
+import json, sys
+import kvpress_aqua.presets.spec as spec
+text = spec.PolicySpec("p", ({{"type": "tova", "heavy": 8, "recent": 8, "sinks": 4}},
+                             {{"type": "aqua", "k_ratio": 0.5}})).to_toml()
+print(json.dumps({{"toml": text, "relative": spec.PolicySpec("q", ({{"type": "h2o", "kv_fraction": 0.5}},)).is_relative,
+                  "loaded": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["loaded"] == [] and out["relative"] is True
+    assert 'type = "tova"' in out["toml"] and "k_ratio = 0.5" in out["toml"]
+
+
+def test_kvtool_plan_emits_a_tova_preset_without_torch(tmp_path):
+    preset = tmp_path / "plan.toml"
+    argv = ["plan", "--budget", "1.2GB", "--model", "smollm2-135m", "--context", "32k", "--dtype", "fp32",
+            "--prefill-chunk", "512", "--token-policy", "tova", "--emit-preset", str(preset), "--json"]
+    code = f"""
+import json, sys
+from kvpress_aqua.cli import main
+code = main({argv!r})
+print("loaded:", [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)
+sys.exit(code)
+"""
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0 and "loaded: []" in result.stderr, result.stderr
+    data = json.loads(result.stdout)
+    assert data["token_policy"] == "tova"
+    token = data["recommendation"]["policies"][0]
+    assert token["type"] == "tova" and token["heavy"] + token["recent"] + token["sinks"] == data["recommendation"][
+        "token_budget"]
+    spec = parse_policy(str(preset))
+    assert spec.entries == tuple(data["recommendation"]["policies"])
+    assert [type(p).__name__ for p in spec.build()][0] == "TOVA"

@@ -6,6 +6,7 @@ from transformers import DynamicCache
 
 from kvpress_aqua import CompressedCache
 from kvpress_aqua.policies import H2O, SlidingWindow
+from kvpress_aqua.util.compat import cache_kwargs
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +21,7 @@ def _chat(tokenizer, text):
 
 def _run(model, inputs, cache, steps=12):
     with torch.inference_mode():
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=steps, do_sample=False,
+        out = model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=steps, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
     return torch.stack(out.logits, 1), out.sequences
 
@@ -49,7 +50,7 @@ def test_eviction_frees_bytes_and_stays_fluent(smollm2, policy):
     with torch.inference_mode():
         cache.prefill(inputs["input_ids"][:, :-1])
         assert all(layer.keys.shape[-2] <= policy.budget + 128 for layer in cache.layers)
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        out = model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=16, do_sample=False)
     cache.detach()
     text = tokenizer.decode(out[0, prompt:], skip_special_tokens=True)
     assert "nine" in text.lower() or "9" in text
@@ -81,7 +82,7 @@ def test_context_then_question_reuses_the_prefix(smollm2):
     context = ids[:, :-12]
     cache = CompressedCache(model, H2O(heavy=2048, recent=64))
     with torch.inference_mode():
-        model(context, past_key_values=cache)
+        model(context, **cache_kwargs(model, cache))
         seen = cache.get_seq_length()
         got, _ = _run(model, {"input_ids": ids}, cache, steps=6)
     ref, _ = _run(model, {"input_ids": ids}, DynamicCache(), steps=6)

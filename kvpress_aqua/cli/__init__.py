@@ -1,9 +1,11 @@
 """The ``kvtool`` command line: one sub-module per sub-command, each with ``register`` and ``run``.
 
 Every sub-command module exposes ``register(subparsers)``, which adds its parser and sets
-``func=run``; ``run(args) -> int`` returns the exit code. Building the parser imports neither torch
-nor transformers: the command modules import their heavy modules when ``run`` is called, so
-``kvtool --help`` is quick.
+``func=run``; ``run(args) -> int`` returns the exit code. Command modules never import each other:
+what they share lives in :mod:`~kvpress_aqua.cli.common` (checks, policies, consoles, model loading)
+and :mod:`~kvpress_aqua.cli._needle_run` (the needle grid of ``needle`` and ``demo``), which are not
+commands. Building the parser imports neither torch nor transformers: the command modules import
+their heavy modules when ``run`` is called, so ``kvtool --help`` is quick.
 
 Bad input raises ``ValueError`` (or ``FileNotFoundError``, or another ``OSError``), which ``main``
 prints as one plain line, ``error: ...``, and turns into exit code 2. Ctrl-C ends with one line and

@@ -1,7 +1,7 @@
 """``kvtool calibrate``: compute a model's AQUA bases and write the artifact the ``aqua`` policy loads.
 
 With ``--sweep`` it then measures the planner's quality grid on held-out text
-(:func:`kvpress_aqua.sweep.measure_sweep`) and stores it beside the artifact.
+(:func:`kvpress_aqua.evaluation.sweep.measure_sweep`) and stores it beside the artifact.
 
 Arguments are checked before the model loads; the calibration and sweep modules (torch) are
 imported when it runs.
@@ -22,14 +22,14 @@ from .common import load_model_checked, make_console
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from ..calibration.calibrate import AquaArtifact
+    from ..artifacts.aqua import AquaArtifact
     from ..evaluation.sweep import QualitySweep, SweepPoint
 
 _FRACTIONS = (0.25, 0.5, 0.75)
 _SHOWN_LAYERS = 6
 SWEEP_TOKENS_HELP = 512
-"""The default of ``--sweep-tokens`` shown in the help: :data:`kvpress_aqua.sweep.DEFAULT_SWEEP_TOKENS`, written
-out because importing the sweep module (torch) would slow down ``kvtool --help``; a test keeps them equal."""
+"""The default of ``--sweep-tokens`` shown in the help: :data:`kvpress_aqua.evaluation.sweep.DEFAULT_SWEEP_TOKENS`,
+written out because importing the sweep module (torch) would slow down ``kvtool --help``; a test keeps them equal."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if args.text is not None and not args.text.is_file():
         raise FileNotFoundError(f"calibration text {args.text} does not exist")
     # torch and the calibration: after the checks, so that typos are reported at once
-    from ..calibration.calibrate import calibrate, default_artifact_path, default_calibration_text
+    from ..artifacts.aqua import default_artifact_path
+    from ..calibration import calibrate
+    from ..data.calibration_text import default_calibration_text
     from ..evaluation.sweep import DEFAULT_SWEEP_TOKENS
     from ..loading import DEFAULT_MODEL
     from ..model_info import ModelInfo
@@ -111,7 +113,7 @@ _SWEEP_KEYS = ("tokens", "chunk", "text_source", "full_ppl", "seconds")
 def _sweep(console: Console, model: Any, tokenizer: Any, artifact: AquaArtifact, text_file: Path | None,
            tokens: int) -> QualitySweep:
     """Measure the quality grid on held-out text and save it beside the artifact."""
-    from ..evaluation.needle.runner import load_haystack
+    from ..data.haystack import load_haystack
     from ..evaluation.sweep import measure_sweep, sweep_path
 
     if text_file is None:

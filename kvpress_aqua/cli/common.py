@@ -1,4 +1,4 @@
-"""What every ``kvtool`` command shares: argument checks, plain consoles, one-line errors, model loading.
+"""What every ``kvtool`` command shares: argument checks, policies, plain consoles, one-line errors, model loading.
 
 Light on purpose: importing this module imports neither torch nor transformers (the parser is built
 from the command modules, which import it); the checks that need torch import it when they run.
@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from ..presets.spec import PolicySpec
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -28,6 +32,7 @@ __all__ = [
     "load_model_checked",
     "make_console",
     "one_line",
+    "parse_specs",
     "print_error",
     "where",
 ]
@@ -194,3 +199,25 @@ def load_model_checked(name: str | None, console: Console | None = None, **kwarg
     except (OSError, RuntimeError) as err:
         what = "the default model" if name is None else f"model {name!r}"
         raise ValueError(f"cannot load {what}: {one_line(err)}") from None
+
+
+def parse_specs(policies: Sequence[str]) -> dict[str, PolicySpec]:
+    """Parse policy strings with :func:`~kvpress_aqua.presets.spec.parse_policy`, keyed by display name.
+
+    Specs are told apart by content (:attr:`~kvpress_aqua.presets.spec.PolicySpec.key`): identical ones
+    (the same file typed twice, an inline string equal to a preset) are kept once, under the first
+    name; different ones always stay apart, a clashing name getting ``@<key>`` appended.
+    """
+    from ..presets.spec import parse_policy  # the policies import torch: loaded when a command runs
+
+    specs: dict[str, PolicySpec] = {}
+    seen: set[str] = set()
+    for text in policies:
+        spec = parse_policy(text)
+        if spec.key in seen:
+            continue
+        seen.add(spec.key)
+        if spec.name in specs:
+            spec = replace(spec, name=f"{spec.name}@{spec.key}")
+        specs[spec.name] = spec
+    return specs

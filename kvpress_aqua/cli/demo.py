@@ -13,24 +13,13 @@ loads, and Ctrl-C stops it as it stops ``kvtool needle`` (resumable).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..evaluation.needle.results import summary_json
 from ..evaluation.needle.tasks import PROTOCOLS, plan_cells
-from .common import load_model_checked, make_console, where
-from .needle import (
-    add_model_arguments,
-    check_model_arguments,
-    check_policies,
-    execute,
-    parse_specs,
-    run_config,
-    summary_table,
-    write_plots,
-)
+from ._needle_run import add_model_arguments, check_model_arguments, check_policies, execute, report, run_config
+from .common import load_model_checked, make_console, parse_specs, where
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -66,7 +55,9 @@ def ensure_calibration(model: Any, tokenizer: Any, specs: dict[str, PolicySpec],
     """Run the AQUA calibration for ``model`` if a policy needs it and no artifact exists yet."""
     if not any(entry["type"] == "aqua" for spec in specs.values() for entry in spec.entries):
         return
-    from ..calibration.calibrate import calibrate, default_artifact_path, default_calibration_text, find_artifact
+    from ..artifacts.aqua import default_artifact_path, find_artifact
+    from ..calibration import calibrate
+    from ..data.calibration_text import default_calibration_text
     from ..model_info import ModelInfo
 
     try:
@@ -102,12 +93,6 @@ def run(args: argparse.Namespace) -> int:
                   f"{where(args.device)}", soft_wrap=True)
     start = time.perf_counter()
     rows = execute(model, tokenizer, cells, specs, config, args.out, console)
-    if args.json:
-        print(json.dumps(summary_json(rows), indent=2))
-    else:
-        console.print(summary_table(rows, f"needle demo: {model_name}, {config.haystack.name} haystack, "
-                                          f"{time.perf_counter() - start:.0f} s"))
-    if not args.no_plots:
-        for path in write_plots(rows, args.out, model_name, console):
-            console.print(f"wrote {path}", soft_wrap=True)
+    title = f"needle demo: {model_name}, {config.haystack.name} haystack, {time.perf_counter() - start:.0f} s"
+    report(rows, args, model_name, title, console)
     return 0

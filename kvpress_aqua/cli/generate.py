@@ -1,6 +1,9 @@
 """``kvtool generate``: generate with each policy on the same prompt and compare text and bytes held.
 
-Arguments are checked before the model loads; torch and the cache are imported when it runs.
+Each policy answers greedily through its compressed cache
+(:func:`kvpress_aqua.evaluation.generation.greedy_generate`, the needle harness's decode loop); the
+bytes shown are those held after the first decode step. Arguments are checked before the model
+loads; torch and the cache are imported when it runs.
 """
 
 from __future__ import annotations
@@ -10,8 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import load_model_checked, make_console
-from .needle import parse_specs
+from .common import load_model_checked, make_console, parse_specs
 
 DEFAULT_POLICIES = ("full", "streaming-25", "h2o-25")
 
@@ -49,38 +51,37 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"prompt file {args.prompt_file} does not exist")
     specs = list(parse_specs(args.policy or DEFAULT_POLICIES).values())
     # torch and the cache: after the checks, so that typos are reported at once
-    import torch
     from rich.table import Table
 
     from ..core.cache import CompressedCache
-    from ..util.compat import cache_kwargs
+    from ..evaluation.generation import eos_ids, greedy_generate
 
     prompt = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else (args.prompt or default_prompt())
     console = make_console(stderr=args.json)
     model, tokenizer = load_model_checked(args.model, console)
     messages = [{"role": "user", "content": prompt}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    context = inputs["input_ids"].shape[1]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"].to(next(model.parameters()).device)
+    context, eos = ids.shape[1], eos_ids(model, tokenizer)
     rows = []
     for spec in specs:
         cache = CompressedCache(model, *spec.build(context=context), prefill_chunk=args.prefill_chunk)
         start = time.perf_counter()
-        with torch.inference_mode():
-            if args.prefill_chunk:
-                cache.prefill(inputs["input_ids"][:, :-1])
-            out = model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=args.max_new_tokens,
-                                 do_sample=False)
-        seconds = time.perf_counter() - start
-        text = tokenizer.decode(out[0, context:], skip_special_tokens=True).strip()
-        rows.append({"policy": spec.name, "prompt_tokens": context, "kv_bytes": cache.nbytes(),
-                     "dense_kv_bytes": cache.dense_nbytes(), "seconds": round(seconds, 2), "text": text})
-        if not args.json:
-            console.print(cache.memory_report() if len(specs) == 1 else str(cache.memory_report()))
-        cache.detach()
+        try:
+            out = greedy_generate(model, cache, ids, args.max_new_tokens, eos)
+            seconds = time.perf_counter() - start
+            if not args.json:
+                console.print(cache.memory_report() if len(specs) == 1 else str(cache.memory_report()))
+        finally:
+            cache.detach()
+        text = tokenizer.decode(out.tokens[0], skip_special_tokens=True).strip()
+        rows.append({"policy": spec.name, "prompt_tokens": context, "kv_bytes": out.kv_bytes,
+                     "dense_kv_bytes": out.dense_kv_bytes, "seconds": round(seconds, 2), "text": text})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = Table(title=f"{context}-token prompt, greedy, {args.max_new_tokens} new tokens")
+    table = Table(title=f"{context}-token prompt, greedy, {args.max_new_tokens} new tokens",
+                  caption="KV bytes = held after the first decode step")
     for col in ("policy", "KV bytes", "of dense", "seconds", "output"):
         table.add_column(col, overflow="fold")
     for r in rows:

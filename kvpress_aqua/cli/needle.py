@@ -4,50 +4,21 @@ Writes ``results.jsonl`` (one row per cell, appended as cells finish: rerunning 
 skips the cells already there), ``results.csv``, ``summary.json`` and, with matplotlib,
 ``heatmap-<policy>.png``, ``heatmaps.png`` and ``score_vs_bytes.png`` into ``--out``.
 
-Rows are matched to cells by the policy's content key (:attr:`~kvpress_aqua.spec.PolicySpec.key`),
-not its name. Every argument is checked before the model is loaded. Ctrl-C stops the run with one
-line saying how many cells are saved; rerunning the same command resumes.
-
-The parser part of this module is light (no torch); the runner is imported when a command runs.
+Every argument is checked before the model is loaded. The grid runs through
+:mod:`kvpress_aqua.cli._needle_run` (shared with ``kvtool demo``), which matches stored rows to
+cells by policy content and turns Ctrl-C into a one-line message (rerunning resumes).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import warnings
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from ..evaluation.needle.results import (
-    append_result,
-    cell_key,
-    read_results,
-    row_key,
-    summarize,
-    summary_json,
-    write_csv,
-)
-from ..evaluation.needle.tasks import PROTOCOLS, TASKS, Cell, parse_depths, plan_cells
-from ..util.sizes import format_bytes, parse_tokens
-from .common import (
-    Interrupted,
-    apply_threads,
-    check_device,
-    check_threads,
-    load_model_checked,
-    make_console,
-    where,
-)
-
-if TYPE_CHECKING:
-    from rich.console import Console
-    from rich.table import Table
-
-    from ..evaluation.needle.runner import RunConfig
-    from ..presets.spec import PolicySpec
+from ..evaluation.needle.tasks import PROTOCOLS, TASKS, parse_depths, plan_cells
+from ..util.sizes import parse_tokens
+from ._needle_run import add_model_arguments, check_model_arguments, check_policies, execute, report, run_config
+from .common import load_model_checked, make_console, parse_specs, where
 
 DEFAULT_POLICIES = ("full", "streaming-25", "h2o-25", "h2o-aqua-4x")
 
@@ -82,32 +53,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``needle`` and ``demo``: model, batching, chunking, threads, device."""
-    p.add_argument("--model", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--batch-size", type=int, default=4,
-                   help="depths run together for one policy, protocol, task and length (default 4)")
-    p.add_argument("--prefill-chunk", default="512",
-                   help="prefill chunk in tokens, or 'none' for one forward per prompt (default 512)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda (default cpu)")
-
-
-def check_model_arguments(args: argparse.Namespace) -> int | None:
-    """Check the options of :func:`add_model_arguments` (before anything loads); returns the prefill chunk.
-
-    The checks that need no torch come first, so that most typos are reported at once.
-    """
-    check_threads(args.threads)
-    if args.batch_size <= 0:
-        raise ValueError(f"--batch-size {args.batch_size}: give a positive number")
-    chunk = None if str(args.prefill_chunk).lower() == "none" else parse_tokens(args.prefill_chunk, "prefill chunk")
-    if chunk is not None and chunk <= 0:
-        raise ValueError(f"--prefill-chunk {args.prefill_chunk}: give a positive token count or 'none'")
-    check_device(args.device)
-    return chunk
-
-
 def parse_lengths(text: str) -> list[int]:
     """``--lengths``: a comma list of prompt lengths in tokens (``1k`` = 1024)."""
     lengths = [parse_tokens(t, "length") for t in text.split(",") if t.strip()]
@@ -123,191 +68,6 @@ def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
     if bad or not items:
         raise ValueError(f"{what} {text!r}: use a comma list of {', '.join(allowed)}")
     return items
-
-
-def parse_specs(policies: Sequence[str]) -> dict[str, PolicySpec]:
-    """Parse policy strings with :func:`~kvpress_aqua.spec.parse_policy`, keyed by display name.
-
-    Specs are told apart by content (:attr:`~kvpress_aqua.spec.PolicySpec.key`): identical ones
-    (the same file typed twice, an inline string equal to a preset) are kept once, under the first
-    name; different ones always stay apart, a clashing name getting ``@<key>`` appended.
-    """
-    from ..presets.spec import parse_policy  # the policies import torch: loaded when a command runs
-
-    specs: dict[str, PolicySpec] = {}
-    seen: set[str] = set()
-    for text in policies:
-        spec = parse_policy(text)
-        if spec.key in seen:
-            continue
-        seen.add(spec.key)
-        if spec.name in specs:
-            spec = replace(spec, name=f"{spec.name}@{spec.key}")
-        specs[spec.name] = spec
-    return specs
-
-
-def run_config(args: argparse.Namespace, model_name: str, haystack: str) -> RunConfig:
-    """The shared settings of a run from parsed arguments (checked again; sets torch's threads)."""
-    from ..evaluation.needle.runner import RunConfig, load_haystack  # torch: loaded when a command runs
-
-    chunk = check_model_arguments(args)
-    apply_threads(args.threads)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        stack = load_haystack(haystack)
-    for w in caught:
-        make_console(stderr=True).print(f"warning: {w.message}", style="yellow", soft_wrap=True)
-    return RunConfig(model=model_name, haystack=stack, seed=getattr(args, "seed", 0), prefill_chunk=chunk,
-                     batch_size=args.batch_size)
-
-
-def check_policies(model: Any, specs: dict[str, PolicySpec], context: int) -> None:
-    """Build every policy once on ``model`` so that a missing AQUA artifact or bad knob fails before any cell."""
-    from ..core.cache import CompressedCache
-
-    for spec in specs.values():
-        CompressedCache(model, *spec.build(context=context)).detach()
-
-
-def _cell_keys(cells: Sequence[Cell], specs: dict[str, PolicySpec], config: RunConfig) -> dict[Cell, tuple]:
-    return {c: cell_key(c, specs[c.policy].key, model=config.model, haystack=config.haystack.name,
-                        seed=config.seed, prefill_chunk=config.prefill_chunk) for c in cells}
-
-
-def _stored_rows(path: Path, specs: dict[str, PolicySpec], legacy: bool) -> dict[tuple, dict[str, Any]]:
-    """Rows of ``path`` by key (a later row replaces an earlier one of the same key).
-
-    With ``legacy`` (report only), rows written before rows carried ``policy_key`` are matched to
-    this run's presets and inline specs by name; a run never reuses them (docs/needle.md).
-    """
-    rows = read_results(path)
-    done: dict[tuple, dict[str, Any]] = {}
-    if legacy:
-        by_name = {name: spec.key for name, spec in specs.items() if spec.source != "file"}
-        for row in rows:
-            if not row.get("policy_key") and row.get("policy") in by_name:
-                if (key := row_key(row, by_name[row["policy"]])) is not None:
-                    done[key] = row
-    for row in rows:
-        if row.get("policy_key") and (key := row_key(row)) is not None:
-            done[key] = row
-    return done
-
-
-def execute(
-    model: Any, tokenizer: Any, cells: list[Cell], specs: dict[str, PolicySpec], config: RunConfig, out: Path,
-    console: Console,
-) -> list[dict[str, Any]]:
-    """Run the cells not yet in ``out/results.jsonl`` with a progress bar; returns the grid's rows.
-
-    A stored row counts for a cell when its model, haystack, seed, prefill chunk, policy content key
-    and cell agree; it is returned under the cell's policy name. With ``model=None`` nothing is run:
-    the rows already there are reported (missing cells left out), rows of older files without
-    ``policy_key`` included by name. Rows of other runs in the same file are kept but not returned.
-
-    Raises
-    ------
-    Interrupted
-        On Ctrl-C, saying how many of the cells are saved (every finished row is).
-
-    """
-    path = out / "results.jsonl"
-    done = _stored_rows(path, specs, legacy=model is None)
-    keys = _cell_keys(cells, specs, config)
-    pending = [c for c in cells if keys[c] not in done]
-    if model is None:
-        console.print(f"report only: {len(cells) - len(pending)} of {len(cells)} cells found in {path}",
-                      soft_wrap=True)
-    elif pending:
-        if len(pending) < len(cells):
-            console.print(f"resuming: {len(cells) - len(pending)} of {len(cells)} cells already in {path}",
-                          soft_wrap=True)
-        _run_pending(model, tokenizer, pending, specs, config, path, done, console, keys, len(cells))
-    rows = [_labelled(done[keys[c]], c.policy) for c in cells if keys[c] in done]
-    if not rows:
-        raise FileNotFoundError(f"no results for these cells in {path}")
-    if legacy := sum(not row.get("policy_key") for row in rows):
-        console.print(f"note: {legacy} rows without policy_key (written by an older kvtool) matched by policy name",
-                      style="yellow", soft_wrap=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "results.csv")
-    (out / "summary.json").write_text(json.dumps(summary_json(rows), indent=2) + "\n")
-    return rows
-
-
-def _run_pending(
-    model: Any, tokenizer: Any, pending: list[Cell], specs: dict[str, PolicySpec], config: RunConfig, path: Path,
-    done: dict[tuple, dict[str, Any]], console: Console, keys: dict[Cell, tuple], total: int,
-) -> None:
-    from rich import progress as bars
-
-    from ..evaluation.needle.runner import run_cells
-
-    columns = (bars.TextColumn("{task.description}", markup=False), bars.BarColumn(), bars.MofNCompleteColumn(),
-               bars.TimeElapsedColumn(), bars.TimeRemainingColumn())
-    wanted = set(keys.values())
-    try:
-        with bars.Progress(*columns, console=console, transient=False) as progress:
-            bar = progress.add_task("needle cells", total=len(pending))
-
-            def on_row(row: dict[str, Any]) -> None:
-                append_result(path, row)
-                done[row_key(row)] = row
-                progress.update(bar, advance=1, description=f"{row['policy']} {row['protocol']} {row['task']} "
-                                f"{row['length']} tok: {row['score']:.2f}")
-
-            run_cells(model, tokenizer, pending, specs, config, on_row)
-    except KeyboardInterrupt:
-        stored = {row_key(row) for row in read_results(path)}  # what the file holds, torn last line excluded
-        saved = len(wanted & stored)
-        raise Interrupted(f"interrupted: {saved} of {total} cells saved in {path}; rerun the same command to "
-                          "resume") from None
-
-
-def _labelled(row: dict[str, Any], policy: str) -> dict[str, Any]:
-    """``row`` under this run's name for its policy (the content matched; the name may differ)."""
-    return row if row.get("policy") == policy else {**row, "policy": policy}
-
-
-def summary_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
-    """Mean exact-match score per policy and protocol, per length and task, with measured KV bytes."""
-    from rich.table import Table
-
-    summary = summarize(rows)
-    lengths = sorted({n for s in summary for n in s.by_length})
-    tasks = list(dict.fromkeys(t for s in summary for t in s.by_task))
-    table = Table(title=title, caption="score = mean exact match (1 = every needle value recalled); KV = bytes "
-                  "held while answering, measured, per sequence")
-    for col in ("policy", "protocol", "KV of dense", f"KV @ {lengths[-1]} tok"):
-        table.add_column(col, justify="left" if col in ("policy", "protocol") else "right")
-    for n in lengths:
-        table.add_column(f"{n} tok", justify="right")
-    if len(tasks) > 1:
-        for t in tasks:
-            table.add_column(t, justify="right")
-    table.add_column("mean", justify="right", style="bold")
-    for s in summary:
-        cells = [f"{s.by_length[n]:.2f}" if n in s.by_length else "-" for n in lengths]
-        if len(tasks) > 1:
-            cells += [f"{s.by_task[t]:.2f}" if t in s.by_task else "-" for t in tasks]
-        kv = format_bytes(s.kv_bytes[lengths[-1]]) if lengths[-1] in s.kv_bytes else "-"
-        table.add_row(s.policy, s.protocol, f"{s.kv_fraction:.1%}", kv, *cells, f"{s.score:.2f}")
-    return table
-
-
-def write_plots(rows: Sequence[dict[str, Any]], out: Path, model: str, console: Console) -> list[Path]:
-    """Heatmaps and the score-vs-bytes plot; a missing matplotlib is reported, not raised."""
-    try:
-        from ..evaluation.needle.plots import heatmap_grid, plot_heatmaps, plot_score_vs_bytes
-
-        paths = plot_heatmaps(rows, out, model)
-        paths.append(heatmap_grid(rows, out / "heatmaps.png", model))
-        paths.append(plot_score_vs_bytes(rows, out / "score_vs_bytes.png", model))
-    except ImportError as err:
-        console.print(f"no plots: {err}", style="yellow", soft_wrap=True)
-        return []
-    return paths
 
 
 def run(args: argparse.Namespace) -> int:
@@ -330,11 +90,5 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"{len(cells)} cells on {model_name}, haystack {config.haystack.name}, "
                   f"prefill chunk {config.prefill_chunk}, {where(args.device)} -> {args.out}", soft_wrap=True)
     rows = execute(model, tokenizer, cells, specs, config, args.out, console)
-    if args.json:
-        print(json.dumps(summary_json(rows), indent=2))
-    else:
-        console.print(summary_table(rows, f"needle in a haystack: {model_name}, {config.haystack.name} haystack"))
-    if not args.no_plots:
-        for path in write_plots(rows, args.out, model_name, console):
-            console.print(f"wrote {path}", soft_wrap=True)
+    report(rows, args, model_name, f"needle in a haystack: {model_name}, {config.haystack.name} haystack", console)
     return 0

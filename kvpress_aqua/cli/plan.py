@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..planner.search import DEFAULT_MIN_TOKENS, Candidate, Plan, plan
+from ..policies.registry import token_policy_names
 from ..util.sizes import format_bytes
 
 _FRONTIER_ROWS = 10
@@ -35,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 or fp8 (default: the config's dtype)")
     p.add_argument("--prefill-chunk", default=None, help="prefill chunk in tokens (default: the whole prompt at once)")
     p.add_argument("--overhead", default=None, help="runtime overhead, e.g. 1GiB or 0 (default 512MiB)")
-    p.add_argument("--token-policy", default="h2o", help="eviction policy of the plans: h2o (default) or sliding")
+    p.add_argument("--token-policy", default="h2o",
+                   help=f"eviction policy of the plans: {', '.join(token_policy_names())} (default h2o)")
     p.add_argument("--min-tokens", default=str(DEFAULT_MIN_TOKENS),
                    help=f"plans keeping fewer tokens count as not fitting (default {DEFAULT_MIN_TOKENS})")
     p.add_argument("--artifact", default=None, help="AQUA artifact to read the quality model from")

@@ -10,8 +10,7 @@ import json
 from pathlib import Path
 
 from ..util.sizes import format_bytes, parse_tokens
-from .common import apply_threads, check_threads, load_model_checked, make_console
-from .needle import parse_specs
+from .common import apply_threads, check_threads, load_model_checked, make_console, parse_specs
 
 DEFAULT_POLICIES = ("h2o-50", "h2o-aqua-2x", "aqua-k50")
 
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from ..evaluation.needle.runner import load_haystack
+    from ..data.haystack import load_haystack
     from ..evaluation.perplexity import PerplexityResult, perplexity
     from ..loading import DEFAULT_MODEL
 

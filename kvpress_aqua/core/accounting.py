@@ -13,20 +13,20 @@ residual ``(B, H, E, d-d_k)``  AQUA's exact tokens (``E`` = sinks + recent): dro
 exact    ``(B, H, E)``         int64: 8, the slot of each exact token (with ``residual`` only)
 index    ``(B, H, S)``         int32: 4
 valid    ``(B, H, S)``         bool: 1
-score    ``(B, H, S)``         float32: 4, only for policies that read scores (H2O)
+score    ``(B, H, S)``         float32: 4, only for policies that read scores (H2O, TOVA)
 start    ``(B, 1, 1)``         int32: 4 per sequence (left-padding count)
 ======== ===================== =====================================
 
 A layer with no policy at all is stored exactly as ``transformers``' ``DynamicCache`` stores it
-(keys and values only).
+(keys and values only). :func:`kv_fraction_budget` turns a fraction of the dense KV bytes (a spec's
+``kv_fraction``) into a token budget.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
 
 __all__ = [
-    "DTYPE_BYTES",
     "EXACT_SLOT_BYTES",
     "INDEX_BYTES",
     "SCORE_BYTES",
@@ -37,6 +37,7 @@ __all__ = [
     "decode_slots",
     "dense_layer_tokens",
     "grown_capacity",
+    "kv_fraction_budget",
     "layer_nbytes",
     "prefill_slots",
     "slot_nbytes",
@@ -47,44 +48,6 @@ VALID_BYTES = 1
 SCORE_BYTES = 4
 START_BYTES = 4
 EXACT_SLOT_BYTES = 8
-
-DTYPE_BYTES: dict[str, int] = {
-    "fp32": 4,
-    "float32": 4,
-    "bf16": 2,
-    "bfloat16": 2,
-    "fp16": 2,
-    "float16": 2,
-    "fp8": 1,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-}
-
-
-def dtype_bytes(dtype: Any) -> int:
-    """Bytes per element of a dtype name (``bf16``, ``float32``...) or a dtype object.
-
-    A dtype object (``torch.bfloat16``, ``numpy.float16``...) is read by duck typing, without importing
-    torch: its ``itemsize``, else its name (``str(dtype)`` without the ``torch.`` prefix).
-
-    Raises
-    ------
-    ValueError
-        For a name not in :data:`DTYPE_BYTES`, listing the accepted names.
-
-    """
-    if not isinstance(dtype, str):
-        itemsize = getattr(dtype, "itemsize", None)
-        if isinstance(itemsize, int) and not isinstance(itemsize, bool):
-            return itemsize
-    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    try:
-        return DTYPE_BYTES[name.lower()]
-    except KeyError:
-        raise ValueError(
-            f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPE_BYTES))}"
-        ) from None
-
 
 def slot_nbytes(key_dim: int, value_dim: int, elem: int, needs_scores: bool) -> int:
     """Bytes of one slot of one KV head in a compressed layer (keys, values and metadata)."""
@@ -200,3 +163,33 @@ def layer_nbytes(
     per_slot = slot_nbytes(key_dim, value_dim, elem, needs_scores)
     exact = exact_tokens * (residual_dim * elem + EXACT_SLOT_BYTES) if residual_dim else 0
     return batch * kv_heads * (slots * per_slot + exact) + batch * START_BYTES
+
+
+def kv_fraction_budget(kv_fraction: float, context: int, k_ratio: float = 1.0, exact_tokens: int = 0) -> int:
+    """The token budget whose keys and values take ``kv_fraction`` of the dense KV bytes of ``context`` tokens.
+
+    A dense token holds ``d`` key and ``d`` value channels; one stored with ``k_ratio * d`` key
+    channels costs ``(k_ratio + 1) / 2`` of it (values are never pruned). Each of AQUA's
+    ``exact_tokens`` (``exact_sinks + exact_recent``, kept whatever the context) also keeps its
+    dropped key channels, ``(1 - k_ratio) / 2`` of a dense token. Slot metadata is not counted:
+    ``kv_fraction`` is a fraction of the bytes of keys and values.
+
+    Parameters
+    ----------
+    kv_fraction : float
+        Fraction of the dense KV bytes to keep, in ``(0, 1]``.
+    context : int
+        Tokens the dense cache would hold.
+    k_ratio : float, default 1.0
+        Fraction of key channels the channel policy stores (1: no pruning).
+    exact_tokens : int, default 0
+        AQUA's exact tokens per layer and KV head (0 when no channel is dropped).
+
+    Returns
+    -------
+    int
+        Tokens per layer, KV head and sequence, rounded down, at least 2 (a sink and one more).
+
+    """
+    dropped = exact_tokens * (1 - k_ratio) / 2
+    return max(2, math.floor((kv_fraction * context - dropped) * 2 / (k_ratio + 1)))

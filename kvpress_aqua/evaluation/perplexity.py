@@ -2,7 +2,7 @@
 
 The text is fed through a :class:`~kvpress_aqua.CompressedCache` in chunks of ``chunk`` tokens
 (``model(chunk, cache=cache)``; ``past_key_values=`` before transformers 5.24, see
-:func:`kvpress_aqua.compat.cache_kwarg`), and each token's negative log-likelihood comes from the
+:func:`kvpress_aqua.util.compat.cache_kwarg`), and each token's negative log-likelihood comes from the
 logits of that forward: every prediction reads the past *as the cache holds it* (evicted tokens
 gone, keys pruned under AQUA). A single full forward would never read the cache, so it would
 measure nothing. Inside a chunk the tokens see each other at full precision (as in a prefill), so

@@ -1,6 +1,6 @@
 """Measured quality vs ``k_ratio`` x token budget: the calibration sweep the planner reads.
 
-:func:`measure_sweep` runs held-out text through :func:`kvpress_aqua.perplexity.perplexity` (the
+:func:`measure_sweep` runs held-out text through :func:`kvpress_aqua.evaluation.perplexity.perplexity` (the
 compressed cache in the loop) once with the full cache and once per grid point, a token policy
 keeping ``retained`` of the evaluated tokens stacked with ``Aqua(k_ratio=..., artifact=artifact)``,
 and records each point's relative quality ``exp(-(nll - nll_full)) = ppl_full / ppl``.
@@ -11,7 +11,7 @@ measured perplexity of every point and the fingerprint of the artifact it was me
 (:func:`artifact_fingerprint`); ``kvtool calibrate --sweep`` writes it and
 :func:`kvpress_aqua.planner.plan` reads it (:func:`find_sweep`) when it matches the artifact. The
 file format (:class:`QualitySweep`, :class:`SweepPoint`, :func:`find_sweep`...) lives in the
-torch-free :mod:`kvpress_aqua.sweep_format`, re-exported here.
+torch-free :mod:`kvpress_aqua.artifacts.sweep`, re-exported here.
 
 What a point measures: perplexity averages over every position of the text, and a position ``t``
 sees at most ``budget`` tokens only once ``t > budget``, so a point at ``retained = r`` mixes
@@ -62,7 +62,7 @@ DEFAULT_RETAINED = (1.0, 0.5, 0.25, 0.125)
 DEFAULT_SWEEP_TOKENS = 512
 """Tokens of held-out text per grid point by default (20 points; see docs/planner.md for a measured time)."""
 DEFAULT_SWEEP_CHUNK = 32
-"""Tokens per forward of :func:`~kvpress_aqua.perplexity.perplexity` by default."""
+"""Tokens per forward of :func:`~kvpress_aqua.evaluation.perplexity.perplexity` by default."""
 _TOKEN_POLICIES = ("h2o", "sliding")
 
 
@@ -96,7 +96,7 @@ def measure_sweep(
     tokenizer : callable
         Its tokenizer, called as ``tokenizer(text, add_special_tokens=False)["input_ids"]``.
     artifact : AquaArtifact
-        The model's AQUA artifact (:func:`kvpress_aqua.calibration.calibrate`); its
+        The model's AQUA artifact (:func:`kvpress_aqua.calibration.calibrate.calibrate`); its
         :func:`artifact_fingerprint` is recorded.
     text : str
         Held-out text (not the calibration text); its first ``tokens`` tokens are scored.
@@ -107,7 +107,7 @@ def measure_sweep(
     tokens : int
         Tokens of ``text`` evaluated per point (at least 8).
     chunk : int
-        Tokens per forward (:func:`~kvpress_aqua.perplexity.perplexity`).
+        Tokens per forward (:func:`~kvpress_aqua.evaluation.perplexity.perplexity`).
     token_policy : {"h2o", "sliding"}
         Eviction policy of the budgets, split as in :func:`token_entry`.
     source : str

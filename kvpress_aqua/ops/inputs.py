@@ -30,19 +30,25 @@ class AttentionInputs:
         int32 ``(B, H_kv, S)`` cache index of each past slot; only on the model's sliding-window layers.
     window : int or None
         The model's own window on this layer (a query at index ``t`` sees indices ``> t - window``).
-    first_index : int
-        Cache index of the chunk's first token.
+    first_index : int or torch.Tensor
+        Cache index of the chunk's first token (a 0-d tensor in a static decode step).
     key_basis : torch.Tensor or None
         ``(H_kv, d, r)``: queries are projected by it before they meet stored keys; ``None``: keys
         are stored as they come.
     query_channels : int or None
         Channels of each projected query kept by magnitude (AQUA's compute mode); ``None`` keeps all.
-    residual, residual_basis, exact_slot : torch.Tensor or None
+    exact_keys, exact_basis, exact_slot : torch.Tensor or None
         AQUA's exact tokens: their dropped key channels ``(B, H_kv, E, d - r)``, the basis of those
         channels ``(H_kv, d, d - r)`` and the past slot of each row, int64 ``(B, H_kv, E)``. A row that
-        stands for no past token is zero.
+        stands for no past token is zero with slot -1.
     want_mass : bool
         Whether the attention mass per slot is needed (score-based token policies).
+    score_out, new_slots : torch.Tensor or None
+        A static decode step's own accumulation: the layer's float32 ``(B, H_kv, S)`` scores, which
+        the call scales by ``score_decay`` and adds its mass to in place (``mass_new`` at the new
+        token's slots ``new_slots``, int64 ``(B, H_kv, n)``), so that nothing waits for a later fold.
+    score_decay : float
+        Factor applied to ``score_out`` before the mass is added (the token policy's).
     mass_past, mass_new : torch.Tensor or None
         Written by the attention: float32 ``(B, H_kv, S)`` and ``(B, H_kv, n)``, the attention weight
         each past slot and each new token received, summed over the chunk's queries and over the
@@ -60,13 +66,16 @@ class AttentionInputs:
     values_new: torch.Tensor
     past_index: torch.Tensor | None = None
     window: int | None = None
-    first_index: int = 0
+    first_index: int | torch.Tensor = 0
     key_basis: torch.Tensor | None = None
     query_channels: int | None = None
-    residual: torch.Tensor | None = None
-    residual_basis: torch.Tensor | None = None
+    exact_keys: torch.Tensor | None = None
+    exact_basis: torch.Tensor | None = None
     exact_slot: torch.Tensor | None = None
     want_mass: bool = False
+    score_out: torch.Tensor | None = None
+    new_slots: torch.Tensor | None = None
+    score_decay: float = 1.0
     mass_past: torch.Tensor | None = None
     mass_new: torch.Tensor | None = None
     new_valid: torch.Tensor | None = None

@@ -97,8 +97,8 @@ def reference_attention(
     if slots:
         q_past = grouped if inputs.key_basis is None else _per_group(grouped, inputs.key_basis)
         q_past = top_channels(q_past, inputs.query_channels)
-        if inputs.residual is not None:
-            q_res = _per_group(grouped, inputs.residual_basis)
+        if inputs.exact_keys is not None:
+            q_res = _per_group(grouped, inputs.exact_basis)
     # a causal chunk (every model this package supports) lets row block [lo, hi) skip new keys >= hi
     causal = not bool(torch.triu(new_mask, 1).any()) if n > 1 else True
     out = query.new_empty(batch, kv_heads, group, n, inputs.values_new.shape[-1], dtype=dtype)
@@ -128,8 +128,8 @@ def reference_attention(
         if slots:
             s_past = scores(q_past[:, :, :, lo:hi], inputs.past_keys)
             if q_res is not None:
-                extra = scores(q_res[:, :, :, lo:hi], inputs.residual)
-                index = inputs.exact_slot[:, :, None, None, :].expand_as(extra)
+                extra = scores(q_res[:, :, :, lo:hi], inputs.exact_keys)
+                index = inputs.exact_slot.clamp_min(0)[:, :, None, None, :].expand_as(extra)
                 s_past.scatter_add_(-1, index, extra)  # rows for no past token are zero
             if softcap is not None:
                 s_past = torch.tanh(s_past / softcap).mul_(softcap)
@@ -161,6 +161,6 @@ def _past_visibility(inputs: AttentionInputs, lo: int, hi: int) -> torch.Tensor:
     visible = inputs.past_visible[:, :, None, None, :]
     if inputs.window is None:
         return visible
-    query_index = torch.arange(inputs.first_index + lo, inputs.first_index + hi, device=visible.device)
+    query_index = inputs.first_index + torch.arange(lo, hi, device=visible.device)
     lowest = (query_index - inputs.window)[:, None]  # (rows, 1)
     return visible & (inputs.past_index[:, :, None, None, :] > lowest)

@@ -1,8 +1,8 @@
 """The planner's memory model: the bytes of a run for any key width and token budget.
 
-:class:`MemoryModel` predicts, from a :class:`~kvpress_aqua.model_shape.ModelShape` and the run's
+:class:`MemoryModel` predicts, from a :class:`~kvpress_aqua.planner.model_shape.ModelShape` and the run's
 batch, context, new tokens, dtype and chunking, the peak bytes of a cache storing ``d_k`` key
-channels with a token budget ``b`` (:func:`kvpress_aqua.planner.plan` searches over both).
+channels with a token budget ``b`` (:func:`kvpress_aqua.planner.search.plan` searches over both).
 
 With ``B`` sequences, ``L`` layers, ``H`` query heads, ``H_kv`` KV heads of width ``d``, hidden size
 ``h``, MLP width ``I``, vocabulary ``V``, element size ``e`` bytes, ``d_k`` stored key channels and a
@@ -63,11 +63,11 @@ from ..core.accounting import (
     capped_budget,
     decode_slots,
     dense_layer_tokens,
-    dtype_bytes,
     layer_nbytes,
     prefill_slots,
 )
-from ..policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS
+from ..policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS, policy_type
+from ..util.dtypes import dtype_bytes
 from .model_shape import ModelShape
 
 __all__ = ["ATTENTION_COPIES", "DEFAULT_OVERHEAD", "HIDDEN_COPIES", "MLP_COPIES", "Breakdown", "MemoryModel", "Term"]
@@ -174,8 +174,9 @@ class MemoryModel:
         Prefill chunk (``CompressedCache.prefill``); ``None`` runs the prompt in one forward.
     overhead : int
         Runtime overhead in bytes.
-    token_policy : {"h2o", "sliding"}
-        The eviction policy (H2O keeps a float32 score per slot).
+    token_policy : str
+        The eviction policy, a token policy of :mod:`kvpress_aqua.policies.registry` (``h2o``,
+        ``tova``, ``sliding``); those that read attention scores (H2O, TOVA) keep a float32 score per slot.
     exact_tokens : int
         AQUA's exact tokens per sequence and KV head (``exact_sinks + exact_recent``, by default
         ``Aqua``'s): with AQUA each layer also holds their ``head_dim - key_dim`` dropped channels.
@@ -191,6 +192,11 @@ class MemoryModel:
     overhead: int
     token_policy: str = "h2o"
     exact_tokens: int = AQUA_EXACT_SINKS + AQUA_EXACT_RECENT
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether the token policy keeps a float32 score per slot (the registry says so)."""
+        return policy_type(self.token_policy, "token").needs_scores
 
     @property
     def elem(self) -> int:
@@ -237,18 +243,14 @@ class MemoryModel:
         info, e, batch = self.shape.info, self.elem, self.batch
         d = info.head_dim
         compressed = budget is not None or key_dim < d
-        scores = budget is not None and self.token_policy == "h2o"
+        scores = budget is not None and self.needs_scores
 
         def layer(slots: int) -> int:
             return layer_nbytes(batch, info.num_kv_heads, slots, key_dim, d, e, compressed=compressed,
                                 needs_scores=scores, exact_tokens=self.exact_tokens, residual_dim=d - key_dim)
 
-        def cap(window: int | None) -> int | None:
-            limits = [x for x in (budget, None if window is None else window - 1) if x is not None]
-            return min(limits) if limits else None
-
         def visible(lo: int, n: int, window: int | None) -> int:
-            limit = cap(window)
+            limit = capped_budget(budget, window)
             return (lo if limit is None else min(lo, limit)) + n
 
         def stored(lo: int, n: int, window: int | None) -> int:
@@ -338,7 +340,7 @@ class MemoryModel:
     def _terms(self, key_dim: int, compressed: bool, scores: bool, weights: int, projections: int, columns: int,
                end: _Phase, peak: _Phase) -> tuple[Term, ...]:
         s, info, e, b = self.shape, self.shape.info, self.elem, self.batch
-        meta = "4 + 1 + 4 (index, valid, H2O score)" if scores else "4 + 1 (index, valid)"
+        meta = f"4 + 1 + 4 (index, valid, {self.token_policy} score)" if scores else "4 + 1 (index, valid)"
         exact = (" + B·H_kv·E·((d - d_k)·e + 8) (AQUA's exact tokens and their slots)"
                  if key_dim < info.head_dim and self.exact_tokens else "")
         kv_formula = (f"Σ layers B·H_kv·slots·((d_k + d_v)·e + {meta}){exact} + B·4" if compressed

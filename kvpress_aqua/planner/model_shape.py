@@ -1,7 +1,7 @@
 """What the planner knows about a model: its shapes and parameter count, from its config alone.
 
 :func:`resolve_model` reads a config (a folder's ``config.json``, a JSON file, the shipped offline
-table, the hub) as plain JSON through :mod:`kvpress_aqua.model_config`, without importing torch or
+table, the hub) as plain JSON through :mod:`kvpress_aqua.planner.config`, without importing torch or
 transformers; a ``transformers`` config object is read as it is.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..model_info import ModelInfo
+from ..util.dtypes import canonical_name
 from .config import (
     KNOWN_FAMILIES,
     JsonConfig,
@@ -26,10 +27,7 @@ from .config import (
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-__all__ = ["SHORT_DTYPE", "ModelShape", "count_parameters", "offline_models", "resolve_model"]
-
-SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}
-"""Short names of the dtypes a config may state."""
+__all__ = ["ModelShape", "count_parameters", "offline_models", "resolve_model"]
 _QK_NORM = {"qwen3", "gemma3", "gemma3_text"}
 _SANDWICH_NORM = {"gemma2", "gemma3", "gemma3_text"}
 
@@ -49,7 +47,8 @@ class ModelShape:
     max_position_embeddings : int or None
         The model's context limit, the default context.
     dtype : str or None
-        The config's weight dtype name (``"bfloat16"``), if it states one.
+        The config's weight dtype, by its canonical name (``"bfloat16"``,
+        :func:`kvpress_aqua.util.dtypes.canonical_name`), if it states a known one.
     parameters : int
         Parameter count computed from the shapes.
     source : str
@@ -57,7 +56,7 @@ class ModelShape:
     notes : tuple of str
         Caveats (approximate parameter count, vision tower not counted...).
     source_config : JsonConfig or PretrainedConfig
-        The config as read: a :class:`~kvpress_aqua.model_config.JsonConfig`, or the ``transformers``
+        The config as read: a :class:`~kvpress_aqua.planner.config.JsonConfig`, or the ``transformers``
         config object given.
 
     """
@@ -154,8 +153,10 @@ def _dtype_name(config: Any) -> str | None:
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if value is None:
         return None
-    name = str(value).removeprefix("torch.")
-    return name if name.lower() in SHORT_DTYPE else None
+    try:
+        return canonical_name(value)
+    except ValueError:
+        return None
 
 
 def _shape(config: Any, name: str, source: str) -> ModelShape:

@@ -4,7 +4,7 @@ Scores are an *estimate* of the fraction of the uncompressed model's quality kep
 loss, always reported with their source (:attr:`QualityModel.source`, :attr:`QualityModel.kind`):
 
 1. a calibration sweep stored beside the AQUA artifact (``<artifact stem>.sweep.json``, written by
-   ``kvtool calibrate --sweep``, :mod:`kvpress_aqua.sweep`): ``ppl_full / ppl`` measured on held-out
+   ``kvtool calibrate --sweep``, :mod:`kvpress_aqua.evaluation.sweep`): ``ppl_full / ppl`` measured on held-out
    text at a grid of ``k_ratio`` x ``retained`` (fraction of tokens kept), used when it was measured
    with that artifact and the plan's token policy; interpolated bilinearly, linearly down to 0 at 0
    below the smallest measured ``k_ratio`` or ``retained``, clamped above the largest, capped at 1;
@@ -12,13 +12,17 @@ loss, always reported with their source (:attr:`QualityModel.source`, :attr:`Qua
    the key energy ``E`` kept by ``k_ratio``: from the artifact's SVD spectrum when one exists, else
    from :data:`DEFAULT_ENERGY` (the mean energy curve measured on SmolLM2-135M). ``ENERGY_BETA`` and
    ``ENERGY_GAMMA`` fit that prototype's perplexity ratios (energy 0.97, 0.93, 0.84 gave
-   ppl_dense/ppl 0.96, 0.61, 0.02). ``q_tokens = 1 - (1 - retained)^RETENTION_EXPONENT[policy]``.
+   ppl_dense/ppl 0.96, 0.61, 0.02). ``q_tokens = 1 - (1 - retained)^x`` with ``x`` from
+   :func:`retention_exponent`: the policies that rank tokens by attention scores (H2O, and TOVA,
+   which is treated like H2O) get one exponent, those that rank by position only (the sliding
+   window) another; which is which is the registry's ``needs_scores``
+   (:mod:`kvpress_aqua.policies.registry`), so every registered token policy can be planned.
 
 Option 2 is a heuristic, not a measurement: the channel and token losses are assumed independent,
 and the token term is not fitted to any model.
 
-Artifacts and sweeps are read with numpy (:mod:`kvpress_aqua.artifact_format`,
-:mod:`kvpress_aqua.sweep_format`), never torch.
+Artifacts and sweeps are read with numpy (:mod:`kvpress_aqua.artifacts.aqua`,
+:mod:`kvpress_aqua.artifacts.sweep`), never torch.
 """
 
 from __future__ import annotations
@@ -35,17 +39,42 @@ import numpy as np
 from ..artifacts.aqua import AquaArtifact, as_float64, find_artifact
 from ..artifacts.sweep import find_sweep
 from ..model_info import ModelInfo
+from ..policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS, policy_type
 
-__all__ = ["DEFAULT_ENERGY", "ENERGY_BETA", "ENERGY_GAMMA", "RETENTION_EXPONENT", "QualityModel", "find_quality"]
+__all__ = [
+    "DEFAULT_ENERGY",
+    "ENERGY_BETA",
+    "ENERGY_GAMMA",
+    "RETENTION_EXPONENT",
+    "QualityModel",
+    "find_quality",
+    "retention_exponent",
+]
 
-RETENTION_EXPONENT = {"h2o": 8.0, "sliding": 4.0}
-"""``q_tokens = 1 - (1 - retained)^x``: H2O keeps 90% at a quarter of the tokens, a sliding window 68%."""
+RETENTION_EXPONENT = {"scores": 8.0, "position": 4.0}
+"""``q_tokens = 1 - (1 - retained)^x`` by what a token policy ranks on: attention scores keep 90% at a
+quarter of the tokens (H2O; TOVA is assumed to do the same), positions only 68% (a sliding window)."""
 ENERGY_BETA = 600.0
 ENERGY_GAMMA = 2.7
 DEFAULT_ENERGY: tuple[tuple[float, float], ...] = (
     (0.0, 0.0), (0.25, 0.84), (0.375, 0.89), (0.5, 0.93), (0.75, 0.97), (1.0, 1.0),
 )
 """Mean key energy kept vs ``k_ratio`` measured on SmolLM2-135M (head_dim 64); the default curve."""
+
+
+def retention_exponent(token_policy: str) -> float:
+    """The exponent ``x`` of ``q_tokens = 1 - (1 - retained)^x`` for a token policy name.
+
+    ``RETENTION_EXPONENT["scores"]`` for the policies the registry says read attention scores (H2O,
+    TOVA), ``RETENTION_EXPONENT["position"]`` for the others (the sliding window).
+
+    Raises
+    ------
+    ValueError
+        For a name that is not a registered token policy.
+
+    """
+    return RETENTION_EXPONENT["scores" if policy_type(token_policy, "token").needs_scores else "position"]
 
 
 def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -123,11 +152,11 @@ class QualityModel:
     def from_artifact(cls, artifact: Any, where: str, token_policy: str = "h2o") -> QualityModel:
         """The calibration sweep stored beside the artifact if it matches, else its ``spectrum``, else the default.
 
-        The sweep is the file :func:`kvpress_aqua.sweep_format.sweep_path` names, used when it was
-        measured with this artifact and ``token_policy`` (:func:`kvpress_aqua.sweep_format.find_sweep`);
+        The sweep is the file :func:`kvpress_aqua.artifacts.sweep.sweep_path` names, used when it was
+        measured with this artifact and ``token_policy`` (:func:`kvpress_aqua.artifacts.sweep.find_sweep`);
         otherwise the source says why it was not used.
         """
-        found, why = find_sweep(artifact, token_policy)
+        found, why = find_sweep(artifact, token_policy, exact_tokens=(AQUA_EXACT_SINKS, AQUA_EXACT_RECENT))
         if found is not None:
             meta = found.metadata
             return cls.from_sweep(found.rows(), f"{found.path} ({len(found.points)} points, {meta.get('tokens')} "
@@ -146,7 +175,7 @@ class QualityModel:
         if self.sweep:
             return self._from_sweep(k_ratio, retained)
         channels = math.exp(-ENERGY_BETA * max(0.0, 1.0 - self.channel_energy(k_ratio)) ** ENERGY_GAMMA)
-        tokens = 1.0 - (1.0 - min(1.0, retained)) ** RETENTION_EXPONENT[token_policy]
+        tokens = 1.0 - (1.0 - min(1.0, retained)) ** retention_exponent(token_policy)
         return channels * tokens
 
     def _from_sweep(self, k_ratio: float, retained: float) -> float:
@@ -170,7 +199,7 @@ def find_quality(info: ModelInfo, artifact: str | Path | None, token_policy: str
     """The quality model from the model's AQUA artifact (given, or the one ``kvtool calibrate`` wrote), else default.
 
     The artifact is read with numpy (``framework="np"``) and checked against ``info`` as the runtime
-    checks it (:meth:`~kvpress_aqua.artifact_format.AquaArtifact.check_model`: fingerprint and shapes).
+    checks it (:meth:`~kvpress_aqua.artifacts.aqua.AquaArtifact.check_model`: fingerprint and shapes).
 
     Raises
     ------

@@ -7,35 +7,39 @@ It reads the model's config only, never its weights, and imports neither torch n
 
 The parts, each re-exported here:
 
-- :mod:`kvpress_aqua.model_shape`: the model's shapes and parameter count from its config
+- :mod:`kvpress_aqua.planner.model_shape`: the model's shapes and parameter count from its config
   (:func:`resolve_model`, :class:`ModelShape`, :func:`count_parameters`), the config read as JSON
-  by :mod:`kvpress_aqua.model_config`;
-- :mod:`kvpress_aqua.memory_model`: the bytes of a run for any key width and token budget
+  by :mod:`kvpress_aqua.planner.config`;
+- :mod:`kvpress_aqua.planner.memory`: the bytes of a run for any key width and token budget
   (:class:`MemoryModel`, :class:`Breakdown`; the formula is in its docstring);
-- :mod:`kvpress_aqua.quality_model`: the estimated quality of a point, from a calibration sweep,
+- :mod:`kvpress_aqua.planner.quality`: the estimated quality of a point, from a calibration sweep,
   an artifact's spectrum or the default curve (:class:`QualityModel`);
+- :mod:`kvpress_aqua.planner.fit`: the key widths considered, the largest budget that fits, and what
+  would fit when nothing does (:func:`candidate_key_dims`);
 - this module: the search over key widths and budgets, the frontier and the answer (:class:`Plan`).
+
+Any token policy of :mod:`kvpress_aqua.policies.registry` can be planned (``token_policy=``): the
+registry says whether it keeps scores (charged per slot) and how a budget splits into its knobs.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.accounting import dtype_bytes
-from ..policies.registry import DEFAULT_SINKS, token_entry
+from ..policies.registry import DEFAULT_SINKS, policy_type, token_entry
+from ..presets.spec import PolicySpec
+from ..util.dtypes import short_name
 from ..util.sizes import format_bytes, parse_size, parse_tokens
+from .fit import MIN_K_RATIO, candidate_key_dims, does_not_fit, largest_budget
 from .memory import ATTENTION_COPIES, DEFAULT_OVERHEAD, HIDDEN_COPIES, MLP_COPIES, Breakdown, MemoryModel, Term
-from .model_shape import SHORT_DTYPE, ModelShape, count_parameters, offline_models, resolve_model
+from .model_shape import ModelShape, count_parameters, offline_models, resolve_model
 from .quality import DEFAULT_ENERGY, ENERGY_BETA, ENERGY_GAMMA, RETENTION_EXPONENT, QualityModel, find_quality
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-    from ..presets.spec import PolicySpec
 
 __all__ = [
     "ATTENTION_COPIES",
@@ -62,26 +66,8 @@ __all__ = [
     "resolve_model",
 ]
 
-MIN_K_RATIO = 0.25
-"""Smallest ``k_ratio`` considered: below a quarter of the channels the prototype's perplexity exploded."""
 DEFAULT_MIN_TOKENS = 64
 """A plan keeping fewer tokens per sequence than this is treated as not fitting."""
-
-_TOKEN_POLICIES = ("h2o", "sliding")
-_CHUNK_HINTS = (8192, 4096, 2048, 1024, 512, 256, 128)
-
-
-# ------------------------------------------------------------------------------------------- plan
-def candidate_key_dims(head_dim: int) -> list[int]:
-    """Stored key widths considered, widest first.
-
-    Multiples of 8 (16 for ``head_dim >= 128``) from ``MIN_K_RATIO * head_dim`` up to ``head_dim``:
-    ``64 -> 64, 56, ..., 16`` (k_ratio 1 to 0.25), ``128 -> 128, 112, ..., 32``.
-    """
-    step = 16 if head_dim >= 128 else 8
-    low = math.ceil(head_dim * MIN_K_RATIO)
-    dims = {c for c in range(step, head_dim + 1, step) if c >= low} | {head_dim}
-    return sorted(dims, reverse=True)
 
 
 @dataclass(frozen=True)
@@ -107,7 +93,7 @@ class Candidate:
     verdict : str
         ``recommended``, ``fits`` or ``does not fit`` (``frontier`` for :attr:`Plan.frontier` points).
     entries : tuple of dict
-        The policy stack as :class:`~kvpress_aqua.spec.PolicySpec` entries.
+        The policy stack as :class:`~kvpress_aqua.presets.spec.PolicySpec` entries.
 
     """
 
@@ -190,12 +176,10 @@ class Plan:
         return self.recommendation is not None
 
     def policy_spec(self) -> PolicySpec:
-        """The recommendation as a :class:`~kvpress_aqua.spec.PolicySpec` (``spec.build()`` gives the policies).
+        """The recommendation as a :class:`~kvpress_aqua.presets.spec.PolicySpec` (``spec.build()`` gives the policies).
 
-        Imports :mod:`kvpress_aqua.spec`, which imports the policies (torch): only presets need it.
+        Building it loads no policy class (no torch); ``spec.build()`` does.
         """
-        from ..presets.spec import PolicySpec  # torch: planning itself never needs the policy classes
-
         if self.recommendation is None:
             raise ValueError(f"nothing fits, so there is no preset to emit: {self.message}")
         r, mm = self.recommendation, self.memory_model
@@ -251,7 +235,7 @@ class Plan:
         lines.append(
             f"  constants: ATTENTION_COPIES={ATTENTION_COPIES}, HIDDEN_COPIES={HIDDEN_COPIES}, "
             f"MLP_COPIES={MLP_COPIES}, overhead={format_bytes(mm.overhead)}; the KV terms are exact "
-            "(kvpress_aqua.accounting), the rest are estimates"
+            "(kvpress_aqua.core.accounting), the rest are estimates"
         )
         return "\n".join(lines)
 
@@ -313,86 +297,6 @@ def _entries(mm: MemoryModel, key_dim: int, budget: int | None) -> tuple[dict[st
     return tuple(entries)
 
 
-def _largest_budget(mm: MemoryModel, key_dim: int, limit: int, lowest: int) -> tuple[bool, int | None]:
-    """``(fits, budget)``: every token (``None``) if that fits, else the largest budget in ``[lowest, seen - 2]``.
-
-    When nothing fits, the budget returned is the cheaper of every token and ``lowest``.
-    """
-    keep_all = mm.evaluate(key_dim, None).total
-    if keep_all <= limit:
-        return True, None
-    lo, hi = lowest, mm.seen - 2
-    if hi < lo:
-        return False, None
-    if mm.evaluate(key_dim, lo).total > limit:
-        return False, lo if mm.evaluate(key_dim, lo).total < keep_all else None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if mm.evaluate(key_dim, mid).total <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    return True, lo
-
-
-def _smallest_budget(mm: MemoryModel, min_tokens: int) -> int | None:
-    return min_tokens if mm.seen - 2 >= min_tokens else None
-
-
-def _cheapest(mm: MemoryModel, min_tokens: int) -> tuple[int, int | None, Breakdown]:
-    """The smallest-memory point: any key width, keeping every token or the smallest budget considered.
-
-    Keeping every token can be the cheaper of the two: a plain ``DynamicCache`` has no slot metadata
-    and the model's fused attention materializes no score matrix.
-    """
-    budgets = {None, _smallest_budget(mm, min_tokens)}
-    points = [(k, b, mm.evaluate(k, b)) for k in candidate_key_dims(mm.shape.info.head_dim) for b in budgets]
-    return min(points, key=lambda p: p[2].total)
-
-
-def _largest(fits: Any, top: int) -> int:
-    """Largest ``x`` in ``[1, top]`` with ``fits(x)`` (monotone), 0 if none."""
-    if top < 1 or not fits(1):
-        return 0
-    lo, hi = 1, top
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def _does_not_fit(mm: MemoryModel, budget: int, min_tokens: int) -> str:
-    key_dim, tokens, need = _cheapest(mm, min_tokens)
-    k_ratio = key_dim / mm.shape.info.head_dim
-    held = f"all {mm.seen:,} tokens" if tokens is None else f"{tokens} tokens"
-    fixed = need.weights + need.overhead
-    head = (f"does not fit: needs {format_bytes(need.total)} ({need.total:,} B) even at k_ratio {k_ratio:g} "
-            f"keeping {held}, you have {format_bytes(budget)} ({budget:,} B)")
-    if fixed >= budget:
-        return (f"{head}; the weights alone need {format_bytes(need.weights)} plus {format_bytes(need.overhead)} "
-                "overhead, so no context or batch fits: use a smaller dtype (--dtype fp8), a smaller model or "
-                "more memory")
-
-    def fits_with(**changes: Any) -> bool:
-        return _cheapest(replace(mm, **changes), min_tokens)[2].total <= budget
-
-    context = _largest(lambda c: fits_with(context=c), mm.context - 1)
-    parts = [f"the largest context that fits at batch {mm.batch} is {context:,} tokens" if context
-             else f"no context fits at batch {mm.batch}"]
-    if mm.batch > 1:
-        batch = _largest(lambda b: fits_with(batch=b), mm.batch - 1)
-        parts.append(f"the largest batch that fits at {mm.context:,} tokens is {batch}" if batch
-                     else f"not even batch 1 fits at {mm.context:,} tokens")
-    current = mm.prefill_chunk or mm.context
-    chunk = next((c for c in _CHUNK_HINTS if c < min(current, mm.context) and fits_with(prefill_chunk=c)), None)
-    if chunk:
-        parts.append(f"with --prefill-chunk {chunk} the full request fits")
-    return f"{head}; " + "; ".join(parts)
-
-
 def _check_int(name: str, value: Any, minimum: int, example: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         try:
@@ -439,8 +343,9 @@ def plan(
         Prefill chunk size (``CompressedCache(prefill_chunk=...)`` with ``cache.prefill``); default one chunk.
     overhead : int or str, optional
         Runtime overhead (bytes or a size string); default :data:`DEFAULT_OVERHEAD`.
-    token_policy : {"h2o", "sliding"}, default "h2o"
-        Eviction policy of the plans.
+    token_policy : str, default "h2o"
+        Eviction policy of the plans: a token policy of :mod:`kvpress_aqua.policies.registry`
+        (``h2o``, ``tova``, ``sliding`` or its alias ``streaming``).
     min_tokens : int, default 64
         Plans keeping fewer tokens per sequence count as not fitting.
     quality : QualityModel, optional
@@ -456,7 +361,8 @@ def plan(
     Raises
     ------
     ValueError
-        Bad input, naming the fix: non-positive budget or context, malformed size, unknown dtype or model.
+        Bad input, naming the fix: non-positive budget or context, malformed size, unknown dtype, model
+        or token policy.
 
     """
     limit = parse_size(budget, "budget")
@@ -470,11 +376,8 @@ def plan(
     new_tokens = _check_int("new tokens", new_tokens, 0, "--new-tokens 256")
     chunk = None if prefill_chunk is None else parse_tokens(prefill_chunk, "prefill chunk")
     min_tokens = _check_int("min tokens", min_tokens, 1, "64")
-    if token_policy not in _TOKEN_POLICIES:
-        raise ValueError(f"token policy {token_policy!r}: use one of {', '.join(_TOKEN_POLICIES)}")
-    dtype_name = dtype or shape.dtype or "float32"
-    dtype_bytes(dtype_name)
-    dtype_name = SHORT_DTYPE.get(dtype_name.lower(), dtype_name.lower())
+    token_policy = policy_type(token_policy, "token").name
+    dtype_name = short_name(dtype or shape.dtype or "float32")
     overhead_bytes = DEFAULT_OVERHEAD if overhead is None else (
         0 if str(overhead).strip() == "0" else parse_size(overhead, "overhead")
     )
@@ -483,7 +386,7 @@ def plan(
 
     points = []
     for key_dim in candidate_key_dims(shape.info.head_dim):
-        fits, b = _largest_budget(mm, key_dim, limit, min_tokens)
+        fits, b = largest_budget(mm, key_dim, limit, min_tokens)
         points.append(_point(mm, quality_model, key_dim, b, fits, "fits" if fits else "does not fit"))
     fitting = [c for c in points if c.fits]
     best = max(fitting, key=lambda c: (round(c.quality, 9), -c.memory.total), default=None)
@@ -495,7 +398,7 @@ def plan(
                    f"{format_bytes(limit)}, KV cache {format_bytes(best.memory.cache_bytes)}, estimated quality "
                    f"{best.quality:.3f}")
     else:
-        message = _does_not_fit(mm, limit, min_tokens)
+        message = does_not_fit(mm, limit, min_tokens)
     notes = list(shape.notes)
     if shape.max_position_embeddings and mm.context + new_tokens > shape.max_position_embeddings:
         notes.append(f"context + new tokens = {mm.context + new_tokens:,} exceeds the model's "

@@ -73,8 +73,8 @@ class Aqua(ChannelPolicy):
     artifact: str | Path | AquaArtifact | None = None
     exact_sinks: int = AQUA_EXACT_SINKS
     exact_recent: int = AQUA_EXACT_RECENT
-    _proj: list[torch.Tensor] = field(init=False, default_factory=list, repr=False, compare=False)
-    _tail: list[torch.Tensor] = field(init=False, default_factory=list, repr=False, compare=False)
+    _kept_basis: list[torch.Tensor] = field(init=False, default_factory=list, repr=False, compare=False)
+    _dropped_basis: list[torch.Tensor] = field(init=False, default_factory=list, repr=False, compare=False)
     _dims: list[int] = field(init=False, default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -99,7 +99,7 @@ class Aqua(ChannelPolicy):
         d = info.head_dim
         artifact = self._load_artifact(info) if self.basis != "identity" or self.per_layer == "spectrum" else None
         self._dims = self._split(info, artifact)
-        self._proj, self._tail = [], []
+        self._kept_basis, self._dropped_basis = [], []
         exact = self.exact_sinks + self.exact_recent > 0
         for layer, r in enumerate(self._dims):
             if self.basis == "svd":
@@ -111,9 +111,9 @@ class Aqua(ChannelPolicy):
                 order = importance.argsort(dim=-1, descending=True)
                 chosen = torch.cat([order[:, :r].sort(dim=-1).values, order[:, r:]], dim=-1)
                 basis = torch.eye(d)[:, chosen].permute(1, 0, 2)  # (kv_heads, d, d), kept columns first
-            self._proj.append(basis[:, :, :r].to(device=device, dtype=dtype).contiguous())
+            self._kept_basis.append(basis[:, :, :r].to(device=device, dtype=dtype).contiguous())
             if exact:  # (kv_heads, d, 0) for a layer that keeps every channel
-                self._tail.append(basis[:, :, r:].to(device=device, dtype=dtype).contiguous())
+                self._dropped_basis.append(basis[:, :, r:].to(device=device, dtype=dtype).contiguous())
 
     def _load_artifact(self, info: ModelInfo) -> AquaArtifact:
         if self.artifact is None:
@@ -147,11 +147,11 @@ class Aqua(ChannelPolicy):
 
     def key_basis(self, layer_idx: int) -> torch.Tensor:
         """``P[:, :, :r]`` of a layer, ``(kv_heads, head_dim, r)``."""
-        return self._proj[layer_idx]
+        return self._kept_basis[layer_idx]
 
     def residual_basis(self, layer_idx: int) -> torch.Tensor:
         """``P[:, :, r:]``: the channels the stored keys drop (bound with exact tokens only)."""
-        return self._tail[layer_idx]
+        return self._dropped_basis[layer_idx]
 
     def query_channels(self, layer_idx: int) -> int | None:
         """``ceil(q_ratio * r)`` channels per projected query, or ``None`` when ``q_ratio`` is 1."""
@@ -160,5 +160,5 @@ class Aqua(ChannelPolicy):
 
     def nbytes(self) -> int:
         """Bytes of the stored projections."""
-        return sum(p.nbytes for p in self._proj) + sum(p.nbytes for p in self._tail)
+        return sum(p.nbytes for p in self._kept_basis) + sum(p.nbytes for p in self._dropped_basis)
 

@@ -40,11 +40,12 @@ class SlotView:
         float32 attention mass each slot has received so far, summed over the query heads of its
         KV group and over every query that attended it (prefill and decode). ``None`` unless the
         policy sets ``needs_scores``.
-    seen : int
-        Tokens seen by the layer so far (the next token's cache index).
-    start : torch.Tensor
+    seen : int or torch.Tensor
+        Tokens seen by the layer so far (the next token's cache index); a 0-d tensor once the cache
+        is static (:meth:`kvpress_aqua.core.cache.CompressedCache.make_static`).
+    left_pad : torch.Tensor
         int32 of shape ``(batch, 1, 1)``: the number of left-padding tokens of each row, so that
-        ``index - start`` is the position among the row's real tokens.
+        ``index - left_pad`` is the position among the row's real tokens.
     layer_idx : int
         The decoder layer.
 
@@ -53,8 +54,8 @@ class SlotView:
     index: torch.Tensor
     valid: torch.Tensor
     score: torch.Tensor | None
-    seen: int
-    start: torch.Tensor
+    seen: int | torch.Tensor
+    left_pad: torch.Tensor
     layer_idx: int
 
 

@@ -67,4 +67,4 @@ class H2O(TokenPolicy):
 
     def protected(self, view: SlotView) -> torch.Tensor:
         """Bool ``(batch, kv_heads, slots)``: the ``sinks`` first real tokens and the ``recent`` newest."""
-        return (view.index - view.start < self.sinks) | (view.index >= view.seen - self.recent)
+        return (view.index - view.left_pad < self.sinks) | (view.index >= view.seen - self.recent)

@@ -49,5 +49,5 @@ class SlidingWindow(TokenPolicy):
 
     def priority(self, view: SlotView) -> torch.Tensor:
         """Newer is kept first; sinks always."""
-        is_sink = (view.index - view.start) < self.sinks
+        is_sink = (view.index - view.left_pad) < self.sinks
         return view.index.float().masked_fill(is_sink, float("inf"))

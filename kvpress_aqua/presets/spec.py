@@ -2,7 +2,7 @@
 
 A policy stack is written in one of three ways:
 
-- a preset name: a TOML file shipped in ``kvpress_aqua/presets/`` (``kvtool presets``
+- a preset name: a TOML file shipped in ``kvpress_aqua/presets/`` (:func:`list_presets`
   lists them), e.g. ``h2o-aqua-4x``;
 - a path to such a TOML file, e.g. ``./my-policy.toml``;
 - an inline string: ``full`` (no compression) or ``+``-joined entries ``type:key=value,...``, e.g.
@@ -13,22 +13,29 @@ TOML form::
     description = "H2O at a quarter of dense KV bytes, keys pruned to half their channels"
     [[policy]]
     type = "h2o"
-    kv = 0.25
+    kv_fraction = 0.25
     [[policy]]
     type = "aqua"
     k_ratio = 0.5
 
 Token policies take absolute token counts (``heavy``, ``recent``, ``sinks``, ``window``) or a
-relative size ``kv``: the fraction of dense KV bytes (keys + values, slot metadata excluded) to
-keep at a given context length; :meth:`PolicySpec.build` turns it into token counts once the
-context length is known, taking the channel policy's key pruning (and AQUA's exact tokens, which
-keep every key channel) into account.
+relative size ``kv_fraction``: the fraction of dense KV bytes (keys + values, slot metadata
+excluded) to keep at a given context length; :meth:`PolicySpec.build` turns it into token counts
+once the context length is known (:func:`kvpress_aqua.core.accounting.kv_fraction_budget`, which
+takes the channel policy's key pruning and AQUA's exact tokens into account), split into the
+policy's knobs by :meth:`kvpress_aqua.policies.registry.PolicyType.split_budget`. The knob was
+called ``kv`` before; a spec still using it is refused with a message naming the new name.
 
 Every spec is checked in full by :func:`parse_policy`, before any model is loaded: a TOML file holds
 only ``description`` and ``[[policy]]`` tables (``policy = []`` for no compression), every entry
-names a known ``type``, every knob is a field of that policy (plus ``kv`` for token policies) with a
-value of the right type, and absolute knobs pass the policy's own checks. Errors name the file or
-inline string, the knob, the bad value and the valid choices.
+names a known ``type``, every knob is a field of that policy (plus ``kv_fraction`` for token
+policies) with a value of the right type, and absolute knobs pass the policy's own checks. Errors
+name the file or inline string, the knob, the bad value and the valid choices.
+
+Policy names and kinds come from :mod:`kvpress_aqua.policies.registry`, so this module imports
+without torch: the policy classes (and torch) are loaded only when a spec is checked against their
+dataclass fields (:func:`parse_policy`, :attr:`PolicySpec.key`) or built. :meth:`PolicySpec.to_toml`
+needs none of them (the planner writes presets with it).
 
 A spec is identified by its content, :attr:`PolicySpec.key` (a hash of its entries), not by its
 name: results of two different files called ``p.toml`` never mix, and an edited file is a new spec.
@@ -40,47 +47,34 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 
-from ..policies import H2O, TOVA, SlidingWindow
-from ..policies.aqua import Aqua
-from ..policies.base import ChannelPolicy, TokenPolicy
-from ..policies.registry import DEFAULT_SINKS as _DEFAULT_SINKS
+from ..core.accounting import kv_fraction_budget
+from ..policies.registry import DEFAULT_SINKS, KINDS, PolicyType, policy_names, policy_type
 
-__all__ = ["POLICY_TYPES", "TOML_KEYS", "PolicySpec", "list_presets", "parse_policy", "policy_knobs"]
+if TYPE_CHECKING:
+    from ..policies.base import ChannelPolicy, TokenPolicy
 
-POLICY_TYPES: dict[str, type] = {
-    "h2o": H2O,
-    "tova": TOVA,
-    "sliding": SlidingWindow,
-    "streaming": SlidingWindow,
-    "aqua": Aqua,
-}
-"""Names accepted in ``type = ...`` and inline specs."""
-
-_CANONICAL_TYPE = {H2O: "h2o", TOVA: "tova", SlidingWindow: "sliding", Aqua: "aqua"}
-"""One name per class, for content keys (``streaming`` and ``sliding`` are the same policy)."""
+__all__ = ["RELATIVE_KNOB", "TOML_KEYS", "PolicySpec", "list_presets", "parse_policy", "policy_knobs"]
 
 TOML_KEYS = ("description", "policy")
 """The top-level keys a policy TOML file may hold."""
 
-DEFAULT_SINKS = _DEFAULT_SINKS
-"""Sinks given to relative-size token policies (:data:`kvpress_aqua.policy_defaults.DEFAULT_SINKS`)."""
+RELATIVE_KNOB = "kv_fraction"
+"""The relative size of a token policy: the fraction of dense KV bytes kept, in (0, 1]."""
+_OLD_RELATIVE_KNOB = "kv"
+"""What :data:`RELATIVE_KNOB` was called before (bytes elsewhere, as in ``kv_bytes``); refused with a hint."""
 
 KEY_CHARS = 12
 """Hex digits of :attr:`PolicySpec.key`."""
 
 _NOMINAL_CONTEXT = 4096
-"""Context a relative (``kv=``) spec is built at by :func:`parse_policy`, to run the policies' own checks."""
-
-_SIZES = {H2O: ("heavy", "recent"), TOVA: ("heavy", "recent"), SlidingWindow: ("window",)}
-"""Knobs that ``kv=`` computes (so they cannot be given with it)."""
+"""Context a relative (``kv_fraction``) spec is built at by :func:`parse_policy`, to run the policies' own checks."""
 
 _KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
 
@@ -114,8 +108,8 @@ class PolicySpec:
 
     @property
     def is_relative(self) -> bool:
-        """Whether a token budget depends on the context length (``kv=`` entries)."""
-        return any("kv" in e for e in self.entries)
+        """Whether a token budget depends on the context length (``kv_fraction`` entries)."""
+        return any(RELATIVE_KNOB in e for e in self.entries)
 
     @property
     def key(self) -> str:
@@ -129,20 +123,22 @@ class PolicySpec:
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:KEY_CHARS]
 
-    def _aqua_entry(self) -> dict[str, Any] | None:
-        return next((e for e in self.entries if POLICY_TYPES[e["type"]] is Aqua), None)
+    def _channel_knob(self, name: str, absent: Any) -> Any:
+        """A knob of the stack's channel policy, its registry default if not given, ``absent`` without one."""
+        entry = next((e for e in self.entries if policy_type(e["type"]).kind == "channel"), None)
+        if entry is None:
+            return absent
+        return entry.get(name, policy_type(entry["type"]).defaults.get(name, absent))
 
     def key_ratio(self) -> float:
         """Fraction of key channels kept by the stack's channel policy (1 without one)."""
-        entry = self._aqua_entry()
-        return 1.0 if entry is None else float(entry.get("k_ratio", Aqua.k_ratio))
+        return float(self._channel_knob("k_ratio", 1.0))
 
     def exact_tokens(self) -> int:
         """AQUA's exact tokens (sinks + recent) per layer and KV head; 0 without key pruning."""
-        entry = self._aqua_entry()
-        if entry is None or self.key_ratio() == 1:
+        if self.key_ratio() == 1:
             return 0
-        return int(entry.get("exact_sinks", Aqua.exact_sinks)) + int(entry.get("exact_recent", Aqua.exact_recent))
+        return int(self._channel_knob("exact_sinks", 0)) + int(self._channel_knob("exact_recent", 0))
 
     def build(self, context: int | None = None) -> list[TokenPolicy | ChannelPolicy]:
         """Instantiate the policies.
@@ -150,7 +146,7 @@ class PolicySpec:
         Parameters
         ----------
         context : int, optional
-            Context length (prompt tokens) that relative ``kv=`` sizes refer to; required for them.
+            Context length (prompt tokens) that relative ``kv_fraction`` sizes refer to; required for them.
 
         Returns
         -------
@@ -161,17 +157,17 @@ class PolicySpec:
         return [self._build_one(entry, context) for entry in self.entries]
 
     def _build_one(self, entry: dict[str, Any], context: int | None) -> TokenPolicy | ChannelPolicy:
-        kind = POLICY_TYPES[entry["type"]]
+        row = policy_type(entry["type"])
         knobs = {k: v for k, v in entry.items() if k != "type"}
-        if "kv" in knobs:
+        if RELATIVE_KNOB in knobs:
             if context is None or context <= 0:
                 raise ValueError(
-                    f"policy {self.name!r} sizes its budget as kv={knobs['kv']} of dense bytes; "
-                    "give the context length (build(context=N))"
+                    f"policy {self.name!r} sizes its budget as {RELATIVE_KNOB}={knobs[RELATIVE_KNOB]} of dense "
+                    "bytes; give the context length (build(context=N))"
                 )
-            knobs = _resolve_relative(kind, knobs, context, self.key_ratio(), self.exact_tokens())
+            knobs = _resolve_relative(row, knobs, context, self.key_ratio(), self.exact_tokens())
         try:
-            return kind(**knobs)
+            return row.load()(**knobs)
         except TypeError as err:
             raise ValueError(f"policy {self.name!r}: bad knobs for {entry['type']}: {err}") from None
 
@@ -185,19 +181,14 @@ class PolicySpec:
         return "\n".join(lines) + "\n"
 
 
-def _resolve_relative(kind: type, knobs: dict[str, Any], context: int, k_ratio: float, exact: int) -> dict[str, Any]:
-    fraction = float(knobs.pop("kv"))
+def _resolve_relative(row: PolicyType, knobs: dict[str, Any], context: int, k_ratio: float,
+                      exact: int) -> dict[str, Any]:
+    """Absolute knobs for a ``kv_fraction`` entry at ``context`` tokens (the other knobs kept as given)."""
+    fraction = float(knobs.pop(RELATIVE_KNOB))
     if not 0 < fraction <= 1:
-        raise ValueError(f"kv={fraction}: the fraction of dense KV bytes must be in (0, 1]")
-    # A token stored with a fraction k_ratio of its key channels costs (k_ratio + 1) / 2 of a dense one;
-    # each of AQUA's exact tokens also keeps its (1 - k_ratio) / 2 dropped key channels, whatever the context.
-    tokens = max(2, math.floor((fraction * context - exact * (1 - k_ratio) / 2) * 2 / (k_ratio + 1)))
-    sinks = min(int(knobs.pop("sinks", DEFAULT_SINKS)), tokens - 1)
-    if kind is SlidingWindow:
-        return {"sinks": sinks, "window": tokens - sinks, **knobs}
-    rest = tokens - sinks
-    recent = rest // 2
-    return {"heavy": rest - recent, "recent": recent, "sinks": sinks, **knobs}
+        raise ValueError(f"{RELATIVE_KNOB}={fraction}: the fraction of dense KV bytes must be in (0, 1]")
+    tokens = kv_fraction_budget(fraction, context, k_ratio, exact)
+    return {**row.split_budget(tokens, int(knobs.pop("sinks", DEFAULT_SINKS))), **knobs}
 
 
 def _toml_value(value: Any) -> str:
@@ -226,27 +217,35 @@ def _value_kinds(annotation: Any) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def policy_knobs(kind: type) -> dict[str, tuple[tuple[str, ...], Any]]:
-    """The knobs a policy class takes: name -> (accepted value kinds, default or ``dataclasses.MISSING``).
+def policy_knobs(name: str) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """The knobs a policy type takes: knob -> (accepted value kinds, default or ``dataclasses.MISSING``).
 
-    The knobs are the class's dataclass fields (those set at construction), plus ``kv`` (a float,
-    the fraction of dense KV bytes) for token policies.
+    The knobs are the dataclass fields of the type's class (those set at construction; the class
+    is loaded, with torch), plus :data:`RELATIVE_KNOB` (a float, the fraction of dense KV bytes) for
+    token policies.
+
+    Parameters
+    ----------
+    name : str
+        A policy type name or alias (``"h2o"``, ``"streaming"``).
+
     """
+    row = policy_type(name)
     knobs: dict[str, tuple[tuple[str, ...], Any]] = {}
-    for f in dataclasses.fields(kind):
+    for f in dataclasses.fields(row.load()):
         if f.init and not f.name.startswith("_"):
             has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
             knobs[f.name] = (_value_kinds(f.type), f.default if has_default else dataclasses.MISSING)
-    if issubclass(kind, TokenPolicy):
-        knobs["kv"] = (("float",), dataclasses.MISSING)
+    if row.kind == "token":
+        knobs[RELATIVE_KNOB] = (("float",), dataclasses.MISSING)
     return knobs
 
 
 def _describe_knobs(type_name: str) -> str:
     parts = []
-    for name, (kinds, default) in policy_knobs(POLICY_TYPES[type_name]).items():
+    for name, (kinds, default) in policy_knobs(type_name).items():
         text = f"{name} ({' or '.join(kinds) or 'object'}"
-        if name == "kv":
+        if name == RELATIVE_KNOB:
             text += ", fraction of dense KV bytes in (0, 1]"
         elif default is not dataclasses.MISSING:
             text += f", default {default!r}"
@@ -256,11 +255,12 @@ def _describe_knobs(type_name: str) -> str:
 
 def _canonical_entry(entry: dict[str, Any]) -> dict[str, Any]:
     """The entry with its type's one name and ints of float knobs as floats (for content keys)."""
-    kind = POLICY_TYPES.get(str(entry.get("type", "")).lower())
-    if kind is None:
+    try:
+        row = policy_type(str(entry.get("type", "")))
+    except ValueError:
         return dict(entry)
-    knobs = policy_knobs(kind)
-    out: dict[str, Any] = {"type": _CANONICAL_TYPE.get(kind, entry["type"])}
+    knobs = policy_knobs(row.name)
+    out: dict[str, Any] = {"type": row.name}
     for name, value in entry.items():
         if name == "type":
             continue
@@ -285,16 +285,19 @@ def _check_entry(raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: a policy entry must be a table (type = ..., knobs), got {raw!r}")
     kind_name = raw.get("type")
-    if not isinstance(kind_name, str) or kind_name.lower() not in POLICY_TYPES:
+    if not isinstance(kind_name, str) or kind_name.lower() not in policy_names():
         what = "no type" if kind_name is None else f"unknown policy type {kind_name!r}"
-        raise ValueError(f"{where}: {what}; use type = one of {', '.join(sorted(POLICY_TYPES))}")
+        raise ValueError(f"{where}: {what}; use type = one of {', '.join(policy_names())}")
     type_name = kind_name.lower()
-    kind = POLICY_TYPES[type_name]
-    knobs = policy_knobs(kind)
+    row = policy_type(type_name)
+    knobs = policy_knobs(type_name)
     entry: dict[str, Any] = {"type": type_name}
     for name, value in raw.items():
         if name == "type":
             continue
+        if name == _OLD_RELATIVE_KNOB and RELATIVE_KNOB in knobs:
+            raise ValueError(f"{where}: {type_name} {name} = {_show(value)}: the knob {name} is now {RELATIVE_KNOB} "
+                             f"(the fraction of dense KV bytes kept); write {RELATIVE_KNOB} = {_show(value)}")
         if name not in knobs:
             close = difflib.get_close_matches(name, list(knobs), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -306,30 +309,30 @@ def _check_entry(raw: Any, where: str) -> dict[str, Any]:
             raise ValueError(f"{where}: bad knobs for {type_name}: {name} = {_show(value)} must be {wanted}; "
                              f"{_describe_knobs(type_name)}")
         entry[name] = _canonical_entry({"type": type_name, name: value})[name]
-    if "kv" in entry:
-        if not 0 < entry["kv"] <= 1:
-            raise ValueError(f"{where}: {type_name} kv = {_show(raw['kv'])}: the fraction of dense KV bytes kept "
-                             "must be in (0, 1], e.g. kv = 0.25")
-        given = [k for k in _SIZES.get(kind, ()) if k in entry]
+    if RELATIVE_KNOB in entry:
+        shown = f"{type_name} {RELATIVE_KNOB} = {_show(raw[RELATIVE_KNOB])}"
+        if not 0 < entry[RELATIVE_KNOB] <= 1:
+            raise ValueError(f"{where}: {shown}: the fraction of dense KV bytes kept must be in (0, 1], "
+                             f"e.g. {RELATIVE_KNOB} = 0.25")
+        given = [k for k in row.split if k in entry]
         if given:
-            raise ValueError(f"{where}: {type_name} kv = {_show(raw['kv'])} computes {' and '.join(_SIZES[kind])} from "
-                             f"the context; give kv or {', '.join(given)}, not both")
+            raise ValueError(f"{where}: {shown} computes {' and '.join(row.split)} from the context; give "
+                             f"{RELATIVE_KNOB} or {', '.join(given)}, not both")
     else:
-        missing = [k for k, (_, default) in knobs.items() if default is dataclasses.MISSING and k != "kv"
+        missing = [k for k, (_, default) in knobs.items() if default is dataclasses.MISSING and k != RELATIVE_KNOB
                    and k not in entry]
         if missing:
-            relative = " (or kv = a fraction of dense KV bytes)" if "kv" in knobs else ""
+            relative = f" (or {RELATIVE_KNOB} = a fraction of dense KV bytes)" if RELATIVE_KNOB in knobs else ""
             raise ValueError(f"{where}: {type_name} needs {', '.join(missing)}{relative}; {_describe_knobs(type_name)}")
     return entry
 
 
 def _checked_spec(spec: PolicySpec, where: str) -> PolicySpec:
     """``spec`` once its stack is valid: one policy of each kind, and each policy's own checks pass."""
-    kinds = [POLICY_TYPES[e["type"]] for e in spec.entries]
-    for base, what in ((TokenPolicy, "token"), (ChannelPolicy, "channel")):
-        names = [e["type"] for e, k in zip(spec.entries, kinds, strict=True) if issubclass(k, base)]
+    for kind in KINDS:
+        names = [e["type"] for e in spec.entries if policy_type(e["type"]).kind == kind]
         if len(names) > 1:
-            raise ValueError(f"{where}: a stack holds at most one {what} policy, got {' and '.join(names)}")
+            raise ValueError(f"{where}: a stack holds at most one {kind} policy, got {' and '.join(names)}")
     try:
         spec.build(context=_NOMINAL_CONTEXT if spec.is_relative else None)
     except ValueError as err:
@@ -366,7 +369,7 @@ def _from_toml(text: str, name: str, where: str, source: str) -> PolicySpec:
         raise ValueError(f"{where}: description = {description!r} must be a string")
     if "policy" not in data:
         raise ValueError(f"{where}: no [[policy]] tables; add [[policy]] tables (type = "
-                         f"{' | '.join(sorted(POLICY_TYPES))}, knobs), or write policy = [] for no compression")
+                         f"{' | '.join(policy_names())}, knobs), or write policy = [] for no compression")
     policies = data["policy"]
     if isinstance(policies, dict):
         raise ValueError(f"{where}: [policy] is a single table; write [[policy]] (an array of tables, one per "
@@ -415,8 +418,9 @@ def parse_policy(spec: str | Path) -> PolicySpec:
     ValueError
         Naming the file or string, the bad key or value and the accepted ones: unknown top-level
         keys, a ``[policy]`` table, no ``[[policy]]`` at all (``policy = []`` means no compression),
-        unknown types or knobs, values of the wrong type (``heavy = 1.5``, ``heavy = true``), ``kv``
-        outside (0, 1], and whatever the policies' own checks refuse.
+        unknown types or knobs, values of the wrong type (``heavy = 1.5``, ``heavy = true``),
+        ``kv_fraction`` outside (0, 1], the old name ``kv`` of that knob, and whatever the policies'
+        own checks refuse.
 
     """
     text = str(spec).strip()
@@ -446,11 +450,11 @@ def parse_policy(spec: str | Path) -> PolicySpec:
             if key in raw:
                 raise ValueError(f"{where}: {key} is given twice in {part.strip()!r}")
             raw[key] = _parse_scalar(value.strip())
-        if raw["type"] not in POLICY_TYPES:
+        if raw["type"] not in policy_names():
             known = ", ".join(sorted(list_presets()))
             raise ValueError(
                 f"unknown policy {text!r}: not a preset ({known}), not a .toml file, and {kind!r} is not a policy "
-                f"type ({', '.join(sorted(POLICY_TYPES))})"
+                f"type ({', '.join(policy_names())})"
             )
         entries.append(_check_entry(raw, where))
     return _checked_spec(PolicySpec(name=text, entries=tuple(entries)), where)

@@ -3,7 +3,9 @@
 transformers 5.24 renamed the ``past_key_values=`` argument of every model's ``forward`` and of
 ``generate`` to ``cache=``; the old name still works there but emits a ``FutureWarning`` (and goes
 away in a later release), while 4.57 knows only ``past_key_values``. :func:`cache_kwarg` names the
-keyword a model takes, so callers write ``model(ids, **{cache_kwarg(model): cache})``.
+keyword a model takes, so callers write ``model(ids, **cache_kwargs(model, cache))``. The outputs
+were renamed alike (``out.cache``; ``out.past_key_values`` still works there but logs a deprecation):
+:func:`output_cache` reads whichever the output has.
 
 This module imports only ``transformers`` (for its version), so any module can use it without
 import cycles.
@@ -11,6 +13,7 @@ import cycles.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -18,7 +21,7 @@ from typing import Any
 
 import transformers
 
-__all__ = ["CACHE_RENAMED_IN", "cache_kwarg", "cache_kwargs", "transformers_version"]
+__all__ = ["CACHE_RENAMED_IN", "cache_kwarg", "cache_kwargs", "output_cache", "transformers_version"]
 
 CACHE_RENAMED_IN = (5, 24)
 """The transformers release whose forward and ``generate`` take ``cache=`` instead of ``past_key_values=``."""
@@ -64,3 +67,22 @@ def cache_kwarg(model: Any) -> str:
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     """``{cache_kwarg(model): cache}``, ready to unpack into a forward or ``generate`` call."""
     return {cache_kwarg(model): cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model's forward or ``generate`` output carries.
+
+    Parameters
+    ----------
+    output : ModelOutput
+        What a forward (``use_cache=True``) or ``generate(..., return_dict_in_generate=True)`` returned.
+
+    Returns
+    -------
+    Cache or None
+        ``output.cache`` where the output has that field (transformers >= 5.24), else
+        ``output.past_key_values``.
+
+    """
+    fields = {f.name for f in dataclasses.fields(output)} if dataclasses.is_dataclass(output) else set()
+    return getattr(output, "cache" if "cache" in fields else "past_key_values")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .runner import summarize
+from .results import summarize
 
 __all__ = ["heatmap_grid", "plot_heatmaps", "plot_score_vs_bytes", "require_matplotlib", "safe_name"]
 
@@ -93,7 +93,7 @@ def plot_heatmaps(rows: Sequence[dict[str, Any]], out_dir: Path, model: str = ""
     Parameters
     ----------
     rows : sequence of dict
-        Result rows (:data:`~kvpress_aqua.needle.RESULT_FIELDS`).
+        Result rows (:data:`~kvpress_aqua.evaluation.needle.results.RESULT_FIELDS`).
     out_dir : Path
         Folder for ``heatmap-<policy>.png``.
     model : str

@@ -2,12 +2,12 @@
 
 A row is identified by the cell (policy, protocol, task, length, depth), the run settings (model,
 haystack, seed, prefill chunk) and, for the policy, its content key ``policy_key``
-(:attr:`kvpress_aqua.spec.PolicySpec.key`), not its display name: rows of an edited TOML file are
+(:attr:`kvpress_aqua.presets.spec.PolicySpec.key`), not its display name: rows of an edited TOML file are
 not reused, and a row whose policy was given another name (a path typed differently, an inline
 string equal to a preset) is. Rows written before rows carried a ``policy_key`` are read, but have
 no key (see :func:`row_key` and ``docs/needle.md``).
 
-Light on purpose (no torch). Everything is re-exported by :mod:`kvpress_aqua.needle`.
+Light on purpose (no torch); the runner, :mod:`kvpress_aqua.evaluation.needle.runner`, documents the harness.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def cell_key(
     cell : Cell
         The grid point (its ``policy`` display name is not part of the key).
     policy_key : str
-        :attr:`~kvpress_aqua.spec.PolicySpec.key` of the cell's policy.
+        :attr:`~kvpress_aqua.presets.spec.PolicySpec.key` of the cell's policy.
     model, haystack, seed, prefill_chunk
         The run settings recorded in every row.
 

@@ -1,7 +1,7 @@
 """Needle tasks and the grid of cells: what is hidden, what is asked, how it is scored.
 
 Light on purpose (no torch): the CLI's parser reads :data:`TASKS` and :data:`PROTOCOLS` from here.
-Everything is re-exported by :mod:`kvpress_aqua.needle`, which documents the harness.
+The runner, :mod:`kvpress_aqua.evaluation.needle.runner`, documents the harness.
 """
 
 from __future__ import annotations

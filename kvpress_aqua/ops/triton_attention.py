@@ -1,0 +1,360 @@
+"""Fused attention over a compressed layer in Triton: one pass over the held slots, never a score matrix.
+
+:func:`triton_attention` computes what :func:`kvpress_aqua.ops.reference.reference_attention`
+computes (``tests/test_triton_attention.py`` holds the two equal) with an online softmax, per tile
+of query rows, over three key segments in one pass:
+
+- **past**: the held slots, keys at their stored width (AQUA: ``r`` rotated channels, queries
+  projected the same way), masked by per-slot visibility and, on sliding-window layers, by the
+  window; split over the slot axis for decode steps (flash-decoding), so that one query row per
+  sequence still fills the GPU;
+- **exact**: AQUA's exact tokens at full width (their stored channels plus the kept residual
+  channels), left out of the past segment, so attention to them is exact;
+- **new**: the chunk's own raw keys, causal, with padding keys masked.
+
+The queries of a GQA group share one pass over their KV head's keys (never expanded). The
+attention mass each slot receives (H2O, TOVA) comes from a second pass with the saved
+log-sum-exp for prefill chunks (working set ``O(BLOCK_M x BLOCK_N)``), and from the raw scores the
+decode pass writes (``G x S`` floats per KV head).
+
+On CUDA; under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (the tests use it on tiny
+shapes in float32/float16: the interpreter's bfloat16 ``tl.dot`` is not usable).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .inputs import AttentionInputs
+
+__all__ = ["fused_attention", "triton_attention"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h,
+             K, k_b, k_h, k_n, V, v_b, v_h, v_n, VIS, vis_b, vis_h, IDX, idx_b, idx_h,
+             lo, hi, first_index, window, scale_log2, SC, sc_b, sc_h, sc_r,
+             W: tl.constexpr, w, DV: tl.constexpr, dv, BLOCK_N: tl.constexpr,
+             HAS_VIS: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, WRITE_SCORES: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """Online softmax of one tile of query rows over keys ``lo..hi-1`` of one segment."""
+    ch = tl.arange(0, W)
+    dch = tl.arange(0, DV)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        k = tl.load(K + b * k_b + h * k_h + cols[:, None] * k_n + ch[None, :],
+                    mask=col_ok[:, None] & (ch[None, :] < w), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        mask = row_ok[:, None] & col_ok[None, :]
+        if HAS_VIS:
+            vis = tl.load(VIS + b * vis_b + h * vis_h + cols, mask=col_ok, other=0)
+            mask = mask & (vis[None, :] != 0)
+        if HAS_WINDOW:
+            idx = tl.load(IDX + b * idx_b + h * idx_h + cols, mask=col_ok, other=0)
+            mask = mask & (idx[None, :] > (first_index + t)[:, None] - window)
+        if CAUSAL:
+            mask = mask & (cols[None, :] <= t[:, None])
+        s = tl.where(mask, s, float("-inf"))
+        if WRITE_SCORES:
+            tl.store(SC + b * sc_b + h * sc_h + rows[:, None] * sc_r + cols[None, :], s,
+                     mask=row_ok[:, None] & col_ok[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        v = tl.load(V + b * v_b + h * v_h + cols[:, None] * v_n + dch[None, :],
+                    mask=col_ok[:, None] & (dch[None, :] < dv), other=0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attention_kernel(
+    QA, qa_b, qa_h, qa_r, KA, ka_b, ka_h, ka_n, VA, va_b, va_h, va_n, VISA, visa_b, visa_h, IDXA, idxa_b, idxa_h,
+    QB, qb_b, qb_h, qb_r, KB, kb_b, kb_h, kb_n, VB, vb_b, vb_h, vb_n, VISB, visb_b, visb_h,
+    QC, qc_b, qc_h, qc_r, KC, kc_b, kc_h, kc_n, VC, vc_b, vc_h, vc_n, VALC, valc_b,
+    OUT, o_s, o_b, o_h, o_r, LSE, l_s, l_b, l_h, SC, sc_b, sc_h, sc_r,
+    kv_heads, rows_total, n, S, E, split_len, first_index, window, scale_log2, wa, wb, dv,
+    WA: tl.constexpr, WB: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    WRITE_SCORES: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // kv_heads
+    h = bh % kv_heads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < rows_total
+    t = rows % n  # rows are (group member, chunk position), position fastest
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    if HAS_A:
+        ch = tl.arange(0, WA)
+        q = tl.load(QA + b * qa_b + h * qa_h + rows[:, None] * qa_r + ch[None, :],
+                    mask=row_ok[:, None] & (ch[None, :] < wa), other=0.0)
+        lo = split * split_len
+        hi = tl.minimum(S, lo + split_len)
+        acc, m_i, l_i = _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h, KA, ka_b, ka_h, ka_n, VA, va_b, va_h, va_n,
+                                 VISA, visa_b, visa_h, IDXA, idxa_b, idxa_h, lo, hi, first_index, window, scale_log2,
+                                 SC, sc_b, sc_h, sc_r, WA, wa, DV, dv, BLOCK_N, True, HAS_WINDOW, False, WRITE_SCORES,
+                                 PRECISION)
+    if split == 0:
+        if HAS_B:
+            ch = tl.arange(0, WB)
+            q = tl.load(QB + b * qb_b + h * qb_h + rows[:, None] * qb_r + ch[None, :],
+                        mask=row_ok[:, None] & (ch[None, :] < wb), other=0.0)
+            acc, m_i, l_i = _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h, KB, kb_b, kb_h, kb_n, VB, vb_b, vb_h,
+                                     vb_n, VISB, visb_b, visb_h, VISB, visb_b, visb_h, 0, E, first_index, window,
+                                     scale_log2, SC, sc_b, sc_h, sc_r, WB, wb, DV, dv, BLOCK_N, True, False, False,
+                                     False, PRECISION)
+        if HAS_C:
+            ch = tl.arange(0, WB)
+            q = tl.load(QC + b * qc_b + h * qc_h + rows[:, None] * qc_r + ch[None, :],
+                        mask=row_ok[:, None] & (ch[None, :] < wb), other=0.0)
+            acc, m_i, l_i = _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h, KC, kc_b, kc_h, kc_n, VC, vc_b, vc_h,
+                                     vc_n, VALC, valc_b, 0, VALC, valc_b, 0, 0, n, first_index, window, scale_log2,
+                                     SC, sc_b, sc_h, sc_r, WB, wb, DV, dv, BLOCK_N, True, False, True, False,
+                                     PRECISION)
+    dch = tl.arange(0, DV)
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(OUT + split * o_s + b * o_b + h * o_h + rows[:, None] * o_r + dch[None, :], out,
+             mask=row_ok[:, None] & (dch[None, :] < dv))
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(LSE + split * l_s + b * l_b + h * l_h + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _mass_kernel(Q, q_b, q_h, q_r, K, k_b, k_h, k_n, VIS, vis_b, vis_h, IDX, idx_b, idx_h, LSE, l_b, l_h,
+                 MASS, m_b, m_h, kv_heads, rows_total, n, keys, first_index, window, scale_log2, w,
+                 W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Attention weight each key of a segment received, summed over every query row of its KV head."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // kv_heads
+    h = bh % kv_heads
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < keys
+    ch = tl.arange(0, W)
+    k = tl.load(K + b * k_b + h * k_h + cols[:, None] * k_n + ch[None, :],
+                mask=col_ok[:, None] & (ch[None, :] < w), other=0.0)
+    vis = tl.load(VIS + b * vis_b + h * vis_h + cols, mask=col_ok, other=0) != 0
+    if HAS_WINDOW:
+        idx = tl.load(IDX + b * idx_b + h * idx_h + cols, mask=col_ok, other=0)
+    total = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, rows_total, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < rows_total
+        t = rows % n
+        q = tl.load(Q + b * q_b + h * q_h + rows[:, None] * q_r + ch[None, :],
+                    mask=row_ok[:, None] & (ch[None, :] < w), other=0.0)
+        lse = tl.load(LSE + b * l_b + h * l_h + rows, mask=row_ok, other=float("-inf"))
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        mask = row_ok[:, None] & col_ok[None, :] & vis[None, :] & (lse[:, None] != float("-inf"))
+        if HAS_WINDOW:
+            mask = mask & (idx[None, :] > (first_index + t)[:, None] - window)
+        if CAUSAL:
+            mask = mask & (cols[None, :] <= t[:, None])
+        p = tl.where(mask, tl.exp2(s - tl.where(mask, lse[:, None], 0.0)), 0.0)
+        total += tl.sum(p, 0)
+    tl.store(MASS + b * m_b + h * m_h + cols, total, mask=col_ok)
+
+
+def _precision(x: torch.Tensor) -> str:
+    """``ieee`` for float32 operands (exact float32 products, as PyTorch's matmul), else the default."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _mass(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, lse: torch.Tensor, n: int, scale_log2: float,
+          index: torch.Tensor | None = None, window: int | None = None, first_index: int = 0,
+          causal: bool = False) -> torch.Tensor:
+    """Mass per key ``(B, H_kv, keys)`` of one segment, from the rows' final log-sum-exp (log2 units)."""
+    batch, kv_heads, rows, width = q.shape
+    count = keys.shape[-2]
+    mass = torch.zeros(batch, kv_heads, count, dtype=torch.float32, device=q.device)
+    if count == 0:
+        return mass
+    block_n = 32
+    idx = index if index is not None else visible
+    _mass_kernel[(triton.cdiv(count, block_n), batch * kv_heads)](
+        q, *_strides3(q), keys, *_strides3(keys), visible, visible.stride(0), visible.stride(1),
+        idx, idx.stride(0), idx.stride(1), lse, lse.stride(0), lse.stride(1), mass, mass.stride(0), mass.stride(1),
+        kv_heads, rows, n, count, first_index, window or 0, scale_log2, width,
+        W=_pow2(width), BLOCK_M=16, BLOCK_N=block_n, HAS_WINDOW=window is not None, CAUSAL=causal,
+        PRECISION=_precision(q),
+    )
+    return mass
+
+
+def _splits(slots: int, programs: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """Split the past over ``splits`` programs each when the row tiles alone would not fill the GPU."""
+    if slots == 0:
+        return 1, block_n
+    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    splits = max(1, min(triton.cdiv(slots, 4 * block_n), triton.cdiv(4 * units, programs)))
+    split_len = triton.cdiv(triton.cdiv(slots, splits), block_n) * block_n
+    return triton.cdiv(slots, split_len), split_len
+
+
+def _key_validity(new_mask: torch.Tensor, batch: int, n: int) -> torch.Tensor | None:
+    """int8 ``(B, n)`` key validity if ``new_mask`` is exactly causal & key validity, else ``None``."""
+    valid = new_mask.diagonal(dim1=-2, dim2=-1).reshape(-1, n).expand(batch, n)
+    causal = torch.ones(n, n, dtype=torch.bool, device=new_mask.device).tril()
+    if not torch.equal(new_mask.reshape(-1, n, n).expand(batch, n, n), causal & valid[:, None, :]):
+        return None
+    return valid.to(torch.int8).contiguous()
+
+
+def triton_attention(
+    inputs: AttentionInputs, query: torch.Tensor, new_mask: torch.Tensor, scale: float, softcap: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """:func:`~kvpress_aqua.ops.reference.reference_attention` in one fused pass; ``None`` where it does not apply.
+
+    Parameters and returns are the reference's. It does not apply (returns ``None``, the caller
+    runs the reference) with logit soft-capping, with a chunk mask other than causal plus key
+    padding, or on a sliding-window layer of a static cache. The work is the custom op
+    ``torch.ops.kvpress_aqua.fused_attention``, which ``torch.compile`` keeps whole (a CUDA graph
+    records its launches).
+    """
+    first_index = inputs.first_index
+    if isinstance(first_index, torch.Tensor):  # a static decode step: only window layers read it
+        if inputs.window is not None:
+            return None
+        first_index = 0
+    if softcap is not None:
+        return None
+    batch, _, n, _ = query.shape
+    if n > 1:
+        key_valid = _key_validity(new_mask, batch, n)
+        if key_valid is None:
+            return None
+    else:
+        key_valid = new_mask.reshape(-1, 1).expand(batch, 1).to(torch.int8).contiguous()
+    exact = inputs.exact_keys is not None and inputs.past_keys.shape[-2] > 0
+    return torch.ops.kvpress_aqua.fused_attention(
+        query, inputs.past_keys, inputs.past_values, inputs.past_visible, inputs.keys_new, inputs.values_new,
+        key_valid, inputs.past_index if inputs.window is not None else None, inputs.key_basis,
+        inputs.exact_keys if exact else None, inputs.exact_basis if exact else None,
+        inputs.exact_slot if exact else None, scale, inputs.query_channels, inputs.window, first_index,
+        inputs.want_mass,
+    )
+
+
+@torch.library.custom_op("kvpress_aqua::fused_attention", mutates_args=())
+def fused_attention(
+    query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor, past_visible: torch.Tensor,
+    keys_new: torch.Tensor, values_new: torch.Tensor, key_valid: torch.Tensor, past_index: torch.Tensor | None,
+    key_basis: torch.Tensor | None, exact_keys: torch.Tensor | None, exact_basis: torch.Tensor | None,
+    exact_slot: torch.Tensor | None, scale: float, query_channels: int | None, window: int | None,
+    first_index: int, want_mass: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused attention on plain tensors (the fields of :class:`~kvpress_aqua.ops.inputs.AttentionInputs`).
+
+    ``key_valid`` is the int8 ``(B, n)`` validity of the chunk's keys (its mask is causal); the
+    exact-token tensors are given together or not at all. Returns ``(output, mass_past, mass_new)``.
+    """
+    batch, heads, n, d = query.shape
+    kv_heads = keys_new.shape[1]
+    group = heads // kv_heads
+    rows = group * n
+    slots = past_keys.shape[-2]
+    exact = exact_keys is not None
+    dv = values_new.shape[-1]
+    scale_log2 = scale * LOG2E
+    q_raw = query.reshape(batch, kv_heads, group, n, d).reshape(batch, kv_heads, rows, d).contiguous()
+    qa = q_raw
+    if slots and key_basis is not None:
+        qa = q_raw @ key_basis
+        if query_channels is not None and query_channels < qa.shape[-1]:
+            top = qa.abs().topk(query_channels, dim=-1).indices
+            qa = torch.zeros_like(qa).scatter_(-1, top, qa.gather(-1, top))
+    qa = qa.contiguous()
+    visible_a = past_visible
+    if exact:
+        row_valid = exact_slot >= 0
+        at = exact_slot.clamp_min(0)
+        kb = torch.cat([past_keys.gather(2, at[..., None].expand(-1, -1, -1, past_keys.shape[-1])), exact_keys], dim=-1)
+        vb = past_values.gather(2, at[..., None].expand(-1, -1, -1, dv))
+        visible_b = (row_valid & past_visible.gather(2, at)).to(torch.int8)
+        qb = torch.cat([qa, q_raw @ exact_basis], dim=-1).contiguous()
+        is_exact = torch.zeros_like(visible_a, dtype=torch.int32).scatter_add_(2, at, row_valid.int()) > 0
+        visible_a = visible_a & ~is_exact
+    else:
+        qb = kb = vb = visible_b = q_raw  # placeholders: segment B is compiled out
+    visible_a = visible_a.to(torch.int8)
+    index = past_index if window is not None else visible_a
+    block_m = 16 if rows <= 16 else 64
+    block_n = 64
+    row_tiles = triton.cdiv(rows, block_m)
+    splits, split_len = _splits(slots, row_tiles * batch * kv_heads, block_n, query.device)
+    out_dtype = values_new.dtype if splits == 1 else torch.float32
+    out = torch.empty(splits, batch, kv_heads, rows, dv, dtype=out_dtype, device=query.device)
+    lse = torch.empty(splits, batch, kv_heads, rows, dtype=torch.float32, device=query.device)
+    write_scores = want_mass and n == 1 and slots > 0
+    scores = (torch.empty(batch, kv_heads, rows, slots, dtype=torch.float32, device=query.device)
+              if write_scores else lse)
+    _attention_kernel[(row_tiles, batch * kv_heads, splits)](
+        qa, *_strides3(qa), past_keys, *_strides3(past_keys), past_values, *_strides3(past_values), visible_a,
+        visible_a.stride(0), visible_a.stride(1), index, index.stride(0), index.stride(1),
+        qb, *_strides3(qb), kb, *_strides3(kb), vb, *_strides3(vb), visible_b, visible_b.stride(0),
+        visible_b.stride(1),
+        q_raw, *_strides3(q_raw), keys_new, *_strides3(keys_new), values_new, *_strides3(values_new), key_valid,
+        key_valid.stride(0),
+        out, out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse, lse.stride(0), lse.stride(1),
+        lse.stride(2), scores, scores.stride(0), scores.stride(1), scores.stride(2) if write_scores else 0,
+        kv_heads, rows, n, slots, exact_slot.shape[-1] if exact else 0, split_len, first_index,
+        window or 0, scale_log2, qa.shape[-1], d, dv,
+        WA=_pow2(qa.shape[-1]), WB=_pow2(d), DV=_pow2(dv), BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_A=slots > 0, HAS_B=exact, HAS_C=True, HAS_WINDOW=window is not None and slots > 0,
+        WRITE_SCORES=write_scores, PRECISION=_precision(qa),
+    )
+    if splits == 1:
+        total_lse, merged = lse[0], out[0]
+    else:
+        total_lse = torch.logsumexp(lse * LN2, dim=0) / LN2
+        weight = torch.exp2(lse - total_lse.where(total_lse > float("-inf"), 0.0)).nan_to_num_(0.0)
+        merged = (out * weight[..., None]).sum(0).to(values_new.dtype)
+    output = merged.reshape(batch, kv_heads, group, n, dv).reshape(batch, heads, n, dv)
+    mass_past = torch.zeros(batch, kv_heads, slots, dtype=torch.float32, device=query.device)
+    mass_new = torch.zeros(batch, kv_heads, n, dtype=torch.float32, device=query.device)
+    if not want_mass:
+        return output, mass_past, mass_new
+    floor = total_lse.where(total_lse > float("-inf"), 0.0)
+    if write_scores:
+        mass_past = torch.exp2(scores - floor[..., None]).sum(2)
+    elif slots:
+        mass_past = _mass(qa, past_keys, visible_a, total_lse, n, scale_log2, past_index, window, first_index)
+    if exact:
+        mass_past = mass_past.scatter_add(2, at, _mass(qb, kb, visible_b, total_lse, n, scale_log2))
+    mass_new = _mass(q_raw, keys_new, key_valid[:, None, :].expand(batch, kv_heads, n), total_lse, n, scale_log2,
+                     causal=True)
+    return output, mass_past, mass_new
+
+
+@fused_attention.register_fake
+def _(query, past_keys, past_values, past_visible, keys_new, values_new, key_valid, past_index, key_basis,
+      exact_keys, exact_basis, exact_slot, scale, query_channels, window, first_index, want_mass):
+    batch, heads, n, _ = query.shape
+    kv_heads, slots = keys_new.shape[1], past_keys.shape[-2]
+    return (query.new_empty(batch, heads, n, values_new.shape[-1], dtype=values_new.dtype),
+            query.new_empty(batch, kv_heads, slots, dtype=torch.float32),
+            query.new_empty(batch, kv_heads, n, dtype=torch.float32))

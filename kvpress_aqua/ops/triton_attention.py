@@ -38,7 +38,7 @@ LN2 = 0.6931471805599453
 @triton.jit
 def _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h,
              K, k_b, k_h, k_n, V, v_b, v_h, v_n, VIS, vis_b, vis_h, IDX, idx_b, idx_h,
-             lo, hi, first_index, window, scale_log2, SC, sc_b, sc_h, sc_r,
+             lo, hi, first_index, window, scale_log2, SC, sc_b, sc_h, sc_r, sc_col,
              W: tl.constexpr, w, DV: tl.constexpr, dv, BLOCK_N: tl.constexpr,
              HAS_VIS: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, WRITE_SCORES: tl.constexpr,
              PRECISION: tl.constexpr):
@@ -62,7 +62,7 @@ def _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h,
             mask = mask & (cols[None, :] <= t[:, None])
         s = tl.where(mask, s, float("-inf"))
         if WRITE_SCORES:
-            tl.store(SC + b * sc_b + h * sc_h + rows[:, None] * sc_r + cols[None, :], s,
+            tl.store(SC + b * sc_b + h * sc_h + rows[:, None] * sc_r + sc_col + cols[None, :], s,
                      mask=row_ok[:, None] & col_ok[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -99,31 +99,31 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
     if HAS_A:
-        ch = tl.arange(0, WA)
-        q = tl.load(QA + b * qa_b + h * qa_h + rows[:, None] * qa_r + ch[None, :],
-                    mask=row_ok[:, None] & (ch[None, :] < wa), other=0.0)
+        ch_a = tl.arange(0, WA)
+        q_a = tl.load(QA + b * qa_b + h * qa_h + rows[:, None] * qa_r + ch_a[None, :],
+                      mask=row_ok[:, None] & (ch_a[None, :] < wa), other=0.0)
         lo = split * split_len
         hi = tl.minimum(S, lo + split_len)
-        acc, m_i, l_i = _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h, KA, ka_b, ka_h, ka_n, VA, va_b, va_h, va_n,
+        acc, m_i, l_i = _segment(acc, m_i, l_i, q_a, rows, row_ok, t, b, h, KA, ka_b, ka_h, ka_n, VA, va_b, va_h, va_n,
                                  VISA, visa_b, visa_h, IDXA, idxa_b, idxa_h, lo, hi, first_index, window, scale_log2,
-                                 SC, sc_b, sc_h, sc_r, WA, wa, DV, dv, BLOCK_N, True, HAS_WINDOW, False, WRITE_SCORES,
-                                 PRECISION)
+                                 SC, sc_b, sc_h, sc_r, 0, WA, wa, DV, dv, BLOCK_N, True, HAS_WINDOW, False,
+                                 WRITE_SCORES, PRECISION)
     if split == 0:
         if HAS_B:
-            ch = tl.arange(0, WB)
-            q = tl.load(QB + b * qb_b + h * qb_h + rows[:, None] * qb_r + ch[None, :],
-                        mask=row_ok[:, None] & (ch[None, :] < wb), other=0.0)
-            acc, m_i, l_i = _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h, KB, kb_b, kb_h, kb_n, VB, vb_b, vb_h,
+            ch_b = tl.arange(0, WB)
+            q_b = tl.load(QB + b * qb_b + h * qb_h + rows[:, None] * qb_r + ch_b[None, :],
+                          mask=row_ok[:, None] & (ch_b[None, :] < wb), other=0.0)
+            acc, m_i, l_i = _segment(acc, m_i, l_i, q_b, rows, row_ok, t, b, h, KB, kb_b, kb_h, kb_n, VB, vb_b, vb_h,
                                      vb_n, VISB, visb_b, visb_h, VISB, visb_b, visb_h, 0, E, first_index, window,
-                                     scale_log2, SC, sc_b, sc_h, sc_r, WB, wb, DV, dv, BLOCK_N, True, False, False,
+                                     scale_log2, SC, sc_b, sc_h, sc_r, 0, WB, wb, DV, dv, BLOCK_N, True, False, False,
                                      False, PRECISION)
         if HAS_C:
-            ch = tl.arange(0, WB)
-            q = tl.load(QC + b * qc_b + h * qc_h + rows[:, None] * qc_r + ch[None, :],
-                        mask=row_ok[:, None] & (ch[None, :] < wb), other=0.0)
-            acc, m_i, l_i = _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h, KC, kc_b, kc_h, kc_n, VC, vc_b, vc_h,
+            ch_c = tl.arange(0, WB)
+            q_c = tl.load(QC + b * qc_b + h * qc_h + rows[:, None] * qc_r + ch_c[None, :],
+                          mask=row_ok[:, None] & (ch_c[None, :] < wb), other=0.0)
+            acc, m_i, l_i = _segment(acc, m_i, l_i, q_c, rows, row_ok, t, b, h, KC, kc_b, kc_h, kc_n, VC, vc_b, vc_h,
                                      vc_n, VALC, valc_b, 0, VALC, valc_b, 0, 0, n, first_index, window, scale_log2,
-                                     SC, sc_b, sc_h, sc_r, WB, wb, DV, dv, BLOCK_N, True, False, True, False,
+                                     SC, sc_b, sc_h, sc_r, S, WB, wb, DV, dv, BLOCK_N, True, False, True, WRITE_SCORES,
                                      PRECISION)
     dch = tl.arange(0, DV)
     seen = l_i > 0
@@ -174,6 +174,29 @@ def _mass_kernel(Q, q_b, q_h, q_r, K, k_b, k_h, k_n, VIS, vis_b, vis_h, IDX, idx
 def _precision(x: torch.Tensor) -> str:
     """``ieee`` for float32 operands (exact float32 products, as PyTorch's matmul), else the default."""
     return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _decode_mass_kernel(SC, sc_b, sc_h, sc_r, LSE, l_b, l_h, PAST, p_b, p_h, NEW, n_b, n_h, kv_heads, rows_total, S,
+                        total, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Mass per key from a decode pass's raw scores (log2 units): past keys ``[0, S)``, new keys after them."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // kv_heads
+    h = bh % kv_heads
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < total
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, rows_total, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        row_ok = rows < rows_total
+        lse = tl.load(LSE + b * l_b + h * l_h + rows, mask=row_ok, other=float("-inf"))
+        s = tl.load(SC + b * sc_b + h * sc_h + rows[:, None] * sc_r + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=float("-inf"))
+        ok = (s != float("-inf")) & (lse[:, None] != float("-inf"))
+        acc += tl.sum(tl.where(ok, tl.exp2(s - tl.where(ok, lse[:, None], 0.0)), 0.0), 0)
+    tl.store(PAST + b * p_b + h * p_h + cols, acc, mask=cols < S)
+    tl.store(NEW + b * n_b + h * n_h + cols - S, acc, mask=col_ok & (cols >= S))
 
 
 def _pow2(x: int) -> int:
@@ -309,8 +332,8 @@ def fused_attention(
     out_dtype = values_new.dtype if splits == 1 else torch.float32
     out = torch.empty(splits, batch, kv_heads, rows, dv, dtype=out_dtype, device=query.device)
     lse = torch.empty(splits, batch, kv_heads, rows, dtype=torch.float32, device=query.device)
-    write_scores = want_mass and n == 1 and slots > 0
-    scores = (torch.empty(batch, kv_heads, rows, slots, dtype=torch.float32, device=query.device)
+    write_scores = want_mass and n == 1
+    scores = (torch.empty(batch, kv_heads, rows, slots + n, dtype=torch.float32, device=query.device)
               if write_scores else lse)
     _attention_kernel[(row_tiles, batch * kv_heads, splits)](
         qa, *_strides3(qa), past_keys, *_strides3(past_keys), past_values, *_strides3(past_values), visible_a,
@@ -338,15 +361,19 @@ def fused_attention(
     mass_new = torch.zeros(batch, kv_heads, n, dtype=torch.float32, device=query.device)
     if not want_mass:
         return output, mass_past, mass_new
-    floor = total_lse.where(total_lse > float("-inf"), 0.0)
-    if write_scores:
-        mass_past = torch.exp2(scores - floor[..., None]).sum(2)
-    elif slots:
-        mass_past = _mass(qa, past_keys, visible_a, total_lse, n, scale_log2, past_index, window, first_index)
+    if write_scores:  # one small pass over the written scores gives both masses
+        block = 128
+        _decode_mass_kernel[(triton.cdiv(slots + n, block), batch * kv_heads)](
+            scores, scores.stride(0), scores.stride(1), scores.stride(2), total_lse, total_lse.stride(0),
+            total_lse.stride(1), mass_past, mass_past.stride(0), mass_past.stride(1), mass_new, mass_new.stride(0),
+            mass_new.stride(1), kv_heads, rows, slots, slots + n, BLOCK_R=16, BLOCK_N=block)
+    else:
+        if slots:
+            mass_past = _mass(qa, past_keys, visible_a, total_lse, n, scale_log2, past_index, window, first_index)
+        mass_new = _mass(q_raw, keys_new, key_valid[:, None, :].expand(batch, kv_heads, n), total_lse, n,
+                         scale_log2, causal=True)
     if exact:
         mass_past = mass_past.scatter_add(2, at, _mass(qb, kb, visible_b, total_lse, n, scale_log2))
-    mass_new = _mass(q_raw, keys_new, key_valid[:, None, :].expand(batch, kv_heads, n), total_lse, n, scale_log2,
-                     causal=True)
     return output, mass_past, mass_new
 
 

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 from kvpress_aqua import CompressedCache
 from kvpress_aqua.attention.dispatch import ATTENTION_NAME
 from kvpress_aqua.core.accounting import GROWTH_MIN, decode_slots, layer_nbytes
-from kvpress_aqua.ops import reference
+from kvpress_aqua.ops import limits
 from kvpress_aqua.policies import H2O, TOVA, SlidingWindow
 from kvpress_aqua.util.compat import cache_kwargs
 
@@ -165,7 +165,7 @@ def test_blockwise_attention_equals_one_block(arch, monkeypatch):
         return logits, [(layer.index.clone(), layer.score.clone()) for layer in cache.layers]
 
     one_logits, one_state = run()
-    monkeypatch.setattr(reference, "BLOCK_SCORE_BYTES", 1)  # one query row per block
+    monkeypatch.setattr(limits, "BLOCK_SCORE_BYTES", 1)  # one query row per block
     blocked_logits, blocked_state = run()
     assert (one_logits - blocked_logits).abs().max().item() < 1e-5
     for (index_a, score_a), (index_b, score_b) in zip(one_state, blocked_state, strict=True):

@@ -224,13 +224,16 @@ def test_gqa_and_mqa_scale_kv_by_kv_heads_and_scores_by_query_heads():
     assert shapes[1].info.group_size == 4
 
 
-def test_chunked_prefill_holds_budget_plus_chunk():
+def test_prefill_holds_budget_plus_chunk_in_one_layer_at_a_time():
+    """The cache evicts each layer's overfilled chunk when the next layer updates: one layer holds the chunk."""
     shape = resolve_model("smollm2-135m")
     one = MemoryModel(shape, 1, 4096, 0, "fp32", None, 0).evaluate(64, 256)
     chunked = MemoryModel(shape, 1, 4096, 0, "fp32", 512, 0).evaluate(64, 256)
     slot = layer_nbytes(1, 1, 1, 64, 64, 4, compressed=True, needs_scores=True) - 4  # one slot of one KV head
-    assert one.peak_kv == 30 * (3 * 4096 * slot + 4)
-    assert chunked.peak_kv == 30 * (3 * (256 + 512) * slot + 4)
+    budget_layer = 3 * 256 * slot + 4
+    assert one.peak_kv == 29 * budget_layer + (3 * 4096 * slot + 4)
+    assert chunked.peak_kv == 29 * budget_layer + (3 * (256 + 512) * slot + 4)
+    assert chunked.copy == budget_layer  # the current layer's old tensors, alive until its cat is done
     assert chunked.total < one.total
 
 
@@ -252,7 +255,9 @@ def test_working_set_is_the_larger_of_the_attention_and_mlp_steps():
     small = MemoryModel(shape, 1, 4096, 0, "fp32", 16, 0).evaluate(64, 16)  # few scores: the MLP step is larger
     assert small.attention == 0 and small.activations == 16 * (4 * 576 + 3 * 1536) * 4 + 49152 * 8
     big = MemoryModel(shape, 1, 4096, 0, "fp32", 512, 0).evaluate(64, 1024)
-    assert big.attention == 4 * 9 * 512 * (1024 + 2 * 512) * 4  # past block (budget + chunk slots) and new block
+    copies = 3 * 512 * 9 * 64 * 4  # regrouped queries, output, its transposed copy
+    blocks = 2 * min(8 * 2**20, 9 * 512 * (1024 + 512 + 512) * 4)  # two score blocks of the reference, capped
+    assert big.attention == copies + blocks
     assert big.activations == 512 * (4 * 576 + 2 * 9 * 64 + 2 * 3 * 64) * 4 + 49152 * 8
 
 
@@ -342,15 +347,15 @@ def test_artifact_of_the_wrong_shapes_is_refused(tmp_path):
 
 def test_does_not_fit_names_need_have_and_the_largest_context_and_batch():
     args = dict(model="llama-3.2-1b", batch=4, new_tokens=16, dtype="bf16", prefill_chunk=512)
-    p = plan("4GB", context="32k", **args)
+    p = plan("3.1GB", context="32k", **args)
     assert not p.fits and p.recommendation is None
-    assert p.message.startswith("does not fit: needs ") and "you have 3.73 GiB (4,000,000,000 B)" in p.message
+    assert p.message.startswith("does not fit: needs ") and "you have 2.89 GiB (3,100,000,000 B)" in p.message
     context = int(p.message.split("largest context that fits at batch 4 is ")[1].split(" tokens")[0].replace(",", ""))
     batch = int(p.message.split("largest batch that fits at 32,768 tokens is ")[1].split(";")[0])
     assert 0 < context < 32768 and 0 < batch < 4
-    assert plan("4GB", context=context, **args).fits and not plan("4GB", context=context + 1, **args).fits
-    assert plan("4GB", context="32k", **{**args, "batch": batch}).fits
-    assert not plan("4GB", context="32k", **{**args, "batch": batch + 1}).fits
+    assert plan("3.1GB", context=context, **args).fits and not plan("3.1GB", context=context + 1, **args).fits
+    assert plan("3.1GB", context="32k", **{**args, "batch": batch}).fits
+    assert not plan("3.1GB", context="32k", **{**args, "batch": batch + 1}).fits
     weights_only = plan("8GB", "meta-llama/Llama-3.1-8B-Instruct", context="128k", batch=4, new_tokens=512)
     assert "the weights alone need 14.96 GiB" in weights_only.message
 
@@ -447,7 +452,7 @@ def test_cli_table_echoes_the_budget_and_explains(capsys, tmp_path):
     assert code == 0
     assert "budget 2GB = 2,000,000,000 bytes" in text and "quality source (" in text
     assert "recommended" in text and "fits:" in text
-    assert "= 134,515,008·4" in text and "ATTENTION_COPIES=4" in text
+    assert "= 134,515,008·4" in text and "ATTENTION_COPIES=3" in text
     assert parse_policy(str(tmp_path / "p.toml")).description.startswith("kvtool plan")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -11,23 +11,19 @@
   causal/padding mask ``transformers`` built for the chunk.
 
 It runs blockwise over query rows, so its float32 working set is bounded by
-:data:`BLOCK_SCORE_BYTES` whatever the chunk length, and never expands keys across a GQA group.
+:data:`~kvpress_aqua.ops.limits.BLOCK_SCORE_BYTES` whatever the chunk length, and never expands keys across a GQA group.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import limits
 from .inputs import AttentionInputs
 
-__all__ = ["BLOCK_SCORE_BYTES", "new_block_mask", "reference_attention", "top_channels"]
+__all__ = ["new_block_mask", "reference_attention", "top_channels"]
 
-BLOCK_SCORE_BYTES = 8 * 2**20
-"""Bytes of float32 scores one block of query rows may hold (past and new block together).
 
-The reference attention keeps about two such tensors alive at once (scores and their exponentials
-are computed in place), so a layer's attention working set stays near ``2 x BLOCK_SCORE_BYTES``
-however long the chunk is (a single query row may need more)."""
 
 
 def _per_group(query: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -54,7 +50,7 @@ def new_block_mask(attention_mask: torch.Tensor | None, n: int, device: torch.de
 
 
 def _rows_per_block(batch: int, heads: int, columns: int, n: int) -> int:
-    return max(1, min(n, BLOCK_SCORE_BYTES // max(1, 4 * batch * heads * columns)))
+    return max(1, min(n, limits.BLOCK_SCORE_BYTES // max(1, 4 * batch * heads * columns)))
 
 
 def reference_attention(

@@ -23,10 +23,12 @@ token budget ``b``::
 
   * attention step: ``scores + B x n x (HIDDEN_COPIES x h + 2 x H x d + 2 x H_kv x d) x e`` (residual
     stream copies: the embeddings, the layer input, the residual and the normed input; queries and
-    attention output; keys and values). ``scores``, the *attention* term: in the cache's attention
-    function :data:`ATTENTION_COPIES` float32 tensors of ``B x H x n x (held + n)`` (``held``
-    includes the chunk's own slots: past block and new block, masked copies, concatenation,
-    softmax). A plain ``DynamicCache`` keeps the model's fused SDPA (no score matrix): 0 when it
+    attention output; keys and values). ``scores``, the *attention* term: the cache's attention adds
+    :data:`ATTENTION_COPIES` query-sized tensors ``B x n x H x d x e`` (regrouped queries, output, its
+    transposed copy) and, in the reference attention, two float32 score blocks of at most
+    ``BLOCK_SCORE_BYTES`` (``B x H x n x (held + n) x 4`` when smaller); the fused kernel materializes
+    no score matrix. A plain ``DynamicCache``
+    keeps the model's fused SDPA (no score matrix): 0 when it
     runs with ``is_causal`` (the first chunk, decode steps); a chunk after the first gets a boolean
     mask, ``B x n x held`` bytes, and under GQA/MQA SDPA then expands K and V to every query head,
     ``2 x B x H x held x d x e``.
@@ -35,8 +37,10 @@ token budget ``b``::
 
   Both add the last token's logits ``B x V x (e + 4)`` (model dtype and the float32 copy ``generate``
   makes) to the activations.
-  * copy: one layer's KV at its attention-visible slots, held twice while ``torch.cat``/``gather``
-    builds the layer's new tensors.
+  * copy: one layer's KV held twice while ``torch.cat``/``gather`` builds the layer's new tensors.
+    A compressed cache finalizes its layers one after the other, so while a chunk of ``n`` tokens is
+    attended only the current layer holds ``min(lo, b) + n`` slots (its old ``min(lo, b)`` alive until
+    the cat is done: the copy); the others already hold their evicted size.
 
   With ``new_tokens >= 2`` the decode peak uses ``n = 1`` and the decode slots; otherwise only the
   prefill peak counts. ``n`` is ``prefill_chunk`` (prefill through ``CompressedCache.prefill``) or the
@@ -66,6 +70,7 @@ from ..core.accounting import (
     layer_nbytes,
     prefill_slots,
 )
+from ..ops.limits import BLOCK_SCORE_BYTES
 from ..policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS, policy_type
 from ..util.dtypes import dtype_bytes
 from .model_shape import ModelShape
@@ -74,8 +79,10 @@ __all__ = ["ATTENTION_COPIES", "DEFAULT_OVERHEAD", "HIDDEN_COPIES", "MLP_COPIES"
 
 DEFAULT_OVERHEAD = 512 * 2**20
 """Runtime overhead charged when none is given: interpreter, framework, CUDA context, allocator slack."""
-ATTENTION_COPIES = 4
-"""Float32 score-sized tensors alive at once in the cache's attention (raw, masked, concatenated, softmax)."""
+ATTENTION_COPIES = 3
+"""Query-sized tensors the cache's attention adds at a layer's attention step: the queries regrouped per KV
+head, the output and its transposed copy (the fused kernel holds no score matrix; the reference attention
+adds ``2 x BLOCK_SCORE_BYTES`` of scores per block of query rows)."""
 HIDDEN_COPIES = 4
 """Hidden-size activations alive per token in a decoder layer (embeddings, layer input, residual, normed input)."""
 MLP_COPIES = 3
@@ -258,9 +265,20 @@ class MemoryModel:
 
         phases = []
         for lo, n in self._chunks():
-            slots = tuple(stored(lo, n, w) for w in self.windows)
-            seen_slots = tuple(visible(lo, n, w) for w in self.windows)
-            phases.append(self._phase("prefill", lo, n, slots, seen_slots, layer, compressed))
+            if compressed:
+                # Layers are finalized one after the other: while the last layer attends the chunk, the
+                # others already hold their evicted size, and its old tensors live on until the cat is done.
+                caps = [capped_budget(budget, w) for w in self.windows]
+                before = [lo if c is None else min(lo, c) for c in caps]
+                during = [x + n for x in before]
+                after = [x if c is None or x <= c + 1 else c for x, c in zip(during, caps, strict=True)]
+                grows = max(range(len(caps)), key=lambda i: layer(during[i]) - layer(after[i]))
+                slots = tuple(during[i] if i == grows else after[i] for i in range(len(caps)))
+                phases.append(self._phase("prefill", lo, n, slots, tuple(during), layer, compressed,
+                                          copy=layer(before[grows])))
+            else:
+                slots = tuple(stored(lo, n, w) for w in self.windows)
+                phases.append(self._phase("prefill", lo, n, slots, slots, layer, compressed))
         end = phases[0]
         if self.new_tokens >= 2:
             slots = tuple(
@@ -299,11 +317,12 @@ class MemoryModel:
                 hidden + MLP_COPIES * s.intermediate_size)
 
     def _phase(self, name: str, lo: int, n: int, slots: Sequence[int], visible: Sequence[int], layer: Any,
-               compressed: bool) -> _Phase:
+               compressed: bool, copy: int | None = None) -> _Phase:
         info, b, e = self.shape.info, self.batch, self.elem
         held = max(visible)
         if compressed:
-            scores = ATTENTION_COPIES * b * info.num_heads * n * (held + n) * 4
+            blocks = 2 * min(BLOCK_SCORE_BYTES, b * info.num_heads * n * (held + n) * 4)
+            scores = ATTENTION_COPIES * b * n * info.num_heads * info.head_dim * e + blocks
         else:
             scores = b * n * held if _sdpa_masked(name, lo) else 0
             if _sdpa_masked(name, lo) and info.group_size > 1:
@@ -317,7 +336,7 @@ class MemoryModel:
             kv=sum(layer(x) for x in slots),
             attention=scores if step == "attention" else 0,
             activations=b * n * (at_attention if step == "attention" else at_mlp) * e + logits,
-            copy=max(layer(x) for x in visible),
+            copy=max(layer(x) for x in visible) if copy is None else copy,
             step=step, scores=scores,
         )
 
@@ -348,8 +367,10 @@ class MemoryModel:
         where = f"{peak.name} of {peak.chunk:,} token(s) at offset {peak.offset:,}"
         held, n = max(peak.visible), peak.chunk
         if compressed:
-            attention = [f"{ATTENTION_COPIES}·B·H·n·(held + n)·4 (float32 scores in the cache's attention)",
-                         f"{ATTENTION_COPIES}·{b}·{info.num_heads}·{n:,}·({held:,} + {n:,})·4"]
+            attention = [f"{ATTENTION_COPIES}·B·n·H·d·e + 2·min(BLOCK_SCORE_BYTES, B·H·n·(held + n)·4) (query-sized "
+                         "copies in the cache's attention; no score matrix: blocks of query rows in the reference)",
+                         f"{ATTENTION_COPIES}·{b}·{n:,}·{info.num_heads}·{info.head_dim}·{e} + 2·min("
+                         f"{BLOCK_SCORE_BYTES:,}, {b}·{info.num_heads}·{n:,}·({held:,} + {n:,})·4)"]
         elif peak.scores and info.group_size > 1:
             attention = ["B·n·held + 2·B·H·held·d·e (SDPA's boolean mask; with a mask it expands K and V to every "
                          "query head; no score matrix)", f"{b}·{n:,}·{held:,} + 2·{b}·{info.num_heads}·{held:,}·"

@@ -14,6 +14,7 @@ from kvpress_aqua.core.accounting import layer_nbytes
 from kvpress_aqua.ops.reference import top_channels
 from kvpress_aqua.policies import H2O
 from kvpress_aqua.policies.aqua import CHANNEL_MULTIPLE, Aqua
+from kvpress_aqua.util.compat import cache_kwargs
 
 TEXT = "A lighthouse keeper counts the ships that pass the harbour each night and logs the weather. " * 10
 
@@ -24,7 +25,8 @@ def _artifact(model):
 
 def _logits(model, ids, cache, steps=5):
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, past_key_values=cache,
+        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             **cache_kwargs(model, cache),
                              output_logits=True, return_dict_in_generate=True)
     return torch.stack(out.logits, 1)
 
@@ -193,9 +195,10 @@ def test_left_padded_batch_with_exact_tokens_equals_single_rows():
         ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
     kwargs = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     with torch.no_grad():
-        batched = model.generate(ids, attention_mask=mask, past_key_values=CompressedCache(model, aqua), **kwargs)
+        batched = model.generate(ids, attention_mask=mask, **cache_kwargs(model, CompressedCache(model, aqua)),
+                                 **kwargs)
         for i, r in enumerate(rows):
-            single = model.generate(torch.tensor([r]), past_key_values=CompressedCache(model, aqua), **kwargs)
+            single = model.generate(torch.tensor([r]), **cache_kwargs(model, CompressedCache(model, aqua)), **kwargs)
             assert (torch.stack(batched.logits, 1)[i] - torch.stack(single.logits, 1)[0]).abs().max() < 1e-4
 
 
@@ -217,7 +220,7 @@ def test_residual_rows_hold_the_dropped_channels_of_sinks_and_recent_tokens(evic
     cache.prefill(ids[:, :20])
     with torch.no_grad():
         for t in range(20, 23):
-            model(ids[:, t:t + 1], past_key_values=cache)
+            model(ids[:, t:t + 1], **cache_kwargs(model, cache))
     cache.finalize()  # the last layer folds its last attention call in at its next update, or when asked
     tokens = list(range(sinks)) + [None] * recent  # the token each row stands for
     for i in range(23 - recent, 23):

@@ -10,6 +10,7 @@ from kvpress_aqua import CompressedCache
 from kvpress_aqua.core.accounting import decode_slots, layer_nbytes
 from kvpress_aqua.ops import reference
 from kvpress_aqua.policies import H2O, TOVA, SlidingWindow
+from kvpress_aqua.util.compat import cache_kwargs
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi3"]
 TOL = 1e-4
@@ -17,7 +18,8 @@ TOL = 1e-4
 
 def _logits(model, ids, cache, steps=6, **kw):
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, past_key_values=cache,
+        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             **cache_kwargs(model, cache),
                              output_logits=True, return_dict_in_generate=True, **kw)
     return torch.stack(out.logits, 1), out.sequences
 
@@ -99,18 +101,18 @@ def test_eviction_equals_masked_full_attention(arch, policy, chunk, monkeypatch)
     monkeypatch.setattr(reference, "reference_attention", record)
     with torch.no_grad():
         if chunk is None:
-            logits = model(prompt, past_key_values=cache).logits[:, -1]
+            logits = model(prompt, **cache_kwargs(model, cache)).logits[:, -1]
         else:
             for lo in range(0, prompt.shape[1], chunk):
                 hi = min(lo + chunk, prompt.shape[1])
-                logits = model(prompt[:, lo:hi], past_key_values=cache).logits[:, -1]
+                logits = model(prompt[:, lo:hi], **cache_kwargs(model, cache)).logits[:, -1]
         for step in range(total_steps):
             step_logits.append(logits)
             nxt = logits.argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, nxt], 1)
             if step == total_steps - 1:
                 break
-            logits = model(nxt, past_key_values=cache).logits[:, -1]
+            logits = model(nxt, **cache_kwargs(model, cache)).logits[:, -1]
             held = [int(layer.valid.sum(-1).max()) for layer in cache.layers]
             assert max(held) <= policy.budget + 1
 
@@ -196,11 +198,11 @@ def test_left_padded_batch_equals_single_rows(policy):
     ids, mask = _left_pad(rows, pad_id=0)
     with torch.no_grad():
         batched = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                 past_key_values=CompressedCache(model, policy), output_logits=True,
+                                 **cache_kwargs(model, CompressedCache(model, policy)), output_logits=True,
                                  return_dict_in_generate=True, pad_token_id=0)
         for i, r in enumerate(rows):
             single = model.generate(torch.tensor([r]), max_new_tokens=8, do_sample=False,
-                                    past_key_values=CompressedCache(model, policy), output_logits=True,
+                                    **cache_kwargs(model, CompressedCache(model, policy)), output_logits=True,
                                     return_dict_in_generate=True, pad_token_id=0)
             a = torch.stack(batched.logits, 1)[i]
             b = torch.stack(single.logits, 1)[0]
@@ -213,7 +215,7 @@ def test_padding_is_never_kept():
     ids, mask = _left_pad(rows, pad_id=0)
     cache = CompressedCache(model, H2O(heavy=6, recent=2, sinks=1))
     with torch.no_grad():
-        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, past_key_values=cache,
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **cache_kwargs(model, cache),
                        pad_token_id=0)
     pads = ids.shape[1] - len(rows[1])
     for layer in cache.layers:
@@ -232,7 +234,7 @@ def test_generate_modes(mode):
     cache = CompressedCache(model, H2O(heavy=8, recent=4))
     torch.manual_seed(0)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, past_key_values=cache,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, **cache_kwargs(model, cache),
                              pad_token_id=0, **kw)
     rows = 4 if mode == "num_return" else 2
     assert out.shape == (rows, 36)
@@ -244,9 +246,9 @@ def test_beam_search_without_eviction_matches_dynamic_cache():
     model = make_tiny_model("qwen2")
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        ref = model.generate(ids, num_beams=3, max_new_tokens=6, do_sample=False, past_key_values=DynamicCache())
+        ref = model.generate(ids, num_beams=3, max_new_tokens=6, do_sample=False, **cache_kwargs(model, DynamicCache()))
         got = model.generate(ids, num_beams=3, max_new_tokens=6, do_sample=False,
-                             past_key_values=CompressedCache(model, H2O(heavy=60, recent=4)))
+                             **cache_kwargs(model, CompressedCache(model, H2O(heavy=60, recent=4))))
     assert torch.equal(ref, got)
 
 
@@ -258,9 +260,9 @@ def test_context_reuse_processes_only_new_tokens():
     full = torch.cat([context, question], 1)
     cache = CompressedCache(model, H2O(heavy=100, recent=8))
     with torch.no_grad():
-        model(context, past_key_values=cache)
+        model(context, **cache_kwargs(model, cache))
         assert cache.get_seq_length() == 30
-        got = model.generate(full, past_key_values=cache, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+        got = model.generate(full, **cache_kwargs(model, cache), max_new_tokens=4, min_new_tokens=4, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
     ref, _ = _logits(model, full, DynamicCache(), steps=4)
     assert cache.get_seq_length() == 35 + 3
@@ -295,11 +297,11 @@ def test_batch_size_change_is_refused_without_damage():
     model = make_tiny_model("llama")
     cache = CompressedCache(model, H2O(heavy=8, recent=4))
     with torch.no_grad():
-        model(torch.randint(3, 128, (2, 10)), past_key_values=cache)
+        model(torch.randint(3, 128, (2, 10)), **cache_kwargs(model, cache))
     before = {k: v.clone() for k, v in cache.layers[0]._tensors().items()}
     with pytest.raises(ValueError, match="batch"):
         with torch.no_grad():
-            model(torch.randint(3, 128, (3, 1)), past_key_values=cache)
+            model(torch.randint(3, 128, (3, 1)), **cache_kwargs(model, cache))
     assert cache.get_seq_length() == 10
     for k, v in cache.layers[0]._tensors().items():
         assert torch.equal(v, before[k])
@@ -309,7 +311,7 @@ def test_crop_is_refused():
     model = make_tiny_model("llama")
     cache = CompressedCache(model, H2O(heavy=8, recent=4))
     with torch.no_grad():
-        model(torch.randint(3, 128, (1, 10)), past_key_values=cache)
+        model(torch.randint(3, 128, (1, 10)), **cache_kwargs(model, cache))
     with pytest.raises(ValueError, match="cropped"):
         cache.crop(-2)
 
@@ -370,9 +372,9 @@ def test_tova_scores_are_the_latest_call_only_and_h2o_accumulates():
 
         layer._fold = spy
         with torch.no_grad():
-            logits = model(prompt, past_key_values=cache).logits[:, -1]
+            logits = model(prompt, **cache_kwargs(model, cache)).logits[:, -1]
             for _ in range(3):
-                logits = model(logits.argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1]
+                logits = model(logits.argmax(-1, keepdim=True), **cache_kwargs(model, cache)).logits[:, -1]
         cache.detach()
         masses[name] = seen
     for name, seen in masses.items():

@@ -8,13 +8,15 @@ from transformers import DynamicCache
 from kvpress_aqua import CompressedCache
 from kvpress_aqua.policies import H2O, SlidingWindow
 from kvpress_aqua.policies.aqua import Aqua
+from kvpress_aqua.util.compat import cache_kwargs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def _generate(model, ids, cache, steps=6):
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, past_key_values=cache,
+        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             **cache_kwargs(model, cache),
                              output_logits=True, return_dict_in_generate=True)
     return torch.stack(out.logits, 1), out.sequences
 
@@ -67,7 +69,6 @@ def test_cuda_exact_tokens_follow_evictions():
 # ------------------------------------------------------------------ the fused kernel and the static decode step
 def _logits_with(model, ids, mask, policies, backend, monkeypatch, chunk=8):
     from kvpress_aqua.attention import dispatch
-    from kvpress_aqua.util.compat import cache_kwargs
 
     monkeypatch.setattr(dispatch, "BACKEND", backend)
     cache = CompressedCache(model, *policies, prefill_chunk=chunk)

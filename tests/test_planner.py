@@ -26,6 +26,7 @@ from kvpress_aqua.planner.search import (
 )
 from kvpress_aqua.policies.registry import policy_type, token_entry
 from kvpress_aqua.presets.spec import PolicySpec, parse_policy
+from kvpress_aqua.util.compat import cache_kwargs
 from kvpress_aqua.util.sizes import format_bytes, parse_size, parse_tokens
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -487,7 +488,7 @@ def _run_cache(model, candidate, batch, context, new_tokens, chunk):
     with torch.no_grad():
         logits = cache.prefill(ids)
         for _ in range(new_tokens - 1):
-            logits = model(logits.argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1]
+            logits = model(logits.argmax(-1, keepdim=True), **cache_kwargs(model, cache)).logits[:, -1]
     measured = cache.nbytes()
     cache.detach()
     return measured

@@ -4,18 +4,21 @@ The cache measures its own tensors (``CompressedCache.nbytes``); these formulas 
 numbers from shapes alone, and the tests hold the two equal. Layout per compressed layer, with
 ``B`` sequences, ``H`` KV heads and ``S`` slots:
 
-======== ===================== =====================================
-tensor   shape                 bytes
-======== ===================== =====================================
-keys     ``(B, H, S, d_k)``    ``d_k`` stored key channels x dtype
-values   ``(B, H, S, d_v)``    ``d_v`` value channels x dtype
-residual ``(B, H, E, d-d_k)``  AQUA's exact tokens (``E`` = sinks + recent): dropped key channels x dtype
-exact    ``(B, H, E)``         int64: 8, the slot of each exact token (with ``residual`` only)
-index    ``(B, H, S)``         int32: 4
-valid    ``(B, H, S)``         bool: 1
-score    ``(B, H, S)``         float32: 4, only for policies that read scores (H2O, TOVA)
-start    ``(B, 1, 1)``         int32: 4 per sequence (left-padding count)
-======== ===================== =====================================
+========== ===================== =====================================
+tensor     shape                 bytes
+========== ===================== =====================================
+keys       ``(B, H, S, d_k)``    ``d_k`` stored key channels x dtype
+values     ``(B, H, S, d_v)``    ``d_v`` value channels x dtype
+exact_keys ``(B, H, E, d-d_k)``  AQUA's exact tokens (``E`` = sinks + recent): dropped key channels x dtype
+exact_slot ``(B, H, E)``         int64: 8, the slot of each exact token (with ``exact_keys`` only)
+index      ``(B, H, S)``         int32: 4
+valid      ``(B, H, S)``         bool: 1
+score      ``(B, H, S)``         float32: 4, only for policies that read scores (H2O, TOVA)
+left_pad   ``(B, 1, 1)``         int32: 4 per sequence (left-padding count)
+========== ===================== =====================================
+
+A static layer (``CompressedCache.make_static``) with exact tokens holds one exact row more (the
+token decoded last, written at the next step): ``E + 1`` in the formulas.
 
 A layer with no policy at all is stored exactly as ``transformers``' ``DynamicCache`` stores it
 (keys and values only). :func:`kv_fraction_budget` turns a fraction of the dense KV bytes (a spec's

@@ -21,19 +21,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from ..attention import dispatch
 from ..ops.inputs import AttentionInputs
 from ..policies.base import ChannelPolicy, SlotView, TokenPolicy
 from .accounting import capped_budget, grown_capacity
+from .contract import LayerContract
 from .exact import ExactRows
 from .slots import SlotStore
+from .static import StaticDecoding
 
 __all__ = ["CompressedLayer"]
 
 
-class CompressedLayer(CacheLayerMixin):
+class CompressedLayer(StaticDecoding, LayerContract):
     """One decoder layer's compressed storage.
 
     Parameters
@@ -62,10 +63,6 @@ class CompressedLayer(CacheLayerMixin):
         int32 ``(batch, 1, 1)``: left-padding tokens of each sequence seen so far.
 
     """
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
 
     def __init__(
         self,
@@ -111,18 +108,6 @@ class CompressedLayer(CacheLayerMixin):
         if self.exact is not None:
             self.exact.allocate(key_states, batch, self.num_kv_heads, self.head_dim - self.key_dim)
         self.is_initialized = True
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor the layer holds, by name (what :meth:`nbytes` counts)."""
-        if not self.is_initialized:
-            return {}
-        return {**self.slots.tensors(), **self._exact_tensors(), "left_pad": self.left_pad}
-
-    def _exact_tensors(self) -> dict[str, torch.Tensor]:
-        if self.exact is None:
-            return {}
-        stash = {f"stash_{k}": v for k, v in self.stash.tensors().items()} if self.stash is not None else {}
-        return {**self.exact.tensors(), **stash}
 
     def _check_new(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if key_states.ndim != 4 or key_states.shape[1] != self.num_kv_heads or key_states.shape[-1] != self.head_dim:
@@ -180,56 +165,6 @@ class CompressedLayer(CacheLayerMixin):
         self.seen += n
         inputs = self._attention_inputs(past, visible, key_states, value_states)
         self._pending, self._pending_slots = inputs, new_slots
-        dispatch.hand_off(inputs)
-        return self.keys, self.values
-
-    def make_static(self, new_tokens: int) -> None:
-        """Switch to static decoding: a buffer that never changes shape, every write in place.
-
-        The buffer is sized once for ``new_tokens`` more tokens (``budget + 1`` slots at most), the
-        count of tokens seen becomes a device tensor and each decode step overwrites the
-        lowest-ranked slot (empty slots first) and folds its attention mass in place, so a whole
-        step is a fixed sequence of tensor operations: what ``torch.compile`` and CUDA graphs need.
-        """
-        if not self.is_initialized:
-            raise ValueError("make_static needs the prompt first: prefill the cache, then make it static")
-        self.finalize()
-        store = self.slots
-        if store.used < store.capacity:
-            store.keep_first(store.used)
-        wanted = store.used + new_tokens
-        capacity = wanted if self.budget is None else min(self.budget + 1, wanted)
-        if capacity > store.capacity:
-            store.grow(capacity)
-        self.seen = torch.tensor(int(self.seen), dtype=torch.int64, device=store.keys.device)
-        if self.exact is not None:  # the row of the token decoded last, stored at the next step (as a fold would)
-            self.stash = ExactRows(0, 1)
-            self.stash.allocate(self.exact.keys, store.keys.shape[0], self.num_kv_heads, self.exact.keys.shape[-1])
-        store.mark_static()
-        for tensor in (self.seen, self.left_pad, *(self._exact_tensors().values())):
-            torch._dynamo.mark_static_address(tensor)
-        self.static = True
-
-    def _static_step(self, stored: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One static decode step: overwrite the lowest-ranked slot, hand off, fold the mass in the attention."""
-        if key_states.shape[-2] != 1:
-            raise ValueError("a static cache decodes one token per step; make a new cache for another prompt")
-        store, first = self.slots, self.seen.clone()
-        if self.exact is not None:  # the previous token's row first, as the fold of a growing cache does
-            self.exact.store_one(self.stash.keys, self.stash.slot, first - 1, self.left_pad[:, 0].long())
-        victim = self._priority().argmin(dim=-1, keepdim=True)  # empty slots rank lowest: filled first
-        store.overwrite(victim, stored, value_states, first)
-        if self.exact is not None:
-            self.exact.blank(victim)
-            self.stash.keys.copy_(self.channel_policy.residual_keys(self.layer_idx, key_states))
-            self.stash.slot.copy_(victim)
-        self.seen.add_(1)
-        inputs = self._attention_inputs(store.capacity, store.valid.scatter(2, victim, False), key_states,
-                                        value_states, first)
-        if store.score is not None:
-            inputs.score_out, inputs.new_slots = store.score, victim
-            inputs.score_decay = self.token_policy.score_decay
         dispatch.hand_off(inputs)
         return self.keys, self.values
 
@@ -331,76 +266,3 @@ class CompressedLayer(CacheLayerMixin):
         if self.window is not None:
             rank = rank.masked_fill(store.index <= self.seen - self.window, float("-inf"))
         return rank.masked_fill(~store.valid, float("-inf"))
-
-    # --------------------------------------------------- transformers contract
-    def get_seq_length(self) -> int:
-        """Tokens seen (not held): ``generate`` derives positions from it."""
-        return int(self.seen)
-
-    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
-        """Announce a key axis of just the new chunk, placed right after the tokens seen.
-
-        ``query_length`` is an int since transformers 5.4 and a ``cache_position`` tensor before.
-        """
-        n = query_length if isinstance(query_length, int) else int(query_length.shape[0])
-        return n, int(self.seen)
-
-    def get_max_length(self) -> int:
-        """No fixed maximum of tokens seen."""
-        return -1
-
-    get_max_cache_shape = get_max_length
-
-    def reset(self) -> None:
-        """Drop every token; the layer starts empty."""
-        self.slots = SlotStore()
-        if self.exact is not None:
-            self.exact = ExactRows(self.exact.sinks, self.exact.recent)
-        self.stash = None
-        self.left_pad = None
-        self.seen, self.static = 0, False
-        self._pending = self._pending_slots = None
-        self.is_initialized = False
-
-    def _apply_rows(self, fn: Any) -> None:
-        """Apply a per-sequence operation (reorder, repeat, select) to every tensor the layer holds."""
-        if not self.is_initialized:
-            return
-        self.finalize()  # the pending attention results are per row too
-        for name in SlotStore.NAMES:
-            tensor = getattr(self.slots, name)
-            if tensor is not None:
-                setattr(self.slots, name, fn(tensor))
-        for rows in (self.exact, self.stash):
-            if rows is not None:
-                rows.keys, rows.slot = fn(rows.keys), fn(rows.slot)
-        self.left_pad = fn(self.left_pad)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder sequences for beam search (every per-slot tensor follows)."""
-        self._apply_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Repeat each sequence ``repeats`` times (``num_return_sequences``)."""
-        self._apply_rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the sequences ``indices``."""
-        self._apply_rows(lambda t: t[indices])
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Cropping would need evicted tokens back; a compressing layer refuses it."""
-        if tokens_to_remove != 0:
-            raise ValueError(
-                "a compressing cache cannot be cropped (evicted or pruned keys cannot be restored); "
-                "assisted/speculative decoding needs a plain DynamicCache"
-            )
-
-    # --------------------------------------------------------------- accounting
-    def nbytes(self) -> int:
-        """Bytes of every tensor this layer holds, metadata included."""
-        return sum(t.nbytes for t in self._tensors().values())
-
-    def held_tokens(self) -> int:
-        """Valid tokens held, summed over sequences and KV heads."""
-        return int(self.valid.sum()) if self.is_initialized else 0

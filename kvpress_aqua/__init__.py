@@ -7,10 +7,10 @@ imports nothing else.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._version import __version__
+from .util.lazy import lazy_exports
 
 _EXPORTS = {
     "CompressedCache": "core.cache",
@@ -48,16 +48,4 @@ if TYPE_CHECKING:
     from .presets.spec import PolicySpec, parse_policy
 
 
-def __getattr__(name: str) -> Any:
-    """Import the submodule defining the public ``name`` on first access."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The module's names and the public names not loaded yet."""
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

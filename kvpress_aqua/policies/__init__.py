@@ -6,8 +6,9 @@ policy names, kinds and defaults the planner and the spec parser read) imports w
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..util.lazy import lazy_exports
 
 _EXPORTS = {
     "Aqua": "aqua",
@@ -30,16 +31,4 @@ if TYPE_CHECKING:
     from .tova import TOVA
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module defining the public ``name`` on first access."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The module's names and the public names not loaded yet."""
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

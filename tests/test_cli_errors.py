@@ -170,3 +170,43 @@ def test_building_the_parser_and_help_import_no_torch(run):
     out = subprocess.run([sys.executable, "-c", _LIGHT.format(run=run)], capture_output=True, text=True, env=env,
                          cwd=REPO, check=True).stdout
     assert out.splitlines()[-1] == "heavy modules: ", out.splitlines()[-1]
+
+
+def test_a_malformed_command_line_is_one_line_too(capsys):
+    assert main(["needle", "--batch-size", "x"]) == 2
+    assert _error_line(capsys) == ("error: kvtool needle: argument --batch-size: invalid int value: 'x'; see kvtool "
+                                   "needle --help")
+    assert main(["presets", "--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("argv", [
+    ["needle", "--batch-size", "x", "--json"],
+    ["ppl", "--tokens", "8 GB", "--json"],
+    ["generate", "--policy", "nope", "--json"],
+])
+def test_under_json_an_error_is_one_json_document_on_stdout(argv, no_model, capsys):
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert json.loads(out) == {"error": err.removeprefix("error: ").rstrip("\n")}
+
+
+def test_errors_stay_on_one_line_when_stderr_is_a_pipe(tmp_path):
+    # rich used to wrap long errors at 80 columns when stderr was not a terminal
+    path = tmp_path / ("a-rather-long-folder-name-" * 6) / "policy.toml"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80"}
+    done = subprocess.run([sys.executable, "-c", "import sys; from kvpress_aqua.cli import main; sys.exit(main())",
+                           "generate", "--policy", str(path)],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"error: policy file {str(path)!r} does not exist"]
+
+
+def test_version(capsys):
+    from kvpress_aqua._version import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kvtool {__version__} (kvpress-aqua)"

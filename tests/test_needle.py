@@ -110,6 +110,22 @@ def test_short_haystack_is_repeated():
     assert prompt.input_ids.numel() == 2000
 
 
+class SpaceTokenizer(CharTokenizer):
+    """One token per character, but a space before a character is part of it (as BPE's "Ġthe"): a text ending in
+    a space has one token more alone than at each seam of a repetition."""
+
+    def encode(self, text, add_special_tokens=True):
+        ids = super().encode(text)
+        return [t for i, t in enumerate(ids) if not (t == 32 and i + 1 < len(ids) and ids[i + 1] != 32)]
+
+
+def test_short_haystack_is_repeated_when_its_seams_merge_tokens():
+    # SmolLM2's tokenizer merged the noise text's final space at every seam: the prompt came out short (1013 of 1024)
+    builder = PromptBuilder(SpaceTokenizer(), Haystack("noise", "Go on now. "))
+    for length in (1000, 2000, 4000):
+        assert builder.build(make_task("passkey", random.Random(0)), length, 50).input_ids.numel() == length
+
+
 def test_haystack_sources(tmp_path, monkeypatch):
     monkeypatch.setenv("KVPRESS_AQUA_CACHE", str(tmp_path / "cache"))
     assert load_haystack("noise").text == NOISE_TEXT

@@ -32,7 +32,7 @@ from ..evaluation.needle.results import (
 )
 from ..evaluation.needle.tasks import Cell
 from ..util.sizes import format_bytes, parse_tokens
-from .common import Interrupted, apply_threads, check_device, check_threads, make_console
+from .common import Interrupted, add_runtime_arguments, apply_threads, check_runtime_arguments, make_console
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -54,14 +54,13 @@ __all__ = [
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``needle`` and ``demo``: model, batching, chunking, threads, device."""
+    """Options of ``needle`` and ``demo``: model, batching, chunking, device, dtype, threads."""
     p.add_argument("--model", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--batch-size", type=int, default=4,
                    help="depths run together for one policy, protocol, task and length (default 4)")
     p.add_argument("--prefill-chunk", default="512",
                    help="prefill chunk in tokens, or 'none' for one forward per prompt (default 512)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda (default cpu)")
+    add_runtime_arguments(p)
 
 
 def check_model_arguments(args: argparse.Namespace) -> int | None:
@@ -69,13 +68,12 @@ def check_model_arguments(args: argparse.Namespace) -> int | None:
 
     The checks that need no torch come first, so that most typos are reported at once.
     """
-    check_threads(args.threads)
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size {args.batch_size}: give a positive number")
     chunk = None if str(args.prefill_chunk).lower() == "none" else parse_tokens(args.prefill_chunk, "prefill chunk")
     if chunk is not None and chunk <= 0:
         raise ValueError(f"--prefill-chunk {args.prefill_chunk}: give a positive token count or 'none'")
-    check_device(args.device)
+    check_runtime_arguments(args)
     return chunk
 
 

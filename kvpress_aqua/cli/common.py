@@ -10,11 +10,11 @@ with code 2.
 
 from __future__ import annotations
 
+import argparse
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -25,15 +25,16 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_USAGE",
     "Interrupted",
+    "add_runtime_arguments",
     "apply_threads",
     "check_device",
     "check_dtype",
+    "check_runtime_arguments",
     "check_threads",
     "load_model_checked",
     "make_console",
     "one_line",
     "parse_specs",
-    "print_error",
     "where",
 ]
 
@@ -50,13 +51,6 @@ class Interrupted(Exception):  # noqa: N818 - an outcome, not an error
 def one_line(message: object) -> str:
     """``message`` as one physical line: line breaks (and the spaces around them) become one space."""
     return re.sub(r"\s*[\r\n]+\s*", " ", str(message).strip())
-
-
-def print_error(message: object, file: TextIO | None = None) -> None:
-    """Print ``error: <message>`` as plain text (no markup, no emoji codes) on one line, to stderr."""
-    stream = sys.stderr if file is None else file
-    stream.write(f"error: {one_line(message)}\n")
-    stream.flush()
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -153,6 +147,29 @@ def check_dtype(dtype: str | None, option: str = "--dtype") -> str | None:
     except ValueError as err:
         raise ValueError(f"{option} {dtype}: {err}") from None
     return dtype
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """``--device``, ``--dtype`` and ``--threads``: where and how every model command runs its model."""
+    p.add_argument("--device", default="cpu", help="torch device of the model: cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="weight dtype: fp32, bf16 or fp16 (default fp32; bf16 or fp16 halve the memory on a GPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def check_runtime_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the options of :func:`add_runtime_arguments`; returns ``load_model``'s keyword arguments.
+
+    Raises
+    ------
+    ValueError
+        For a bad thread count, dtype name or a device this machine does not have.
+
+    """
+    check_threads(args.threads)
+    check_dtype(args.dtype)
+    check_device(args.device)
+    return {"device": args.device, **({"dtype": args.dtype} if args.dtype is not None else {})}
 
 
 def where(device: str) -> str:

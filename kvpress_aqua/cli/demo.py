@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..evaluation.needle.tasks import PROTOCOLS, plan_cells
 from ._needle_run import add_model_arguments, check_model_arguments, check_policies, execute, report, run_config
-from .common import load_model_checked, make_console, parse_specs, where
+from .common import check_runtime_arguments, load_model_checked, make_console, parse_specs, where
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     console = make_console(stderr=args.json)
     model_name = args.model or DEFAULT_MODEL
     config = run_config(args, model_name, args.haystack)
-    model, tokenizer = load_model_checked(args.model, console, device=args.device)
+    model, tokenizer = load_model_checked(args.model, console, **check_runtime_arguments(args))
     ensure_calibration(model, tokenizer, specs, model_name, console)
     check_policies(model, specs, max(DEMO_LENGTHS))
     console.print(f"needle demo: {len(cells)} cells ({', '.join(specs)}; passkey; "

@@ -13,22 +13,39 @@ import json
 import time
 from pathlib import Path
 
-from .common import load_model_checked, make_console, parse_specs
+from .common import (
+    add_runtime_arguments,
+    apply_threads,
+    check_runtime_arguments,
+    load_model_checked,
+    make_console,
+    parse_specs,
+)
 
 DEFAULT_POLICIES = ("full", "streaming-25", "h2o-25")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``generate`` sub-command."""
-    p = sub.add_parser("generate", help="generate with several policies and compare their output and KV bytes")
+    p = sub.add_parser(
+        "generate",
+        help="generate with several policies on one prompt and compare their output and KV bytes",
+        description="Answer one chat prompt greedily with each policy's compressed cache and compare the text and "
+        "the KV bytes held after the first decode step (and what a full cache would hold). Without --prompt, a "
+        "built-in 3k-token log whose question needs its first sentence.",
+    )
     p.add_argument("--model", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--policy", action="append", default=None,
                    help=f"preset name, TOML path or inline spec; repeatable (default: {', '.join(DEFAULT_POLICIES)})")
     p.add_argument("--prompt", default=None, help="user message (default: a built-in long prompt)")
-    p.add_argument("--prompt-file", type=Path, default=None, help="read the user message from a file")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--prefill-chunk", type=int, default=None, help="feed the prompt in chunks of this many tokens")
-    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("--prompt-file", type=Path, default=None, metavar="FILE",
+                   help="read the user message from a file (default: --prompt, else the built-in prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=48, metavar="N",
+                   help="tokens generated per policy at most (default 48)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="feed the prompt in chunks of this many tokens (default: the whole prompt in one forward)")
+    add_runtime_arguments(p)
+    p.add_argument("--json", action="store_true", help="print results as one JSON document on stdout (logs on stderr)")
     p.set_defaults(func=run)
 
 
@@ -47,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: give a positive number of tokens")
     if args.prefill_chunk is not None and args.prefill_chunk <= 0:
         raise ValueError(f"--prefill-chunk {args.prefill_chunk}: give a positive token count, or leave it out")
+    load_kwargs = check_runtime_arguments(args)
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ValueError("give --prompt or --prompt-file, not both")
     if args.prompt_file is not None and not args.prompt_file.is_file():
         raise FileNotFoundError(f"prompt file {args.prompt_file} does not exist")
     specs = list(parse_specs(args.policy or DEFAULT_POLICIES).values())
@@ -58,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else (args.prompt or default_prompt())
     console = make_console(stderr=args.json)
-    model, tokenizer = load_model_checked(args.model, console)
+    apply_threads(args.threads)
+    model, tokenizer = load_model_checked(args.model, console, **load_kwargs)
     messages = [{"role": "user", "content": prompt}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)["input_ids"].to(next(model.parameters()).device)

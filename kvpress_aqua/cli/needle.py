@@ -18,7 +18,7 @@ from pathlib import Path
 from ..evaluation.needle.tasks import PROTOCOLS, TASKS, parse_depths, plan_cells
 from ..util.sizes import parse_tokens
 from ._needle_run import add_model_arguments, check_model_arguments, check_policies, execute, report, run_config
-from .common import load_model_checked, make_console, parse_specs, where
+from .common import check_runtime_arguments, load_model_checked, make_console, parse_specs, where
 
 DEFAULT_POLICIES = ("full", "streaming-25", "h2o-25", "h2o-aqua-4x")
 
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report_only:
         model = tokenizer = None
     else:
-        model, tokenizer = load_model_checked(args.model, console, device=args.device)
+        model, tokenizer = load_model_checked(args.model, console, **check_runtime_arguments(args))
         check_policies(model, specs, max(lengths))
     console.print(f"{len(cells)} cells on {model_name}, haystack {config.haystack.name}, "
                   f"prefill chunk {config.prefill_chunk}, {where(args.device)} -> {args.out}", soft_wrap=True)

@@ -10,7 +10,14 @@ import json
 from pathlib import Path
 
 from ..util.sizes import format_bytes, parse_tokens
-from .common import apply_threads, check_threads, load_model_checked, make_console, parse_specs
+from .common import (
+    add_runtime_arguments,
+    apply_threads,
+    check_runtime_arguments,
+    load_model_checked,
+    make_console,
+    parse_specs,
+)
 
 DEFAULT_POLICIES = ("h2o-50", "h2o-aqua-2x", "aqua-k50")
 
@@ -31,14 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "calibration)")
     p.add_argument("--tokens", default="4k", help="tokens of the text scored, e.g. 2048 or 8k (default 4k)")
     p.add_argument("--chunk", type=int, default=32, help="tokens per forward; 1 = token-by-token (default 32)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", action="store_true", help="print results as JSON")
+    add_runtime_arguments(p)
+    p.add_argument("--json", action="store_true", help="print results as one JSON document on stdout (logs on stderr)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Compute and print perplexities; returns the exit code."""
-    check_threads(args.threads)
+    load_kwargs = check_runtime_arguments(args)
     if args.chunk <= 0:
         raise ValueError(f"--chunk {args.chunk}: give a positive number of tokens per forward (1 = token by token)")
     tokens = parse_tokens(args.tokens)
@@ -62,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         source, text = str(args.text), args.text.read_text(encoding="utf-8")
     console = make_console(stderr=args.json)
-    model, tokenizer = load_model_checked(args.model, console)
+    model, tokenizer = load_model_checked(args.model, console, **load_kwargs)
     ids = torch.tensor(tokenizer.encode(text, add_special_tokens=True)[:tokens])
     if ids.numel() < tokens:
         console.print(f"note: the text has only {ids.numel()} tokens; scoring those", style="yellow", soft_wrap=True)

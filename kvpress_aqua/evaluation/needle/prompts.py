@@ -74,9 +74,10 @@ class PromptBuilder:
                 ids = self.tokenizer.encode(text[:chars], add_special_tokens=False)
             if not ids:
                 raise ValueError(f"haystack {self.haystack.name!r} is empty")
-            if len(ids) < n:
-                repeated = (text.strip() + " ") * (n // len(ids) + 2)
-                ids = self.tokenizer.encode(repeated, add_special_tokens=False)
+            copies = n // len(ids) + 2
+            while len(ids) < n:  # a short text, repeated (the seams may merge tokens: grow until enough)
+                ids = self.tokenizer.encode((text.strip() + " ") * copies, add_special_tokens=False)
+                copies *= 2
             self._ids = ids
             self._breaks = [self._ends_sentence(t) for t in ids]
         return self._ids[:n], self._breaks[:n]

@@ -18,7 +18,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def _case(seed, dtype, *, batch=2, kv_heads=2, group=2, d=16, slots=37, n=5, pruned=0, exact=0, window=None,
-          want_mass=True, query_channels=None, pad=(0, 2)):
+          want_mass=True, query_channels=None, pad=(0, 2), weighted=False, mass_rows=None):
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -36,11 +36,13 @@ def _case(seed, dtype, *, batch=2, kv_heads=2, group=2, d=16, slots=37, n=5, pru
         keys_new=rand(batch, kv_heads, n, d),
         values_new=rand(batch, kv_heads, n, d),
         past_index=index.to(DEVICE) if window else None,
+        past_log_weight=(torch.rand(batch, kv_heads, slots, generator=gen) * 2).to(DEVICE) if weighted else None,
         window=window,
         first_index=slots,
         key_basis=basis[:, :, :r].contiguous() if pruned else None,
         query_channels=query_channels,
         want_mass=want_mass,
+        mass_rows=mass_rows,
     )
     if exact:
         slot = torch.randint(0, slots, (batch, kv_heads, exact), generator=gen)
@@ -75,11 +77,29 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
     dict(), dict(slots=0), dict(n=1), dict(n=1, slots=300), dict(n=23, slots=70), dict(pruned=8),
     dict(pruned=8, exact=6), dict(pruned=8, exact=6, n=1), dict(window=9), dict(window=9, n=1),
     dict(pruned=8, query_channels=4), dict(group=1), dict(group=4, kv_heads=1), dict(want_mass=False),
-    dict(pad=(3, 0), n=7), dict(d=24, pruned=8),
+    dict(pad=(3, 0), n=7), dict(d=24, pruned=8), dict(weighted=True), dict(weighted=True, n=1),
+    dict(weighted=True, pruned=8, exact=6), dict(mass_rows=2), dict(mass_rows=3, pruned=8, exact=6, window=9),
+    dict(mass_rows=1, n=1), dict(pruned=8, exact=6, window=9), dict(pruned=8, exact=6, window=9, n=1),
 ], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "plain")
 def test_fused_attention_equals_the_reference(dtype, kw):
     inputs, query, mask = _case(0, dtype, **kw)
     _check(inputs, query, mask, dtype)
+
+
+def test_only_the_last_mass_rows_give_mass():
+    """SnapKV's observation window: the mass of the last rows equals that of the dense softmax's last rows."""
+    inputs, query, mask = _case(3, torch.float32, n=6, pad=(0, 0), mass_rows=2)
+    inputs.past_visible = torch.ones_like(inputs.past_visible)
+    _, mass_past, mass_new = reference_attention(inputs, query, mask, 0.25)
+    batch, heads, n, d = query.shape
+    kv_heads = inputs.keys_new.shape[1]
+    keys = torch.cat([inputs.past_keys, inputs.keys_new], 2).repeat_interleave(heads // kv_heads, 1)
+    sees = torch.cat([torch.ones(n, keys.shape[2] - n, dtype=torch.bool), mask[0, 0].cpu()], -1).to(DEVICE)
+    logits = (query @ keys.transpose(-1, -2) * 0.25).masked_fill(~sees, float("-inf"))
+    dense = logits.softmax(-1)[:, :, -2:].sum(2).view(batch, kv_heads, -1, keys.shape[2]).sum(2)
+    torch.testing.assert_close(torch.cat([mass_past, mass_new], -1), dense)
+    inputs.mass_rows = None
+    assert not torch.allclose(reference_attention(inputs, query, mask, 0.25)[1], mass_past)
 
 
 def test_a_query_that_sees_nothing_gets_zero_and_gives_no_mass():

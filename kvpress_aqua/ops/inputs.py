@@ -28,6 +28,9 @@ class AttentionInputs:
         ``(B, H_kv, n, d)``: the chunk's post-RoPE keys and its values as the model made them.
     past_index : torch.Tensor or None
         int32 ``(B, H_kv, S)`` cache index of each past slot; only on the model's sliding-window layers.
+    past_log_weight : torch.Tensor or None
+        float32 ``(B, H_kv, S)``: how many tokens each past slot stands for, as a log; added to its
+        score (a weighted summary's estimator); ``None``: every slot stands for itself.
     window : int or None
         The model's own window on this layer (a query at index ``t`` sees indices ``> t - window``).
     first_index : int or torch.Tensor
@@ -43,6 +46,9 @@ class AttentionInputs:
         stands for no past token is zero with slot -1.
     want_mass : bool
         Whether the attention mass per slot is needed (score-based token policies).
+    mass_rows : int or None
+        Only the chunk's last ``mass_rows`` queries give mass (SnapKV's observation window);
+        ``None``: every query does.
     score_out, new_slots : torch.Tensor or None
         A static decode step's own accumulation: the layer's float32 ``(B, H_kv, S)`` scores, which
         the call scales by ``score_decay`` and adds its mass to in place (``mass_new`` at the new
@@ -65,6 +71,7 @@ class AttentionInputs:
     keys_new: torch.Tensor
     values_new: torch.Tensor
     past_index: torch.Tensor | None = None
+    past_log_weight: torch.Tensor | None = None
     window: int | None = None
     first_index: int | torch.Tensor = 0
     key_basis: torch.Tensor | None = None
@@ -73,6 +80,7 @@ class AttentionInputs:
     exact_basis: torch.Tensor | None = None
     exact_slot: torch.Tensor | None = None
     want_mass: bool = False
+    mass_rows: int | None = None
     score_out: torch.Tensor | None = None
     new_slots: torch.Tensor | None = None
     score_decay: float = 1.0

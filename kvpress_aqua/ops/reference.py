@@ -49,6 +49,11 @@ def new_block_mask(attention_mask: torch.Tensor | None, n: int, device: torch.de
     return block[..., -n:, :]
 
 
+def _row_sum(weights: torch.Tensor, giving: torch.Tensor | None) -> torch.Tensor:
+    """Mass per key ``(B, H_kv, keys)`` from weights ``(B, H_kv, G, r, keys)``, rows ``giving`` ``(r, 1)`` only."""
+    return (weights if giving is None else weights * giving).sum((2, 3))
+
+
 def _rows_per_block(batch: int, heads: int, columns: int, n: int) -> int:
     return max(1, min(n, limits.BLOCK_SCORE_BYTES // max(1, 4 * batch * heads * columns)))
 
@@ -101,6 +106,7 @@ def reference_attention(
     mass_past = torch.zeros(batch, kv_heads, slots, dtype=torch.float32, device=query.device)
     mass_new = torch.zeros(batch, kv_heads, n, dtype=torch.float32, device=query.device)
     rows = _rows_per_block(batch, heads, slots + n, n)
+    mass_from = n - inputs.mass_rows if inputs.mass_rows is not None else 0  # first query row giving mass
     lowest = torch.finfo(torch.float32).min
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
@@ -129,6 +135,8 @@ def reference_attention(
                 s_past.scatter_add_(-1, index, extra)  # rows for no past token are zero
             if softcap is not None:
                 s_past = torch.tanh(s_past / softcap).mul_(softcap)
+            if inputs.past_log_weight is not None:  # a summary slot stands for exp(log_weight) tokens
+                s_past += inputs.past_log_weight[:, :, None, None, :]
             seen_past = _past_visibility(inputs, lo, hi)
             s_past.masked_fill_(~seen_past, lowest)
             top = torch.maximum(top, s_past.amax(-1, keepdim=True))
@@ -141,13 +149,14 @@ def reference_attention(
         norm = sees / total  # 0 for a query that sees nothing
         s_new.mul_(norm)
         o = flat(s_new.to(dtype)) @ inputs.values_new[:, :, :cols]
+        giving = None if mass_from <= lo else (torch.arange(lo, hi, device=query.device) >= mass_from)[:, None]
         if inputs.want_mass:
-            mass_new[..., :cols] += s_new.sum((2, 3))
+            mass_new[..., :cols] += _row_sum(s_new, giving)
         if slots:
             s_past.mul_(norm)
             o += flat(s_past.to(dtype)) @ inputs.past_values
             if inputs.want_mass:
-                mass_past += s_past.sum((2, 3))
+                mass_past += _row_sum(s_past, giving)
         out[:, :, :, lo:hi] = o.view(batch, kv_heads, group, r, -1)
     return out.view(batch, heads, n, -1), mass_past, mass_new
 

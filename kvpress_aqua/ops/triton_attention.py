@@ -37,11 +37,11 @@ LN2 = 0.6931471805599453
 
 @triton.jit
 def _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h,
-             K, k_b, k_h, k_n, V, v_b, v_h, v_n, VIS, vis_b, vis_h, IDX, idx_b, idx_h,
+             K, k_b, k_h, k_n, V, v_b, v_h, v_n, VIS, vis_b, vis_h, IDX, idx_b, idx_h, BIAS, bias_b, bias_h,
              lo, hi, first_index, window, scale_log2, SC, sc_b, sc_h, sc_r, sc_col,
              W: tl.constexpr, w, DV: tl.constexpr, dv, BLOCK_N: tl.constexpr,
              HAS_VIS: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, WRITE_SCORES: tl.constexpr,
-             PRECISION: tl.constexpr):
+             PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Online softmax of one tile of query rows over keys ``lo..hi-1`` of one segment."""
     ch = tl.arange(0, W)
     dch = tl.arange(0, DV)
@@ -51,6 +51,8 @@ def _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h,
         k = tl.load(K + b * k_b + h * k_h + cols[:, None] * k_n + ch[None, :],
                     mask=col_ok[:, None] & (ch[None, :] < w), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        if HAS_BIAS:  # a summary slot's log-weight, in log2 units
+            s += tl.load(BIAS + b * bias_b + h * bias_h + cols, mask=col_ok, other=0.0)[None, :] * 1.4426950408889634
         mask = row_ok[:, None] & col_ok[None, :]
         if HAS_VIS:
             vis = tl.load(VIS + b * vis_b + h * vis_h + cols, mask=col_ok, other=0)
@@ -79,13 +81,15 @@ def _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h,
 @triton.jit
 def _attention_kernel(
     QA, qa_b, qa_h, qa_r, KA, ka_b, ka_h, ka_n, VA, va_b, va_h, va_n, VISA, visa_b, visa_h, IDXA, idxa_b, idxa_h,
-    QB, qb_b, qb_h, qb_r, KB, kb_b, kb_h, kb_n, VB, vb_b, vb_h, vb_n, VISB, visb_b, visb_h,
+    BA, ba_b, ba_h,
+    QB, qb_b, qb_h, qb_r, KB, kb_b, kb_h, kb_n, VB, vb_b, vb_h, vb_n, VISB, visb_b, visb_h, IDXB, idxb_b, idxb_h,
+    BB, bb_b, bb_h,
     QC, qc_b, qc_h, qc_r, KC, kc_b, kc_h, kc_n, VC, vc_b, vc_h, vc_n, VALC, valc_b,
     OUT, o_s, o_b, o_h, o_r, LSE, l_s, l_b, l_h, SC, sc_b, sc_h, sc_r,
     kv_heads, rows_total, n, S, E, split_len, first_index, window, scale_log2, wa, wb, dv,
     WA: tl.constexpr, WB: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    WRITE_SCORES: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_SCORES: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -105,26 +109,28 @@ def _attention_kernel(
         lo = split * split_len
         hi = tl.minimum(S, lo + split_len)
         acc, m_i, l_i = _segment(acc, m_i, l_i, q_a, rows, row_ok, t, b, h, KA, ka_b, ka_h, ka_n, VA, va_b, va_h, va_n,
-                                 VISA, visa_b, visa_h, IDXA, idxa_b, idxa_h, lo, hi, first_index, window, scale_log2,
+                                 VISA, visa_b, visa_h, IDXA, idxa_b, idxa_h, BA, ba_b, ba_h, lo, hi, first_index,
+                                 window, scale_log2,
                                  SC, sc_b, sc_h, sc_r, 0, WA, wa, DV, dv, BLOCK_N, True, HAS_WINDOW, False,
-                                 WRITE_SCORES, PRECISION)
+                                 WRITE_SCORES, PRECISION, HAS_BIAS)
     if split == 0:
         if HAS_B:
             ch_b = tl.arange(0, WB)
             q_b = tl.load(QB + b * qb_b + h * qb_h + rows[:, None] * qb_r + ch_b[None, :],
                           mask=row_ok[:, None] & (ch_b[None, :] < wb), other=0.0)
             acc, m_i, l_i = _segment(acc, m_i, l_i, q_b, rows, row_ok, t, b, h, KB, kb_b, kb_h, kb_n, VB, vb_b, vb_h,
-                                     vb_n, VISB, visb_b, visb_h, VISB, visb_b, visb_h, 0, E, first_index, window,
-                                     scale_log2, SC, sc_b, sc_h, sc_r, 0, WB, wb, DV, dv, BLOCK_N, True, False, False,
-                                     False, PRECISION)
+                                     vb_n, VISB, visb_b, visb_h, IDXB, idxb_b, idxb_h, BB, bb_b, bb_h, 0, E,
+                                     first_index, window, scale_log2, SC, sc_b, sc_h, sc_r, 0, WB, wb, DV, dv,
+                                     BLOCK_N, True, HAS_WINDOW, False, False, PRECISION, HAS_BIAS)
         if HAS_C:
             ch_c = tl.arange(0, WB)
             q_c = tl.load(QC + b * qc_b + h * qc_h + rows[:, None] * qc_r + ch_c[None, :],
                           mask=row_ok[:, None] & (ch_c[None, :] < wb), other=0.0)
             acc, m_i, l_i = _segment(acc, m_i, l_i, q_c, rows, row_ok, t, b, h, KC, kc_b, kc_h, kc_n, VC, vc_b, vc_h,
-                                     vc_n, VALC, valc_b, 0, VALC, valc_b, 0, 0, n, first_index, window, scale_log2,
+                                     vc_n, VALC, valc_b, 0, VALC, valc_b, 0, VALC, valc_b, 0, 0, n, first_index, window,
+                                     scale_log2,
                                      SC, sc_b, sc_h, sc_r, S, WB, wb, DV, dv, BLOCK_N, True, False, True, WRITE_SCORES,
-                                     PRECISION)
+                                     PRECISION, False)
     dch = tl.arange(0, DV)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -135,11 +141,12 @@ def _attention_kernel(
 
 
 @triton.jit
-def _mass_kernel(Q, q_b, q_h, q_r, K, k_b, k_h, k_n, VIS, vis_b, vis_h, IDX, idx_b, idx_h, LSE, l_b, l_h,
-                 MASS, m_b, m_h, kv_heads, rows_total, n, keys, first_index, window, scale_log2, w,
+def _mass_kernel(Q, q_b, q_h, q_r, K, k_b, k_h, k_n, VIS, vis_b, vis_h, IDX, idx_b, idx_h, BIAS, bias_b, bias_h,
+                 LSE, l_b, l_h,
+                 MASS, m_b, m_h, kv_heads, rows_total, n, keys, first_index, window, scale_log2, w, row_from,
                  W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """Attention weight each key of a segment received, summed over every query row of its KV head."""
+                 HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Attention weight each key of a segment received, summed over the query rows of its KV head from ``row_from``."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // kv_heads
@@ -152,6 +159,8 @@ def _mass_kernel(Q, q_b, q_h, q_r, K, k_b, k_h, k_n, VIS, vis_b, vis_h, IDX, idx
     vis = tl.load(VIS + b * vis_b + h * vis_h + cols, mask=col_ok, other=0) != 0
     if HAS_WINDOW:
         idx = tl.load(IDX + b * idx_b + h * idx_h + cols, mask=col_ok, other=0)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + b * bias_b + h * bias_h + cols, mask=col_ok, other=0.0) * 1.4426950408889634
     total = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, rows_total, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
@@ -161,7 +170,9 @@ def _mass_kernel(Q, q_b, q_h, q_r, K, k_b, k_h, k_n, VIS, vis_b, vis_h, IDX, idx
                     mask=row_ok[:, None] & (ch[None, :] < w), other=0.0)
         lse = tl.load(LSE + b * l_b + h * l_h + rows, mask=row_ok, other=float("-inf"))
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        mask = row_ok[:, None] & col_ok[None, :] & vis[None, :] & (lse[:, None] != float("-inf"))
+        if HAS_BIAS:
+            s += bias[None, :]
+        mask = (row_ok & (t >= row_from))[:, None] & col_ok[None, :] & vis[None, :] & (lse[:, None] != float("-inf"))
         if HAS_WINDOW:
             mask = mask & (idx[None, :] > (first_index + t)[:, None] - window)
         if CAUSAL:
@@ -209,8 +220,8 @@ def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
 
 def _mass(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, lse: torch.Tensor, n: int, scale_log2: float,
           index: torch.Tensor | None = None, window: int | None = None, first_index: int = 0,
-          causal: bool = False) -> torch.Tensor:
-    """Mass per key ``(B, H_kv, keys)`` of one segment, from the rows' final log-sum-exp (log2 units)."""
+          causal: bool = False, bias: torch.Tensor | None = None, row_from: int = 0) -> torch.Tensor:
+    """Mass per key ``(B, H_kv, keys)`` of one segment from the final log-sum-exp (log2) of rows ``t >= row_from``."""
     batch, kv_heads, rows, width = q.shape
     count = keys.shape[-2]
     mass = torch.zeros(batch, kv_heads, count, dtype=torch.float32, device=q.device)
@@ -218,12 +229,14 @@ def _mass(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, lse: torch
         return mass
     block_n = 32
     idx = index if index is not None else visible
+    weight = bias if bias is not None else lse
     _mass_kernel[(triton.cdiv(count, block_n), batch * kv_heads)](
         q, *_strides3(q), keys, *_strides3(keys), visible, visible.stride(0), visible.stride(1),
-        idx, idx.stride(0), idx.stride(1), lse, lse.stride(0), lse.stride(1), mass, mass.stride(0), mass.stride(1),
-        kv_heads, rows, n, count, first_index, window or 0, scale_log2, width,
+        idx, idx.stride(0), idx.stride(1), weight, weight.stride(0), weight.stride(1), lse, lse.stride(0),
+        lse.stride(1), mass, mass.stride(0), mass.stride(1),
+        kv_heads, rows, n, count, first_index, window or 0, scale_log2, width, row_from,
         W=_pow2(width), BLOCK_M=16, BLOCK_N=block_n, HAS_WINDOW=window is not None, CAUSAL=causal,
-        PRECISION=_precision(q),
+        PRECISION=_precision(q), HAS_BIAS=bias is not None,
     )
     return mass
 
@@ -275,10 +288,10 @@ def triton_attention(
     exact = inputs.exact_keys is not None and inputs.past_keys.shape[-2] > 0
     return torch.ops.kvpress_aqua.fused_attention(
         query, inputs.past_keys, inputs.past_values, inputs.past_visible, inputs.keys_new, inputs.values_new,
-        key_valid, inputs.past_index if inputs.window is not None else None, inputs.key_basis,
+        key_valid, inputs.past_index if inputs.window is not None else None, inputs.past_log_weight, inputs.key_basis,
         inputs.exact_keys if exact else None, inputs.exact_basis if exact else None,
         inputs.exact_slot if exact else None, scale, inputs.query_channels, inputs.window, first_index,
-        inputs.want_mass,
+        inputs.want_mass, max(0, n - inputs.mass_rows) if inputs.mass_rows is not None else 0,
     )
 
 
@@ -286,14 +299,15 @@ def triton_attention(
 def fused_attention(
     query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor, past_visible: torch.Tensor,
     keys_new: torch.Tensor, values_new: torch.Tensor, key_valid: torch.Tensor, past_index: torch.Tensor | None,
-    key_basis: torch.Tensor | None, exact_keys: torch.Tensor | None, exact_basis: torch.Tensor | None,
-    exact_slot: torch.Tensor | None, scale: float, query_channels: int | None, window: int | None,
-    first_index: int, want_mass: bool,
+    past_log_weight: torch.Tensor | None, key_basis: torch.Tensor | None, exact_keys: torch.Tensor | None,
+    exact_basis: torch.Tensor | None, exact_slot: torch.Tensor | None, scale: float, query_channels: int | None,
+    window: int | None, first_index: int, want_mass: bool, mass_from: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused attention on plain tensors (the fields of :class:`~kvpress_aqua.ops.inputs.AttentionInputs`).
 
     ``key_valid`` is the int8 ``(B, n)`` validity of the chunk's keys (its mask is causal); the
-    exact-token tensors are given together or not at all. Returns ``(output, mass_past, mass_new)``.
+    exact-token tensors are given together or not at all; only query rows ``t >= mass_from`` give mass
+    (one decode query always does). Returns ``(output, mass_past, mass_new)``.
     """
     batch, heads, n, d = query.shape
     kv_heads = keys_new.shape[1]
@@ -318,11 +332,14 @@ def fused_attention(
         kb = torch.cat([past_keys.gather(2, at[..., None].expand(-1, -1, -1, past_keys.shape[-1])), exact_keys], dim=-1)
         vb = past_values.gather(2, at[..., None].expand(-1, -1, -1, dv))
         visible_b = (row_valid & past_visible.gather(2, at)).to(torch.int8)
+        bias_b = past_log_weight.gather(2, at).contiguous() if past_log_weight is not None else None
+        index_b = past_index.gather(2, at).contiguous() if window is not None else visible_b
         qb = torch.cat([qa, q_raw @ exact_basis], dim=-1).contiguous()
         is_exact = torch.zeros_like(visible_a, dtype=torch.int32).scatter_add_(2, at, row_valid.int()) > 0
         visible_a = visible_a & ~is_exact
     else:
-        qb = kb = vb = visible_b = q_raw  # placeholders: segment B is compiled out
+        qb = kb = vb = visible_b = index_b = q_raw  # placeholders: segment B is compiled out
+        bias_b = None
     visible_a = visible_a.to(torch.int8)
     index = past_index if window is not None else visible_a
     block_m = 16 if rows <= 16 else 64
@@ -335,11 +352,15 @@ def fused_attention(
     write_scores = want_mass and n == 1
     scores = (torch.empty(batch, kv_heads, rows, slots + n, dtype=torch.float32, device=query.device)
               if write_scores else lse)
+    bias_a = past_log_weight if past_log_weight is not None else lse
+    bias_b_ptr = bias_b if bias_b is not None else lse
     _attention_kernel[(row_tiles, batch * kv_heads, splits)](
         qa, *_strides3(qa), past_keys, *_strides3(past_keys), past_values, *_strides3(past_values), visible_a,
         visible_a.stride(0), visible_a.stride(1), index, index.stride(0), index.stride(1),
+        bias_a, bias_a.stride(0), bias_a.stride(1),
         qb, *_strides3(qb), kb, *_strides3(kb), vb, *_strides3(vb), visible_b, visible_b.stride(0),
-        visible_b.stride(1),
+        visible_b.stride(1), index_b, index_b.stride(0), index_b.stride(1),
+        bias_b_ptr, bias_b_ptr.stride(0), bias_b_ptr.stride(1),
         q_raw, *_strides3(q_raw), keys_new, *_strides3(keys_new), values_new, *_strides3(values_new), key_valid,
         key_valid.stride(0),
         out, out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse, lse.stride(0), lse.stride(1),
@@ -348,7 +369,7 @@ def fused_attention(
         window or 0, scale_log2, qa.shape[-1], d, dv,
         WA=_pow2(qa.shape[-1]), WB=_pow2(d), DV=_pow2(dv), BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_A=slots > 0, HAS_B=exact, HAS_C=True, HAS_WINDOW=window is not None and slots > 0,
-        WRITE_SCORES=write_scores, PRECISION=_precision(qa),
+        WRITE_SCORES=write_scores, PRECISION=_precision(qa), HAS_BIAS=past_log_weight is not None,
     )
     if splits == 1:
         total_lse, merged = lse[0], out[0]
@@ -369,17 +390,20 @@ def fused_attention(
             mass_new.stride(1), kv_heads, rows, slots, slots + n, BLOCK_R=16, BLOCK_N=block)
     else:
         if slots:
-            mass_past = _mass(qa, past_keys, visible_a, total_lse, n, scale_log2, past_index, window, first_index)
+            mass_past = _mass(qa, past_keys, visible_a, total_lse, n, scale_log2, past_index, window, first_index,
+                              bias=past_log_weight, row_from=mass_from)
         mass_new = _mass(q_raw, keys_new, key_valid[:, None, :].expand(batch, kv_heads, n), total_lse, n,
-                         scale_log2, causal=True)
+                         scale_log2, causal=True, row_from=mass_from)
     if exact:
-        mass_past = mass_past.scatter_add(2, at, _mass(qb, kb, visible_b, total_lse, n, scale_log2))
+        mass_past = mass_past.scatter_add(2, at, _mass(qb, kb, visible_b, total_lse, n, scale_log2, index_b, window,
+                                                       first_index, bias=bias_b, row_from=mass_from))
     return output, mass_past, mass_new
 
 
 @fused_attention.register_fake
-def _(query, past_keys, past_values, past_visible, keys_new, values_new, key_valid, past_index, key_basis,
-      exact_keys, exact_basis, exact_slot, scale, query_channels, window, first_index, want_mass):
+def _(query, past_keys, past_values, past_visible, keys_new, values_new, key_valid, past_index, past_log_weight,
+      key_basis, exact_keys, exact_basis, exact_slot, scale, query_channels, window, first_index, want_mass,
+      mass_from=0):
     batch, heads, n, _ = query.shape
     kv_heads, slots = keys_new.shape[1], past_keys.shape[-2]
     return (query.new_empty(batch, heads, n, values_new.shape[-1], dtype=values_new.dtype),

@@ -2,8 +2,10 @@
 measured cache, the quality sources, the "does not fit" analysis, presets and the command line."""
 
 import dataclasses
+import functools
 import json
 import types
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -16,15 +18,18 @@ from kvpress_aqua.core.accounting import decode_slots, dense_layer_tokens, layer
 from kvpress_aqua.planner import model_shape
 from kvpress_aqua.planner import quality as quality_model
 from kvpress_aqua.planner.search import (
+    CHUNK_CHOICES,
     MemoryModel,
     QualityModel,
     candidate_key_dims,
     count_parameters,
     offline_models,
     plan,
+    plannable_token_policies,
     resolve_model,
 )
-from kvpress_aqua.policies.registry import policy_type, token_entry
+from kvpress_aqua.policies import registry
+from kvpress_aqua.policies.registry import POLICY_TYPES, policy_names, policy_type, token_entry
 from kvpress_aqua.presets.spec import PolicySpec, parse_policy
 from kvpress_aqua.util.compat import cache_kwargs
 from kvpress_aqua.util.sizes import format_bytes, parse_size, parse_tokens
@@ -270,18 +275,20 @@ def test_candidate_key_dims_are_kernel_friendly():
 
 # --------------------------------------------------------------------------------------- planning
 def test_plan_picks_the_largest_budget_that_fits_and_reports_the_source(no_artifacts):
-    p = plan("1300MiB", "smollm2-135m", context="8k", new_tokens=64, dtype="fp32", prefill_chunk=256)
-    assert p.fits and p.recommendation.verdict == "recommended"
+    p = plan(None, "smollm2-135m", context="8k", new_tokens=64, dtype="fp32", prefill_chunk=256,
+             device_memory="1300MiB")
+    assert p.fits and p.recommendation.verdict == "recommended" and p.budget is None
     assert "default heuristic" in p.quality_source and p.quality_model.kind == "default"
-    mm = p.memory_model
+    mm, device = p.memory_model, p.limits.device
+    assert device == 1300 * 2**20 and "device memory binds" in p.binding
     for c in p.candidates:
-        assert c.memory.total <= p.budget
+        assert c.memory.total <= device and c.prefill_chunk == 256
         if c.token_budget is not None:
-            assert mm.evaluate(c.key_dim, c.token_budget + 1).total > p.budget
+            assert mm.evaluate(c.key_dim, c.token_budget + 1).total > device
     assert p.recommendation.quality == max(c.quality for c in p.candidates)
-    totals = [c.memory.total for c in p.frontier]
+    cache = [c.memory.cache_peak for c in p.frontier]
     qualities = [c.quality for c in p.frontier]
-    assert totals == sorted(totals) and qualities == sorted(qualities)
+    assert cache == sorted(cache) and qualities == sorted(qualities)
 
 
 def test_quality_from_a_synthetic_spectrum_and_a_sweep():
@@ -348,43 +355,56 @@ def test_artifact_of_the_wrong_shapes_is_refused(tmp_path):
 
 def test_does_not_fit_names_need_have_and_the_largest_context_and_batch():
     args = dict(model="llama-3.2-1b", batch=4, new_tokens=16, dtype="bf16", prefill_chunk=512)
-    p = plan("3.1GB", context="32k", **args)
+    p = plan(None, context="32k", device_memory="3.1GB", **args)
     assert not p.fits and p.recommendation is None
     assert p.message.startswith("does not fit: needs ") and "you have 2.89 GiB (3,100,000,000 B)" in p.message
+    assert "of device memory" in p.message
     context = int(p.message.split("largest context that fits at batch 4 is ")[1].split(" tokens")[0].replace(",", ""))
     batch = int(p.message.split("largest batch that fits at 32,768 tokens is ")[1].split(";")[0])
     assert 0 < context < 32768 and 0 < batch < 4
-    assert plan("3.1GB", context=context, **args).fits and not plan("3.1GB", context=context + 1, **args).fits
-    assert plan("3.1GB", context="32k", **{**args, "batch": batch}).fits
-    assert not plan("3.1GB", context="32k", **{**args, "batch": batch + 1}).fits
-    weights_only = plan("8GB", "meta-llama/Llama-3.1-8B-Instruct", context="128k", batch=4, new_tokens=512)
+    fits = functools.partial(plan, None, device_memory="3.1GB")
+    assert fits(context=context, **args).fits and not fits(context=context + 1, **args).fits
+    assert fits(context="32k", **{**args, "batch": batch}).fits
+    assert not fits(context="32k", **{**args, "batch": batch + 1}).fits
+    weights_only = plan("8GB", "meta-llama/Llama-3.1-8B-Instruct", context="128k", batch=4, new_tokens=512,
+                        device_memory="8GB")
     assert "the weights alone need 14.96 GiB" in weights_only.message
+    kv = plan("10MB", "llama-3.2-1b", context="32k", batch=4)  # 64 tokens of 16 layers x 4 x 8 heads need more
+    assert not kv.fits and "of KV cache even at" in kv.message and "you have 9.54 MiB (10,000,000 B)" in kv.message
 
 
-def test_unchunked_prefill_suggests_a_chunk():
-    p = plan("4GB", "llama-3.2-1b", context="32k", dtype="bf16")
+def test_a_fixed_chunk_that_does_not_fit_gets_the_chunk_with_the_best_quality():
+    args = dict(model="llama-3.2-1b", context="32k", dtype="bf16", device_memory="4GB")
+    p = plan(None, prefill_chunk="16k", **args)
     assert not p.fits and "--prefill-chunk" in p.message
     chunk = int(p.message.split("--prefill-chunk ")[1].split(" ")[0])
-    assert plan("4GB", "llama-3.2-1b", context="32k", dtype="bf16", prefill_chunk=chunk).fits
+    searched = plan(None, **args)  # the planner picks that chunk itself
+    assert searched.fits and searched.recommendation.prefill_chunk == chunk
+    assert f"estimated quality {searched.recommendation.quality:.3f}" in p.message
+    others = [plan(None, prefill_chunk=c, **args).recommendation for c in CHUNK_CHOICES]
+    assert max(round(o.quality, 3) for o in others if o) == round(searched.recommendation.quality, 3)
+    assert "64 TiB" not in p.message and "TiB" not in searched.explain()
+
 
 
 def test_preset_toml_round_trips_through_the_policy_parser(tmp_path):
-    p = plan("600MB", "smollm2-135m", context=4096, new_tokens=32, dtype="fp32", prefill_chunk=256, overhead=0,
+    p = plan(None, "smollm2-135m", context=4096, new_tokens=32, dtype="fp32", overhead=0, device_memory="600MB",
              quality=QualityModel.from_spectrum(torch.linspace(3, 0.01, 64).expand(30, 3, 64), "synthetic"))
     path = tmp_path / "plan.toml"
     path.write_text(p.to_toml())
     spec = parse_policy(str(path))
     assert spec.entries == p.recommendation.entries
+    assert spec.prefill_chunk == p.recommendation.prefill_chunk in CHUNK_CHOICES  # the chunk the plan depends on
     token = next(e for e in spec.entries if e["type"] == "h2o")
     assert token["heavy"] + token["recent"] + token["sinks"] == p.recommendation.token_budget
     assert "kvtool plan" in spec.description
 
 
-@pytest.mark.parametrize("name", ["h2o", "tova", "sliding", "streaming"])
+@pytest.mark.parametrize("name", [*plannable_token_policies(), "streaming"])
 def test_every_registered_token_policy_is_planned(no_artifacts, tmp_path, name):
     row = policy_type(name)
-    p = plan("600MB", "smollm2-135m", context=4096, new_tokens=32, dtype="fp32", prefill_chunk=256, overhead=0,
-             token_policy=name)
+    p = plan(None, "smollm2-135m", context=4096, new_tokens=32, dtype="fp32", prefill_chunk=256, overhead=0,
+             token_policy=name, device_memory="600MB")
     mm, best = p.memory_model, p.recommendation
     assert p.fits and mm.token_policy == row.name == p.to_dict()["token_policy"]
     assert mm.needs_scores == row.needs_scores
@@ -404,8 +424,19 @@ def test_tova_is_scored_like_h2o_by_the_heuristic():
     default = QualityModel.default()
     assert default(0.5, 0.25, "tova") == default(0.5, 0.25, "h2o") > default(0.5, 0.25, "sliding")
     assert quality_model.retention_exponent("streaming") == quality_model.RETENTION_EXPONENT["position"]
-    with pytest.raises(ValueError, match="unknown token policy 'aqua'; use one of h2o, sliding, streaming, tova"):
+    with pytest.raises(ValueError, match=f"unknown token policy 'aqua'; use one of {', '.join(policy_names('token'))}"):
         plan("8GB", "smollm2-135m", context=1024, token_policy="aqua")
+
+
+def test_the_plannable_policies_are_the_registrys_token_rows_with_a_budget():
+    rows = POLICY_TYPES.values()
+    assert plannable_token_policies() == tuple(sorted(r.name for r in rows if r.kind == "token" and r.split))
+    assert {"h2o", "tova", "sliding"} <= set(plannable_token_policies())
+    rate = dataclasses.replace(policy_type("h2o"), name="rate-only", split=())  # a policy keeping a rate, no budget
+    with mock.patch.dict(POLICY_TYPES, {"rate-only": rate}), mock.patch.dict(registry._BY_NAME, {"rate-only": rate}):
+        assert "rate-only" not in plannable_token_policies()
+        with pytest.raises(ValueError, match="keeps a rate, not a token budget"):
+            plan("8GB", "smollm2-135m", context=1024, token_policy="rate-only")
 
 
 def test_bad_python_arguments_raise_value_error():
@@ -459,10 +490,14 @@ def test_cli_table_echoes_the_budget_and_explains(capsys, tmp_path):
 
 
 def test_cli_json(capsys, no_artifacts):
-    code, out, _ = run_cli(capsys, "--budget", "24GiB", "--model", "qwen3-8b", "--context", "32k", "--batch", "2",
-                           "--new-tokens", "256", "--prefill-chunk", "1k", "--json")
+    code, out, _ = run_cli(capsys, "--budget", "4GiB", "--device-memory", "24GiB", "--model", "qwen3-8b", "--context",
+                           "32k", "--batch", "2", "--new-tokens", "256", "--prefill-chunk", "1k", "--json")
     data = json.loads(out)
-    assert code == 0 and data["budget_bytes"] == 24 * 2**30 and data["context"] == 32768
+    assert code == 0 and data["budget_bytes"] == 4 * 2**30 and data["device_memory_bytes"] == 24 * 2**30
+    assert data["recommendation"]["cache_peak_bytes"] <= 4 * 2**30 and data["binding"]
+    assert data["context"] == 32768 and data["recommendation"]["prefill_chunk"] == 1024
+    assert data["reproduce"].startswith("kvtool needle --model qwen3-8b --policy plan.toml")
+
     assert data["model"]["kv_heads"] == 8 and data["dtype"] == "bf16"
     assert data["recommendation"]["verdict"] == "recommended" and data["recommendation"]["total_bytes"] <= 24 * 2**30
     assert len(data["candidates"]) == len(candidate_key_dims(128)) and data["frontier"]
@@ -470,11 +505,12 @@ def test_cli_json(capsys, no_artifacts):
 
 
 def test_cli_nothing_fits_exits_1(capsys):
-    code, out, _ = run_cli(capsys, "--budget", "8GB", "--model", "meta-llama/Llama-3.1-8B-Instruct", "--context",
-                           "128k", "--batch", "4", "--new-tokens", "512", "--json")
+    code, out, _ = run_cli(capsys, "--budget", "8GB", "--device-memory", "8GB", "--model",
+                           "meta-llama/Llama-3.1-8B-Instruct", "--context", "128k", "--batch", "4", "--json")
     data = json.loads(out)
-    assert code == 1 and not data["fits"] and data["recommendation"] is None
-    assert "does not fit" in data["message"]
+    assert code == 1 and not data["fits"] and data["recommendation"] is None and data["reproduce"] is None
+    assert "does not fit" in data["message"] and "the weights alone need" in data["message"]
+
 
 
 # ----------------------------------------------------------------- measured against the real cache
@@ -510,8 +546,8 @@ def test_recommended_cache_bytes_match_the_prediction(arch, batch, context, new_
     model = tiny_model(arch)
     shape = resolve_model(model.config)
     room = MemoryModel(shape, batch, context, new_tokens, "fp32", chunk, 0).evaluate(16, 30).total
-    p = plan(room, model.config, context=context, batch=batch, new_tokens=new_tokens, dtype="fp32",
-             prefill_chunk=chunk, overhead=0, min_tokens=8)
+    p = plan(None, model.config, context=context, batch=batch, new_tokens=new_tokens, dtype="fp32",
+             prefill_chunk=chunk, overhead=0, min_tokens=8, device_memory=room)
     assert p.fits
     checked = _check_plan_against_cache(model, p, chunk)
     if chunk:  # with chunked prefill a token budget saves memory, so the k_ratio 0.5 point evicts
@@ -525,7 +561,8 @@ def test_smollm2_shaped_cache_bytes_match_the_prediction():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(shape.config, dtype=torch.float32).eval()  # weights do not change bytes
     assert sum(p.numel() for p in model.parameters()) == shape.parameters
-    p = plan("560MB", model.config, context=600, new_tokens=8, dtype="fp32", prefill_chunk=128, overhead=0)
+    p = plan(None, model.config, context=600, new_tokens=8, dtype="fp32", prefill_chunk=128, overhead=0,
+             device_memory="560MB")
     assert p.fits and p.recommendation.token_budget is not None
     _check_plan_against_cache(model, p, 128)
 
@@ -536,6 +573,71 @@ def test_real_smollm2_cache_bytes_match_the_prediction(smollm2):
     shape = resolve_model(model.config)
     assert shape.parameters == sum(x.numel() for x in model.parameters())
     room = MemoryModel(shape, 2, 700, 6, "fp32", 256, 0).evaluate(shape.info.head_dim, 300).total
-    p = plan(room, model.config, context=700, batch=2, new_tokens=6, dtype="fp32", prefill_chunk=256, overhead=0)
+    p = plan(None, model.config, context=700, batch=2, new_tokens=6, dtype="fp32", prefill_chunk=256, overhead=0,
+             device_memory=room)
     assert p.fits
     _check_plan_against_cache(model, p, 256)
+
+
+# --------------------------------------------------------- the design card: KV budget, device, chunk
+CARD = ("--budget", "8GB", "--model", "meta-llama/Llama-3.1-8B-Instruct", "--context", "128k", "--batch", "4")
+
+
+def test_the_design_cards_example_plans_a_kv_cache_of_8gb(capsys, no_artifacts):
+    code, out, _ = run_cli(capsys, *CARD, "--json")
+    data = json.loads(out)
+    best = data["recommendation"]
+    assert code == 0 and data["fits"] and data["budget_bytes"] == 8 * 10**9 and data["device_memory_bytes"] is None
+    assert best["cache_peak_bytes"] <= 8 * 10**9 < best["total_bytes"]  # the budget is the cache's, not the run's
+    assert best["token_budget"] and 0 < best["quality"] < 1 and best["prefill_chunk"] in CHUNK_CHOICES
+    assert "KV budget binds" in data["binding"] and data["quality_metric"] == "heuristic"
+    p = plan("8GB", "meta-llama/Llama-3.1-8B-Instruct", context="128k", batch=4)
+    mm = dataclasses.replace(p.memory_model, prefill_chunk=best["prefill_chunk"])
+    assert mm.evaluate(best["key_dim"], best["token_budget"] + 1).cache_peak > 8 * 10**9  # the largest that fits
+    fixed = [plan("8GB", "llama-3.1-8b", context="128k", batch=4, prefill_chunk=k).candidates for k in (256, 8192)]
+    for c in p.candidates:  # each width's chunk is the best of the searched ones, to the printed decimals
+        assert all(round(o.quality, 3) <= round(c.quality, 3) for row in fixed for o in row if o.key_dim == c.key_dim)
+
+
+
+def test_device_memory_checks_the_whole_run_and_names_what_binds(no_artifacts):
+    args = dict(model="llama-3.1-8b", context="128k", batch=4)
+    on_h100 = plan("8GB", device_memory="h100", **args)
+    assert on_h100.limits.device == 81_559 * 2**20 and on_h100.device_label == "h100 (81,559 MiB)"
+    assert on_h100.fits and on_h100.recommendation.memory.total <= on_h100.limits.device
+    tight = plan("8GB", device_memory="20GB", **args)
+    assert tight.fits and "device memory binds" in tight.binding and "weights 14.96 GiB" in tight.binding
+    assert tight.recommendation.token_budget < on_h100.recommendation.token_budget
+    assert tight.recommendation.memory.total <= 20 * 10**9
+    only_device = plan(None, device_memory="A100-40GB", **args)
+    assert only_device.budget is None and only_device.limits.device == 40 * 2**30 and only_device.fits
+    with pytest.raises(ValueError, match="or a GPU name: h100, h200"):
+        plan("8GB", device_memory="tpu-v9", **args)
+    with pytest.raises(ValueError, match="--budget .* or the device memory"):
+        plan(None, **args)
+
+
+def test_the_preset_carries_the_chunk_and_the_reproduce_command_names_it(capsys, tmp_path, no_artifacts):
+    path = tmp_path / "plan.toml"
+    code, out, _ = run_cli(capsys, *CARD, "--emit-preset", str(path))
+    spec = parse_policy(str(path))
+    assert code == 0 and spec.prefill_chunk in CHUNK_CHOICES
+    assert f"prefill chunk {spec.prefill_chunk:,}" in spec.description
+    text = " ".join(out.split())
+    assert f"kvtool needle --model meta-llama/Llama-3.1-8B-Instruct --policy {path} --policy full --lengths 128k" in (
+        text)
+
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_tables_keep_every_number_whole_at_80_and_120_columns(capsys, monkeypatch, no_artifacts, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    code, out, _ = run_cli(capsys, *CARD, "--device-memory", "h100")
+    assert code == 0
+    p = plan("8GB", "llama-3.1-8b", context="128k", batch=4, device_memory="h100")
+    lines = out.splitlines()
+    for c in (*p.candidates, *p.frontier[-1:]):
+        row = [f"{c.k_ratio:g}", str(c.key_dim), f"{c.token_budget:,}", f"{c.prefill_chunk:,}",
+               format_bytes(c.memory.cache_peak), format_bytes(c.memory.total), f"{c.quality:.3f}"]
+        assert any(line.split()[:len(row) + 2] == [*row[:4], *" ".join(row[4:]).split()] for line in lines), row
+    assert "recommended" in out and max(len(line) for line in lines if "│" not in line) <= columns

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 
 from kvpress_aqua.core.accounting import kv_fraction_budget
-from kvpress_aqua.policies import H2O, TOVA, SlidingWindow
-from kvpress_aqua.policies.aqua import Aqua
+from kvpress_aqua.policies import H2O
 from kvpress_aqua.policies.registry import policy_type
-from kvpress_aqua.presets.spec import PolicySpec, list_presets, parse_policy
+from kvpress_aqua.presets.spec import PolicySpec, list_presets, parse_policy, planned_prefill_chunk
 
 
 def test_inline_stack():
@@ -31,7 +30,7 @@ def test_every_shipped_preset_parses_and_builds():
         assert description
         spec = parse_policy(name)
         policies = spec.build(context=2048)
-        assert all(isinstance(p, H2O | TOVA | SlidingWindow | Aqua) for p in policies)
+        assert [type(p) for p in policies] == [policy_type(e["type"]).load() for e in spec.entries]
 
 
 @pytest.mark.parametrize("context", [1000, 4096])
@@ -107,6 +106,11 @@ def _toml(tmp_path, text, name="p.toml"):
      r"kv_fraction = 1.5: the fraction of dense KV bytes kept must be in \(0, 1\]"),
     ("[[policy]]\ntype = 'aqua'\nkv_fraction = 0.5\n", r"unknown knob 'kv_fraction'"),
     ("[[policy]]\ntype = 'aqua'\nkv = 0.5\n", r"unknown knob 'kv'"),  # never a channel-policy knob
+    ("prefill_chunk = 0\npolicy = []\n", r"prefill_chunk = 0 must be a positive whole number of tokens"),
+    ("prefill_chunk = 512.5\npolicy = []\n", r"prefill_chunk = 512.5 must be a positive whole number"),
+    ("prefill_chunk = '512'\npolicy = []\n", r"prefill_chunk = \"512\" must be a positive whole number"),
+    ("prefill_chunk = true\npolicy = []\n", r"prefill_chunk = true must be a positive whole number"),
+    ("prefil_chunk = 512\npolicy = []\n", r"unknown top-level key 'prefil_chunk' = 512 \(did you mean 'prefill_chunk'"),
 ])
 def test_bad_toml_is_refused_at_parse_time_naming_the_file(tmp_path, text, match):
     path = _toml(tmp_path, text)
@@ -219,3 +223,16 @@ def test_relative_sizes_split_as_the_registry_says(name):
     (policy,) = parse_policy(f"{name}:kv_fraction=0.3").build(context=1000)
     knobs = policy_type(name).split_budget(kv_fraction_budget(0.3, 1000))
     assert policy == policy_type(name).load()(**knobs) and policy.budget == 300
+
+
+def test_a_planned_prefill_chunk_round_trips_and_is_chosen_when_none_is_given(tmp_path):
+    spec = PolicySpec("plan", ({"type": "h2o", "heavy": 60, "recent": 60, "sinks": 4},), "a plan", prefill_chunk=256)
+    path = tmp_path / "plan.toml"
+    path.write_text(spec.to_toml())
+    loaded = parse_policy(str(path))
+    assert "prefill_chunk = 256" in path.read_text() and loaded.prefill_chunk == 256
+    assert loaded.key == spec.key == PolicySpec("x", spec.entries).key  # the chunk is not part of the content key
+    assert "prefill_chunk" not in PolicySpec("x", spec.entries).to_toml()
+    full, other = parse_policy("full"), PolicySpec("p2", spec.entries, prefill_chunk=1024)
+    assert planned_prefill_chunk([full, loaded, other], 512) == 256  # the smallest keeps every plan in memory
+    assert planned_prefill_chunk([full], 512) == 512 and planned_prefill_chunk([], None) is None

@@ -1,6 +1,7 @@
-"""``kvtool plan``: what fits in a memory budget, and what it costs in quality.
+"""``kvtool plan``: what fits in a KV-cache budget (and on a device), and what it costs in quality.
 
 Exit codes: 0 when a plan fits, 1 when nothing fits (the message says what would), 2 on bad input.
+Tables keep every name and number whole at 80 columns (no vertical rules, short headers).
 """
 
 from __future__ import annotations
@@ -9,11 +10,19 @@ import argparse
 import json
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ..planner.search import DEFAULT_MIN_TOKENS, Candidate, Plan, plan
-from ..policies.registry import token_policy_names
+from ..planner.search import (
+    CHUNK_CHOICES,
+    DEFAULT_MIN_TOKENS,
+    GPU_MEMORY_MIB,
+    Candidate,
+    Plan,
+    plan,
+    plannable_token_policies,
+)
 from ..util.sizes import format_bytes
 
 _FRONTIER_ROWS = 10
@@ -23,21 +32,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``plan`` sub-command."""
     p = sub.add_parser(
         "plan",
-        help="pick k_ratio and token budget that fit a memory budget",
-        description="For each AQUA k_ratio, the largest token budget that fits a memory budget, with its estimated "
-        "quality, the memory-quality frontier and a recommendation. Reads the model's config only.",
+        help="pick k_ratio, token budget and prefill chunk that fit a KV-cache budget",
+        description="For each AQUA k_ratio, the prefill chunk and the largest token budget whose KV cache fits the "
+        "budget (and, with --device-memory, whose whole run fits the device), with its estimated quality, the "
+        "memory-quality frontier and a recommendation. Reads the model's config only.",
     )
-    p.add_argument("--budget", required=True, help="memory budget: 8GB (10^9 bytes), 24GiB (2^30), 512MiB, bytes")
+    p.add_argument("--budget", default=None,
+                   help="KV-cache budget (keys, values, slot metadata, AQUA projections): 8GB (10^9 bytes), 24GiB "
+                   "(2^30), 512MiB, bytes")
+    p.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="also check weights + cache + working set + overhead against this: a size (80GB) or a GPU "
+                   f"({', '.join(GPU_MEMORY_MIB)})")
     p.add_argument("--model", required=True, help="hub id, short name (smollm2-135m), model folder or config.json")
     p.add_argument("--context", default=None,
                    help="prompt tokens, e.g. 8192 or 128k (k = 1024); default: the model's max_position_embeddings")
     p.add_argument("--batch", default="1", help="sequences decoded together (default 1)")
     p.add_argument("--new-tokens", default="0", help="tokens generated per sequence (default 0)")
     p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 or fp8 (default: the config's dtype)")
-    p.add_argument("--prefill-chunk", default=None, help="prefill chunk in tokens (default: the whole prompt at once)")
+    p.add_argument("--prefill-chunk", default=None,
+                   help=f"prefill chunk in tokens (default: searched over {', '.join(map(str, CHUNK_CHOICES))} for "
+                   "the best quality that fits)")
     p.add_argument("--overhead", default=None, help="runtime overhead, e.g. 1GiB or 0 (default 512MiB)")
     p.add_argument("--token-policy", default="h2o",
-                   help=f"eviction policy of the plans: {', '.join(token_policy_names())} (default h2o)")
+                   help=f"eviction policy of the plans: {', '.join(plannable_token_policies())} (default h2o)")
     p.add_argument("--min-tokens", default=str(DEFAULT_MIN_TOKENS),
                    help=f"plans keeping fewer tokens count as not fitting (default {DEFAULT_MIN_TOKENS})")
     p.add_argument("--artifact", default=None, help="AQUA artifact to read the quality model from")
@@ -51,41 +68,56 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Plan, print, and write the optional plot and preset; returns the exit code."""
+    if args.budget is None and args.device_memory is None:
+        raise ValueError("give --budget (the KV-cache budget, e.g. --budget 8GB) or --device-memory (e.g. "
+                         "--device-memory h100), or both")
     result = plan(
-        budget=args.budget, model=args.model, context=args.context, batch=args.batch, new_tokens=args.new_tokens,
+        budget=args.budget, device_memory=args.device_memory, model=args.model, context=args.context,
+        batch=args.batch, new_tokens=args.new_tokens,
         dtype=args.dtype, prefill_chunk=args.prefill_chunk, overhead=args.overhead, token_policy=args.token_policy,
         min_tokens=args.min_tokens, artifact=args.artifact,
     )
+    preset = args.emit_preset or "plan.toml"
     if args.plot is not None:
         plot_frontier(result, args.plot)
     if args.emit_preset is not None and result.fits:
         args.emit_preset.write_text(result.to_toml())
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        data = result.to_dict()
+        data["reproduce"] = result.reproduce_command(preset) if result.fits else None
+        print(json.dumps(data, indent=2))
     else:
-        _print(result, args)
+        _print(result, args, str(preset))
     return 0 if result.fits else 1
 
 
-def _print(result: Plan, args: argparse.Namespace) -> None:
-    console = Console(highlight=False, markup=False)
+def _print(result: Plan, args: argparse.Namespace, preset: str) -> None:
+    console = Console(highlight=False, markup=False, emoji=False)
     mm, info = result.memory_model, result.model.info
     sliding = sum(w is not None for w in mm.windows)
-    console.print(f"budget {args.budget} = {result.budget:,} bytes ({format_bytes(result.budget)}, "
-                  f"{format_bytes(result.budget, binary=False)})")
+    if result.budget is not None:
+        console.print(f"KV budget {args.budget} = {result.budget:,} bytes ({format_bytes(result.budget)}, "
+                      f"{format_bytes(result.budget, binary=False)}): keys, values, slot metadata, AQUA projections")
+    if result.limits.device is not None:
+        console.print(f"device memory {result.device_label} = {result.limits.device:,} bytes "
+                      f"({format_bytes(result.limits.device)}): weights + cache + working set + overhead")
     layers = f"{info.num_layers} layers" + (f" ({sliding} sliding, window {info.sliding_window})" if sliding else "")
     console.print(f"model {info.name} ({result.model.source}): {layers}, {info.num_heads} heads, "
                   f"{info.num_kv_heads} KV heads, head_dim {info.head_dim}, {result.model.parameters:,} parameters")
-    chunk = f"prefill chunk {mm.prefill_chunk:,}" if mm.prefill_chunk else "prefill in one chunk"
+    chunk = f"prefill chunk {mm.prefill_chunk:,}" if mm.prefill_chunk else "prefill chunk searched"
     console.print(f"{mm.context:,}-token context, batch {mm.batch}, {mm.new_tokens} new tokens, {mm.dtype}, {chunk}, "
                   f"overhead {format_bytes(mm.overhead)}, token policy {mm.token_policy}")
-    console.print(f"quality source ({result.quality_model.kind}): {result.quality_source}")
+    console.print(f"quality source ({result.quality_model.kind}, ranked by {result.quality_model.metric}): "
+                  f"{result.quality_source}")
     console.print(_candidate_table(result))
     if result.frontier:
         console.print(_frontier_table(result))
     console.print(result.message, style="bold green" if result.fits else "bold red")
     for note in result.notes:
         console.print(f"note: {note}")
+    if result.fits:
+        written = "" if args.emit_preset is not None else f" (write it with --emit-preset {preset})"
+        console.print(f"reproduce the quality claim on this model{written}: {result.reproduce_command(preset)}")
     if args.explain:
         console.print(result.explain())
     if args.plot is not None:
@@ -94,23 +126,33 @@ def _print(result: Plan, args: argparse.Namespace) -> None:
         console.print(f"preset written to {args.emit_preset}" if result.fits else "no preset written: nothing fits")
 
 
+_HEADERS = ("k_ratio", "keys", "tokens", "chunk", "KV max", "total", "quality")
+_CAPTION = ("keys: key channels stored; tokens: held per full-attention layer, KV head and sequence (sliding layers "
+            "keep at most their window); chunk: prefill tokens per forward; KV max: keys, values, slot metadata and "
+            "AQUA projections at the most the cache holds (what --budget bounds); total: predicted peak of the run")
+
+
 def _row(c: Candidate, seen: int) -> list[str]:
     tokens = f"all {seen:,}" if c.token_budget is None else f"{c.token_budget:,}"
-    return [f"{c.k_ratio:g}", str(c.key_dim), tokens, format_bytes(c.memory.cache_bytes),
+    chunk = "all" if c.prefill_chunk is None else f"{c.prefill_chunk:,}"
+    return [f"{c.k_ratio:g}", str(c.key_dim), tokens, chunk, format_bytes(c.memory.cache_peak),
             format_bytes(c.memory.total), f"{c.quality:.3f}"]
 
 
+def _table(title: str, headers: tuple[str, ...]) -> Table:
+    """A table without vertical rules whose cells never wrap or get cut (80 columns hold it)."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0), caption_justify="left")
+    for col in headers:
+        table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True, overflow="fold")
+    return table
+
+
 def _candidate_table(result: Plan) -> Table:
-    table = Table(title="largest token budget that fits, per k_ratio")
-    for col in ("k_ratio", "key ch.", "tokens held", "KV bytes", "total", "est. quality"):
-        table.add_column(col, justify="right")
-    table.add_column("verdict", no_wrap=True)
+    table = _table("largest token budget that fits, per k_ratio", (*_HEADERS, "verdict"))
     styles = {"recommended": "bold green", "does not fit": "red"}
     for c in result.candidates:
         table.add_row(*_row(c, result.memory_model.seen), c.verdict, style=styles.get(c.verdict))
-    table.caption = ("tokens held: per full-attention layer, KV head and sequence (sliding layers keep at most "
-                     "their window); KV bytes: keys, values, slot metadata and AQUA projections at the end "
-                     "(= cache.nbytes()); total: predicted peak")
+    table.caption = _CAPTION
     return table
 
 
@@ -119,9 +161,7 @@ def _frontier_table(result: Plan) -> Table:
     if len(points) > _FRONTIER_ROWS:
         step = (len(points) - 1) / (_FRONTIER_ROWS - 1)
         points = tuple(points[round(i * step)] for i in range(_FRONTIER_ROWS))
-    table = Table(title=f"memory-quality frontier ({len(result.frontier)} points, {len(points)} shown)")
-    for col in ("k_ratio", "key ch.", "tokens held", "KV bytes", "total", "est. quality"):
-        table.add_column(col, justify="right")
+    table = _table(f"memory-quality frontier ({len(result.frontier)} points, {len(points)} shown)", _HEADERS)
     for c in points:
         table.add_row(*_row(c, result.memory_model.seen))
     return table
@@ -141,14 +181,15 @@ def plot_frontier(result: Plan, path: Path) -> None:
     for k_ratio, row in result.curves().items():
         ax.plot([t / gib for t, _ in row], [q for _, q in row], lw=1, alpha=0.7, label=f"k_ratio {k_ratio:g}")
     if result.frontier:
-        ax.plot([c.memory.total / gib for c in result.frontier], [c.quality for c in result.frontier], "k-", lw=2.5,
-                drawstyle="steps-post", label="frontier (fits)")
+        ax.plot([c.memory.cache_peak / gib for c in result.frontier], [c.quality for c in result.frontier], "k-",
+                lw=2.5, drawstyle="steps-post", label="frontier (fits)")
     if result.recommendation is not None:
         r = result.recommendation
-        ax.plot([r.memory.total / gib], [r.quality], "r*", ms=14, label="recommended")
-    ax.axvline(result.budget / gib, color="r", ls="--", lw=1, label=f"budget {format_bytes(result.budget)}")
+        ax.plot([r.memory.cache_peak / gib], [r.quality], "r*", ms=14, label="recommended")
+    if result.budget is not None:
+        ax.axvline(result.budget / gib, color="r", ls="--", lw=1, label=f"KV budget {format_bytes(result.budget)}")
     mm = result.memory_model
-    ax.set_xlabel("predicted peak memory (GiB)")
+    ax.set_xlabel("KV cache at its largest (GiB)")
     ax.set_ylabel("estimated quality (1 = dense)")
     ax.set_title(f"{result.model.info.name}: {mm.context:,} context, batch {mm.batch}, {mm.dtype}", fontsize=10)
     ax.text(0.01, 0.01, f"quality: {result.quality_source}", transform=ax.transAxes, fontsize=6, va="bottom", wrap=True)

@@ -1,26 +1,85 @@
-"""Fitting a budget: the key widths considered, the largest token budget that fits, and what would fit.
+"""Fitting the limits: the key widths and prefill chunks considered, the largest token budget that fits, and what would.
 
-:func:`largest_budget` bisects the token budget of one key width against a memory limit (memory
-grows with the budget); :func:`does_not_fit` explains, when no point fits, what does: the cheapest
-point's bytes against the limit, and the largest context, batch or a prefill chunk that would fit.
-:func:`kvpress_aqua.planner.search.plan` uses both.
+A plan point fits :class:`Limits`: the KV-cache budget (the most the cache holds at once: keys,
+values, slot metadata and AQUA's projections, :attr:`~kvpress_aqua.planner.memory.Breakdown.cache_peak`)
+and, when given, the device memory (weights, cache, the prefill or decode working set and the
+overhead, :attr:`~kvpress_aqua.planner.memory.Breakdown.total`). :func:`largest_budget` bisects the
+token budget of one key width and prefill chunk (memory grows with the budget); :func:`best_chunk`
+picks, for one key width, the prefill chunk of :data:`CHUNK_CHOICES` whose largest budget has the best
+estimated quality; :func:`does_not_fit` explains, when no point fits, what does: the cheapest point
+against the limit it exceeds, and the largest context and batch that would fit.
+:func:`kvpress_aqua.planner.search.plan` uses them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..util.sizes import format_bytes
 from .memory import Breakdown, MemoryModel
 
-__all__ = ["MIN_K_RATIO", "candidate_key_dims", "does_not_fit", "largest_budget"]
+__all__ = [
+    "CHUNK_CHOICES",
+    "MIN_K_RATIO",
+    "Limits",
+    "best_chunk",
+    "candidate_key_dims",
+    "chunk_choices",
+    "does_not_fit",
+    "largest_budget",
+]
 
 MIN_K_RATIO = 0.25
 """Smallest ``k_ratio`` considered: below a quarter of the channels the prototype's perplexity exploded."""
-_CHUNK_HINTS = (8192, 4096, 2048, 1024, 512, 256, 128)
-"""Prefill chunks :func:`does_not_fit` tries, largest first."""
+CHUNK_CHOICES = (256, 512, 1024, 2048, 4096, 8192)
+"""Prefill chunks the planner searches when none is given (and one forward for prompts up to the largest)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a plan point must fit: a KV-cache budget, the device memory, or both (bytes; ``None``: not checked).
+
+    Attributes
+    ----------
+    kv : int or None
+        Bound on :attr:`~kvpress_aqua.planner.memory.Breakdown.cache_peak` (keys, values, slot
+        metadata and AQUA projections at the most the cache holds).
+    device : int or None
+        Bound on :attr:`~kvpress_aqua.planner.memory.Breakdown.total` (weights + cache + working set
+        + overhead).
+
+    """
+
+    kv: int | None
+    device: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv is None and self.device is None:
+            raise ValueError("give a KV-cache budget (--budget 8GB) or the device memory (--device-memory h100), "
+                             "or both")
+
+    def exceeded(self, m: Breakdown) -> tuple[str, ...]:
+        """The limits ``m`` exceeds: ``"KV budget"`` and/or ``"device memory"`` (empty when it fits)."""
+        over = []
+        if self.kv is not None and m.cache_peak > self.kv:
+            over.append("KV budget")
+        if self.device is not None and m.total > self.device:
+            over.append("device memory")
+        return tuple(over)
+
+    def fits(self, m: Breakdown) -> bool:
+        """Whether ``m`` fits every limit given."""
+        return not self.exceeded(m)
+
+    def excess(self, m: Breakdown) -> float:
+        """``need / have`` of the tightest limit (at most 1 when ``m`` fits): ranks points that do not fit."""
+        ratios = [m.cache_peak / self.kv] if self.kv is not None else []
+        if self.device is not None:
+            ratios.append(m.total / self.device)
+        return max(ratios)
 
 
 def candidate_key_dims(head_dim: int) -> list[int]:
@@ -35,41 +94,75 @@ def candidate_key_dims(head_dim: int) -> list[int]:
     return sorted(dims, reverse=True)
 
 
-def largest_budget(mm: MemoryModel, key_dim: int, limit: int, lowest: int) -> tuple[bool, int | None]:
+def chunk_choices(context: int, given: int | None) -> tuple[int | None, ...]:
+    """Prefill chunks to search: ``(given,)`` when given, else :data:`CHUNK_CHOICES` below ``context``.
+
+    One forward for the whole prompt (``None``) is added only for prompts no longer than the largest
+    choice: a longer prompt in one forward holds every token in the cache before it evicts.
+    """
+    if given is not None:
+        return (given,)
+    chunks: tuple[int | None, ...] = tuple(c for c in CHUNK_CHOICES if c < context)
+    return chunks + (None,) if context <= CHUNK_CHOICES[-1] else chunks
+
+
+def largest_budget(mm: MemoryModel, key_dim: int, limits: Limits, lowest: int) -> tuple[bool, int | None]:
     """``(fits, budget)``: every token (``None``) if that fits, else the largest budget in ``[lowest, seen - 2]``.
 
     When nothing fits, the budget returned is the cheaper of every token and ``lowest``.
     """
-    keep_all = mm.evaluate(key_dim, None).total
-    if keep_all <= limit:
+    keep_all = mm.evaluate(key_dim, None)
+    if limits.fits(keep_all):
         return True, None
     lo, hi = lowest, mm.seen - 2
     if hi < lo:
         return False, None
-    if mm.evaluate(key_dim, lo).total > limit:
-        return False, lo if mm.evaluate(key_dim, lo).total < keep_all else None
+    smallest = mm.evaluate(key_dim, lo)
+    if not limits.fits(smallest):
+        return False, lo if limits.excess(smallest) < limits.excess(keep_all) else None
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if mm.evaluate(key_dim, mid).total <= limit:
+        if limits.fits(mm.evaluate(key_dim, mid)):
             lo = mid
         else:
             hi = mid - 1
     return True, lo
 
 
+def best_chunk(mm: MemoryModel, key_dim: int, limits: Limits, lowest: int, chunks: Sequence[int | None],
+               score: Callable[[int | None], float]) -> tuple[bool, int | None, int | None]:
+    """``(fits, budget, chunk)``: the prefill chunk whose largest budget (:func:`largest_budget`) scores best.
+
+    ``score(budget)`` is the estimated quality of a budget. Among chunks whose quality equals the best
+    to the three printed decimals, the largest chunk wins (fewer forwards). When no chunk fits, the
+    point closest to fitting (:meth:`Limits.excess`) is returned.
+    """
+    results = []
+    for chunk in chunks:
+        fits, budget = largest_budget(replace(mm, prefill_chunk=chunk), key_dim, limits, lowest)
+        results.append((fits, budget, chunk))
+    fitting = [r for r in results if r[0]]
+    if not fitting:
+        return min(results, key=lambda r: limits.excess(replace(mm, prefill_chunk=r[2]).evaluate(key_dim, r[1])))
+    top = max(round(score(r[1]), 3) for r in fitting)
+    return max((r for r in fitting if round(score(r[1]), 3) == top), key=lambda r: r[2] or mm.context)
+
+
 def _smallest_budget(mm: MemoryModel, min_tokens: int) -> int | None:
     return min_tokens if mm.seen - 2 >= min_tokens else None
 
 
-def _cheapest(mm: MemoryModel, min_tokens: int) -> tuple[int, int | None, Breakdown]:
-    """The smallest-memory point: any key width, keeping every token or the smallest budget considered.
+def _cheapest(mm: MemoryModel, min_tokens: int, limits: Limits,
+              chunks: Sequence[int | None]) -> tuple[int, int | None, int | None, Breakdown]:
+    """The point closest to fitting: any key width and chunk, keeping every token or the smallest budget considered.
 
     Keeping every token can be the cheaper of the two: a plain ``DynamicCache`` has no slot metadata
     and the model's fused attention materializes no score matrix.
     """
     budgets = {None, _smallest_budget(mm, min_tokens)}
-    points = [(k, b, mm.evaluate(k, b)) for k in candidate_key_dims(mm.shape.info.head_dim) for b in budgets]
-    return min(points, key=lambda p: p[2].total)
+    points = [(k, b, c, replace(mm, prefill_chunk=c).evaluate(k, b))
+              for k in candidate_key_dims(mm.shape.info.head_dim) for b in budgets for c in chunks]
+    return min(points, key=lambda p: limits.excess(p[3]))
 
 
 def _largest(fits: Any, top: int) -> int:
@@ -86,25 +179,34 @@ def _largest(fits: Any, top: int) -> int:
     return lo
 
 
-def does_not_fit(mm: MemoryModel, budget: int, min_tokens: int) -> str:
-    """Why nothing fits ``budget``, and what would: the largest context, batch, or a prefill chunk.
+def does_not_fit(mm: MemoryModel, limits: Limits, min_tokens: int, given_chunk: int | None) -> str:
+    """Why nothing fits ``limits``, and what would: the largest context and batch.
 
-    The cheapest point (any key width, every token or ``min_tokens``) is set against the budget;
-    when the weights and overhead alone exceed it, the message says so instead.
+    The point closest to fitting (any key width and searched chunk, every token or ``min_tokens``)
+    is set against the limit it exceeds; when the weights and overhead alone exceed the device
+    memory, the message says so instead.
     """
-    key_dim, tokens, need = _cheapest(mm, min_tokens)
+    chunks = chunk_choices(mm.context, given_chunk)
+    key_dim, tokens, chunk, need = _cheapest(mm, min_tokens, limits, chunks)
     k_ratio = key_dim / mm.shape.info.head_dim
     held = f"all {mm.seen:,} tokens" if tokens is None else f"{tokens} tokens"
+    at = f"k_ratio {k_ratio:g} keeping {held}, " + (f"prefill chunk {chunk:,}" if chunk else "prefill in one forward")
+    over = limits.exceeded(need)
+    if "device memory" in over:
+        what, have, needed = "of device memory", limits.device, need.total
+    else:
+        what, have, needed = "of KV cache", limits.kv, need.cache_peak
+    head = (f"does not fit: needs {format_bytes(needed)} ({needed:,} B) {what} even at {at}; you have "
+            f"{format_bytes(have)} ({have:,} B)")
     fixed = need.weights + need.overhead
-    head = (f"does not fit: needs {format_bytes(need.total)} ({need.total:,} B) even at k_ratio {k_ratio:g} "
-            f"keeping {held}, you have {format_bytes(budget)} ({budget:,} B)")
-    if fixed >= budget:
+    if limits.device is not None and fixed >= limits.device:
         return (f"{head}; the weights alone need {format_bytes(need.weights)} plus {format_bytes(need.overhead)} "
                 "overhead, so no context or batch fits: use a smaller dtype (--dtype fp8), a smaller model or "
                 "more memory")
 
     def fits_with(**changes: Any) -> bool:
-        return _cheapest(replace(mm, **changes), min_tokens)[2].total <= budget
+        changed = replace(mm, **changes)
+        return limits.fits(_cheapest(changed, min_tokens, limits, chunk_choices(changed.context, given_chunk))[3])
 
     context = _largest(lambda c: fits_with(context=c), mm.context - 1)
     parts = [f"the largest context that fits at batch {mm.batch} is {context:,} tokens" if context
@@ -113,8 +215,4 @@ def does_not_fit(mm: MemoryModel, budget: int, min_tokens: int) -> str:
         batch = _largest(lambda b: fits_with(batch=b), mm.batch - 1)
         parts.append(f"the largest batch that fits at {mm.context:,} tokens is {batch}" if batch
                      else f"not even batch 1 fits at {mm.context:,} tokens")
-    current = mm.prefill_chunk or mm.context
-    chunk = next((c for c in _CHUNK_HINTS if c < min(current, mm.context) and fits_with(prefill_chunk=c)), None)
-    if chunk:
-        parts.append(f"with --prefill-chunk {chunk} the full request fits")
     return f"{head}; " + "; ".join(parts)

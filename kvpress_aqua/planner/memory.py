@@ -112,6 +112,9 @@ class Breakdown:
     peak_kv, attention, activations, copy : int
         KV held, attention scores (0 when a layer's MLP step needs more than its attention step),
         activations and one layer's copy in the peak phase.
+    max_kv : int
+        The most KV the cache holds at any moment checked (every phase, and the end): what a KV-cache
+        budget (``plan(budget=...)``) bounds, with the projections (:attr:`cache_peak`).
     peak_phase : str
         ``"prefill"`` or ``"decode"``.
     terms : tuple of Term
@@ -128,12 +131,18 @@ class Breakdown:
     copy: int
     overhead: int
     peak_phase: str
+    max_kv: int
     terms: tuple[Term, ...] = field(repr=False)
 
     @property
     def cache_bytes(self) -> int:
         """What ``CompressedCache.nbytes()`` measures at the end: KV plus projection matrices."""
         return self.kv + self.projections
+
+    @property
+    def cache_peak(self) -> int:
+        """The most the cache holds at once: KV at its largest (:attr:`max_kv`) plus projection matrices."""
+        return self.max_kv + self.projections
 
     @property
     def working_set(self) -> int:
@@ -306,6 +315,7 @@ class MemoryModel:
             copy=peak.copy,
             overhead=self.overhead,
             peak_phase=peak.name,
+            max_kv=max(end.kv, *(p.kv for p in phases)),
             terms=self._terms(key_dim, compressed, scores, weights, projections, columns, end, peak),
         )
 

@@ -106,6 +106,10 @@ class QualityModel:
         Key energy kept vs ``k_ratio`` (used without a sweep).
     sweep : tuple of (k_ratio, retained, quality)
         Measured points; when present they are used alone.
+    metric : {"needle", "perplexity", "heuristic"}
+        What the numbers rank by: a needle sweep's exact-match score relative to the full cache, a
+        perplexity sweep's ``ppl_full / ppl``, or the heuristic curves.
+
 
     """
 
@@ -113,6 +117,7 @@ class QualityModel:
     kind: str = "default"
     energy: tuple[tuple[float, float], ...] = DEFAULT_ENERGY
     sweep: tuple[tuple[float, float, float], ...] = ()
+    metric: str = "heuristic"
 
     @classmethod
     def default(cls, why: str = "") -> QualityModel:

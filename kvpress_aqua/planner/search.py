@@ -1,9 +1,11 @@
 """Memory-budget planner: pick the key-channel ratio and the token budget together.
 
-:func:`plan` answers "with this model, this context and this batch, what fits in my memory, and what
-do I give up?". For every candidate AQUA ``k_ratio`` it finds the largest token budget that fits,
-scores each point with a quality model, and returns the Pareto frontier and a recommendation.
-It reads the model's config only, never its weights, and imports neither torch nor transformers.
+:func:`plan` answers "with this model, this context and this batch, what fits in my KV-cache budget
+(and my device), and what do I give up?". For every candidate AQUA ``k_ratio`` it finds the prefill
+chunk and the largest token budget that fit (:class:`~kvpress_aqua.planner.fit.Limits`: the cache
+within the budget, and with ``device_memory`` the whole run within the device), scores each point
+with a quality model, and returns the Pareto frontier and a recommendation. It reads the model's
+config only, never its weights, and imports neither torch nor transformers.
 
 The parts, each re-exported here:
 
@@ -14,8 +16,9 @@ The parts, each re-exported here:
   (:class:`MemoryModel`, :class:`Breakdown`; the formula is in its docstring);
 - :mod:`kvpress_aqua.planner.quality`: the estimated quality of a point, from a calibration sweep,
   an artifact's spectrum or the default curve (:class:`QualityModel`);
-- :mod:`kvpress_aqua.planner.fit`: the key widths considered, the largest budget that fits, and what
-  would fit when nothing does (:func:`candidate_key_dims`);
+- :mod:`kvpress_aqua.planner.fit`: the key widths and prefill chunks considered, the largest budget
+  that fits, and what would fit when nothing does (:func:`candidate_key_dims`, :class:`Limits`);
+- :mod:`kvpress_aqua.planner.devices`: ``device_memory`` as a size or a GPU name;
 - this module: the search over key widths and budgets, the frontier and the answer (:class:`Plan`).
 
 Any token policy of :mod:`kvpress_aqua.policies.registry` can be planned (``token_policy=``): the
@@ -29,13 +32,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..policies.registry import DEFAULT_SINKS, policy_type, token_entry
+from ..policies.registry import POLICY_TYPES, policy_type
 from ..presets.spec import PolicySpec
 from ..util.dtypes import short_name
 from ..util.sizes import format_bytes, parse_size, parse_tokens
-from .fit import MIN_K_RATIO, candidate_key_dims, does_not_fit, largest_budget
+from .devices import GPU_MEMORY_MIB, parse_device_memory
+from .fit import CHUNK_CHOICES, MIN_K_RATIO, Limits, best_chunk, candidate_key_dims, chunk_choices, does_not_fit
 from .memory import ATTENTION_COPIES, DEFAULT_OVERHEAD, HIDDEN_COPIES, MLP_COPIES, Breakdown, MemoryModel, Term
 from .model_shape import ModelShape, count_parameters, offline_models, resolve_model
+from .points import Candidate, budget_grid, frontier, point, score
 from .quality import DEFAULT_ENERGY, ENERGY_BETA, ENERGY_GAMMA, RETENTION_EXPONENT, QualityModel, find_quality
 
 if TYPE_CHECKING:
@@ -43,17 +48,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATTENTION_COPIES",
+    "CHUNK_CHOICES",
     "DEFAULT_ENERGY",
     "DEFAULT_MIN_TOKENS",
     "DEFAULT_OVERHEAD",
     "ENERGY_BETA",
     "ENERGY_GAMMA",
+    "GPU_MEMORY_MIB",
     "HIDDEN_COPIES",
     "MIN_K_RATIO",
     "MLP_COPIES",
     "RETENTION_EXPONENT",
     "Breakdown",
     "Candidate",
+    "Limits",
     "MemoryModel",
     "ModelShape",
     "Plan",
@@ -63,6 +71,7 @@ __all__ = [
     "count_parameters",
     "offline_models",
     "plan",
+    "plannable_token_policies",
     "resolve_model",
 ]
 
@@ -71,68 +80,13 @@ DEFAULT_MIN_TOKENS = 64
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """One plan point: a key width with the largest token budget that fits (or the smallest considered).
-
-    Attributes
-    ----------
-    k_ratio : float
-        ``key_dim / head_dim``; 1 means no AQUA.
-    key_dim : int
-        Stored key channels.
-    token_budget : int or None
-        Tokens kept per layer, KV head and sequence; ``None`` keeps every token.
-    retained : float
-        Fraction of the tokens seen that the budget keeps.
-    memory : Breakdown
-        Predicted bytes.
-    quality : float
-        Estimated quality (see :class:`QualityModel`).
-    fits : bool
-        Whether ``memory.total`` fits the budget.
-    verdict : str
-        ``recommended``, ``fits`` or ``does not fit`` (``frontier`` for :attr:`Plan.frontier` points).
-    entries : tuple of dict
-        The policy stack as :class:`~kvpress_aqua.presets.spec.PolicySpec` entries.
-
-    """
-
-    k_ratio: float
-    key_dim: int
-    token_budget: int | None
-    retained: float
-    memory: Breakdown
-    quality: float
-    fits: bool
-    verdict: str
-    entries: tuple[dict[str, Any], ...]
-
-    def label(self, seen: int) -> str:
-        """Short human label: ``"k 0.5, 1,024 tokens"``."""
-        tokens = f"all {seen:,} tokens" if self.token_budget is None else f"{self.token_budget:,} tokens"
-        return f"k_ratio {self.k_ratio:g} ({self.key_dim} key channels), {tokens}"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields."""
-        m = self.memory
-        return {
-            "k_ratio": self.k_ratio, "key_dim": self.key_dim, "token_budget": self.token_budget,
-            "retained": self.retained, "quality": self.quality, "fits": self.fits, "verdict": self.verdict,
-            "cache_bytes": m.cache_bytes, "kv_bytes": m.kv, "projection_bytes": m.projections,
-            "weights_bytes": m.weights, "peak_kv_bytes": m.peak_kv, "attention_bytes": m.attention,
-            "activation_bytes": m.activations, "copy_bytes": m.copy, "overhead_bytes": m.overhead,
-            "peak_phase": m.peak_phase, "total_bytes": m.total, "policies": [dict(e) for e in self.entries],
-        }
-
-
-@dataclass(frozen=True)
 class Plan:
     """The planner's answer; rich-friendly fields, :meth:`to_dict`, :meth:`to_toml`, :meth:`explain`.
 
     Attributes
     ----------
-    budget : int
-        Memory budget in bytes.
+    limits : Limits
+        The KV-cache budget and the device memory (bytes; either may be ``None``: not checked).
     model : ModelShape
         The model planned for.
     memory_model : MemoryModel
@@ -144,17 +98,21 @@ class Plan:
     frontier : tuple of Candidate
         The memory-quality Pareto frontier, cheapest first: fitting points (any key width, token
         budgets from ``min_tokens`` up to each width's largest) that no other point beats on both
-        total bytes and quality.
+        KV cache bytes (:attr:`~kvpress_aqua.planner.memory.Breakdown.cache_peak`) and quality.
     recommendation : Candidate or None
         The best estimated quality that fits (ties: fewer bytes); ``None`` when nothing fits.
     message : str
         One-paragraph verdict, with the "does not fit: needs X, you have Y" analysis when nothing fits.
     notes : tuple of str
         Caveats (context beyond the model's limit, approximate parameter count...).
+    device_label : str or None
+        The device memory as given (``"h100 (81,559 MiB)"``); ``None`` when not checked.
+    binding : str
+        What stops the recommendation from keeping more tokens (the KV budget, the device memory).
 
     """
 
-    budget: int
+    limits: Limits
     model: ModelShape
     memory_model: MemoryModel
     quality_model: QualityModel = field(repr=False)
@@ -164,6 +122,13 @@ class Plan:
     recommendation: Candidate | None
     message: str
     notes: tuple[str, ...] = ()
+    device_label: str | None = None
+    binding: str = ""
+
+    @property
+    def budget(self) -> int | None:
+        """The KV-cache budget in bytes (``None``: only the device memory is checked)."""
+        return self.limits.kv
 
     @property
     def quality_source(self) -> str:
@@ -183,12 +148,30 @@ class Plan:
         if self.recommendation is None:
             raise ValueError(f"nothing fits, so there is no preset to emit: {self.message}")
         r, mm = self.recommendation, self.memory_model
+        chunk = f"prefill chunk {r.prefill_chunk:,}" if r.prefill_chunk else "prefill in one forward"
         description = (
             f"kvtool plan for {self.model.info.name}: {mm.context:,} context, batch {mm.batch}, "
-            f"{mm.new_tokens} new tokens, {mm.dtype}, budget {format_bytes(self.budget)}: {r.label(mm.seen)}, "
+            f"{mm.new_tokens} new tokens, {mm.dtype}, {self._limits_text()}: {r.label(mm.seen)}, {chunk}, "
             f"estimated quality {r.quality:.3f} ({self.quality_source})"
         )
-        return PolicySpec(name="plan", entries=r.entries, description=description)
+        return PolicySpec(name="plan", entries=r.entries, description=description, prefill_chunk=r.prefill_chunk)
+
+    def _limits_text(self) -> str:
+        parts = [] if self.limits.kv is None else [f"KV budget {format_bytes(self.limits.kv)}"]
+        if self.limits.device is not None:
+            parts.append(f"device memory {self.device_label or format_bytes(self.limits.device)}")
+        return " and ".join(parts)
+
+    def reproduce_command(self, preset: str | Path = "plan.toml") -> str:
+        """The ``kvtool needle`` command that measures the recommendation's retrieval quality at this context.
+
+        ``preset`` is where ``--emit-preset`` wrote (or will write) the plan; the preset carries the
+        prefill chunk, so the command needs none.
+        """
+        context = self.memory_model.context
+        length = f"{context // 1024}k" if context % 1024 == 0 else str(context)
+        return (f"kvtool needle --model {self.model.info.name} --policy {preset} --policy full --lengths {length} "
+                "--protocol context-first")
 
     def to_toml(self) -> str:
         """The recommendation as a preset TOML document (loadable by ``parse_policy`` / ``CompressedCache``)."""
@@ -198,7 +181,8 @@ class Plan:
         """JSON-ready plan: inputs, model, candidates, frontier, recommendation, message."""
         mm, info = self.memory_model, self.model.info
         return {
-            "budget_bytes": self.budget,
+            "budget_bytes": self.budget, "device_memory_bytes": self.limits.device,
+            "device_memory": self.device_label, "binding": self.binding,
             "model": {
                 "name": info.name, "source": self.model.source, "model_type": info.model_type,
                 "layers": info.num_layers, "heads": info.num_heads, "kv_heads": info.num_kv_heads,
@@ -208,7 +192,7 @@ class Plan:
             "dtype": mm.dtype, "context": mm.context, "batch": mm.batch, "new_tokens": mm.new_tokens,
             "prefill_chunk": mm.prefill_chunk, "overhead_bytes": mm.overhead, "token_policy": mm.token_policy,
             "min_tokens": self.min_tokens, "quality_source": self.quality_source,
-            "quality_kind": self.quality_model.kind,
+            "quality_kind": self.quality_model.kind, "quality_metric": self.quality_model.metric,
             "candidates": [c.to_dict() for c in self.candidates],
             "frontier": [c.to_dict() for c in self.frontier],
             "recommendation": self.recommendation.to_dict() if self.recommendation else None,
@@ -217,11 +201,12 @@ class Plan:
 
     def explain(self) -> str:
         """The memory formula with this plan's numbers substituted (recommendation, else the cheapest point)."""
-        point = self.recommendation or min(self.candidates, key=lambda c: c.memory.total)
-        m, mm = point.memory, self.memory_model
+        point = self.recommendation or min(self.candidates, key=lambda c: self.limits.excess(c.memory))
+        m, mm = point.memory, replace(self.memory_model, prefill_chunk=point.prefill_chunk)
+        chunk = f"prefill chunk {mm.prefill_chunk:,}" if mm.prefill_chunk else "prefill in one forward"
         lines = [
             f"Memory formula for {point.label(mm.seen)} ({mm.batch} × {mm.context:,}-token prompts, "
-            f"{mm.new_tokens} new tokens, {mm.dtype}: e = {mm.elem} B, B = {mm.batch}):",
+            f"{mm.new_tokens} new tokens, {mm.dtype}, {chunk}: e = {mm.elem} B, B = {mm.batch}):",
             "  total = weights + AQUA projections + overhead + max over phases (KV held + attention + activations "
             "+ layer copy)",
         ]
@@ -232,6 +217,8 @@ class Plan:
             f"  total = {m.weights:,} + {m.projections:,} + {m.overhead:,} + ({m.peak_kv:,} + {m.attention:,} + "
             f"{m.activations:,} + {m.copy:,}) = {m.total:,} B ({format_bytes(m.total)}) at the {m.peak_phase} peak"
         )
+        lines.append(f"  KV cache at its largest (what the KV budget bounds) = {m.max_kv:,} + {m.projections:,} = "
+                     f"{m.cache_peak:,} B ({format_bytes(m.cache_peak)})")
         lines.append(
             f"  constants: ATTENTION_COPIES={ATTENTION_COPIES}, HIDDEN_COPIES={HIDDEN_COPIES}, "
             f"MLP_COPIES={MLP_COPIES}, overhead={format_bytes(mm.overhead)}; the KV terms are exact "
@@ -240,61 +227,26 @@ class Plan:
         return "\n".join(lines)
 
     def curves(self, points: int = 24) -> dict[float, list[tuple[int, float]]]:
-        """``k_ratio -> [(total bytes, quality)]`` for budgets from ``min_tokens`` to every token, by bytes (plots)."""
+        """``k_ratio -> [(KV cache bytes, quality)]`` for budgets from ``min_tokens`` to every token (plots)."""
         mm = self.memory_model
         out = {}
         for c in self.candidates:
             row = []
-            for b in _budget_grid(self.min_tokens, mm.seen - 2, points) + [None]:
-                point = _point(mm, self.quality_model, c.key_dim, b, fits=True, verdict="")
-                row.append((point.memory.total, point.quality))
+            for b in budget_grid(self.min_tokens, mm.seen - 2, points) + [None]:
+                p = point(mm, self.quality_model, c.key_dim, b, c.prefill_chunk, fits=True, verdict="")
+                row.append((p.memory.cache_peak, p.quality))
             out[c.k_ratio] = sorted(row)
         return out
 
 
-def _budget_grid(low: int, high: int, points: int) -> list[int]:
-    """About ``points`` budgets spaced geometrically from ``low`` to ``high`` (both included)."""
-    if high < low:
-        return []
-    ratio = (high / low) ** (1 / max(points - 1, 1))
-    return sorted({min(high, round(low * ratio**i)) for i in range(points)} | {high})
 
 
-def _point(mm: MemoryModel, quality: QualityModel, key_dim: int, budget: int | None, fits: bool,
-           verdict: str) -> Candidate:
-    k_ratio = key_dim / mm.shape.info.head_dim
-    retained = 1.0 if budget is None else budget / mm.seen
-    return Candidate(
-        k_ratio=k_ratio, key_dim=key_dim, token_budget=budget, retained=retained,
-        memory=mm.evaluate(key_dim, budget), quality=quality(k_ratio, retained, mm.token_policy), fits=fits,
-        verdict=verdict, entries=_entries(mm, key_dim, budget),
-    )
 
 
-def _frontier(mm: MemoryModel, quality: QualityModel, fitting: Sequence[Candidate], min_tokens: int,
-              points: int = 16) -> list[Candidate]:
-    """Pareto frontier of every fitting key width over budgets up to its largest, cheapest first."""
-    pool = []
-    for c in fitting:
-        top = mm.seen - 2 if c.token_budget is None else c.token_budget
-        budgets = [b for b in _budget_grid(min_tokens, top, points) if b != c.token_budget]
-        pool += [_point(mm, quality, c.key_dim, b, fits=True, verdict="frontier") for b in budgets]
-        pool.append(replace(c, verdict="frontier"))
-    best = [c for c in pool if not any(_dominates(o, c) for o in pool)]
-    unique = {(c.key_dim, c.token_budget): c for c in best}
-    return sorted(unique.values(), key=lambda c: (c.memory.total, -c.quality))
 
 
-def _entries(mm: MemoryModel, key_dim: int, budget: int | None) -> tuple[dict[str, Any], ...]:
-    info = mm.shape.info
-    entries = []
-    if budget is not None:
-        windows = [w for w in mm.windows if w is not None]
-        max_sinks = min(windows) - 1 if windows else DEFAULT_SINKS
-        entries.append(token_entry(mm.token_policy, budget, max_sinks))
-    if key_dim < info.head_dim:
-        entries.append({"type": "aqua", "k_ratio": key_dim / info.head_dim})
-    return tuple(entries)
+
+
 
 
 def _check_int(name: str, value: Any, minimum: int, example: str) -> int:
@@ -309,7 +261,7 @@ def _check_int(name: str, value: Any, minimum: int, example: str) -> int:
 
 
 def plan(
-    budget: int | str,
+    budget: int | str | None,
     model: str | Path | PretrainedConfig,
     context: int | str | None = None,
     batch: int = 1,
@@ -318,17 +270,20 @@ def plan(
     prefill_chunk: int | str | None = None,
     overhead: int | str | None = None,
     *,
+    device_memory: int | str | None = None,
     token_policy: str = "h2o",
     min_tokens: int = DEFAULT_MIN_TOKENS,
     quality: QualityModel | None = None,
     artifact: str | Path | None = None,
 ) -> Plan:
-    """Pick ``k_ratio`` and the token budget together under a memory budget.
+    """Pick ``k_ratio``, the token budget and the prefill chunk together under a KV-cache budget.
 
     Parameters
     ----------
-    budget : int or str
-        Memory budget: bytes, or a size string (``"8GB"`` = 8*10^9, ``"24GiB"`` = 24*2^30).
+    budget : int, str or None
+        KV-cache budget: the most the cache may hold at once (keys, values, slot metadata, AQUA
+        projections); bytes or a size string (``"8GB"`` = 8*10^9, ``"24GiB"`` = 24*2^30). ``None``
+        checks only ``device_memory``.
     model : str, Path or PretrainedConfig
         Hub id, short name (``"smollm2-135m"``), model folder, config.json, or a config object.
     context : int or str, optional
@@ -340,17 +295,23 @@ def plan(
     dtype : str, optional
         ``fp32``, ``bf16``, ``fp16`` or ``fp8`` for weights and KV; default the config's dtype, else fp32.
     prefill_chunk : int or str, optional
-        Prefill chunk size (``CompressedCache(prefill_chunk=...)`` with ``cache.prefill``); default one chunk.
+        Prefill chunk size (``CompressedCache(prefill_chunk=...)`` with ``cache.prefill``); default:
+        searched over :data:`CHUNK_CHOICES` for the best estimated quality that fits.
     overhead : int or str, optional
         Runtime overhead (bytes or a size string); default :data:`DEFAULT_OVERHEAD`.
+    device_memory : int or str, optional
+        Also check the whole run (weights + cache + working set + overhead) against this: bytes, a
+        size string or a GPU name of :data:`GPU_MEMORY_MIB` (``"h100"``).
     token_policy : str, default "h2o"
-        Eviction policy of the plans: a token policy of :mod:`kvpress_aqua.policies.registry`
-        (``h2o``, ``tova``, ``sliding`` or its alias ``streaming``).
+        Eviction policy of the plans: a token policy of :mod:`kvpress_aqua.policies.registry` that
+        takes a budget (:func:`plannable_token_policies`).
+
     min_tokens : int, default 64
         Plans keeping fewer tokens per sequence count as not fitting.
     quality : QualityModel, optional
-        Quality source; default: the sweep stored beside the model's AQUA artifact, else the
-        artifact's SVD spectrum, else the default curve (:attr:`Plan.quality_source` says which and why).
+        Quality source; default: the needle sweep stored beside the model's AQUA artifact, else its
+        perplexity sweep, else the artifact's SVD spectrum, else the default curve
+        (:attr:`Plan.quality_source` says which and why).
     artifact : str or Path, optional
         The AQUA artifact to read the quality model from; default the one ``kvtool calibrate`` wrote.
 
@@ -361,11 +322,12 @@ def plan(
     Raises
     ------
     ValueError
-        Bad input, naming the fix: non-positive budget or context, malformed size, unknown dtype, model
-        or token policy.
+        Bad input, naming the fix: neither budget nor device memory, non-positive budget or context,
+        malformed size, unknown GPU, dtype, model or token policy.
 
     """
-    limit = parse_size(budget, "budget")
+    device, device_label = (None, None) if device_memory is None else parse_device_memory(device_memory)
+    limits = Limits(None if budget is None else parse_size(budget, "budget"), device)
     shape = resolve_model(model)
     if context is None:
         if shape.max_position_embeddings is None:
@@ -376,45 +338,95 @@ def plan(
     new_tokens = _check_int("new tokens", new_tokens, 0, "--new-tokens 256")
     chunk = None if prefill_chunk is None else parse_tokens(prefill_chunk, "prefill chunk")
     min_tokens = _check_int("min tokens", min_tokens, 1, "64")
-    token_policy = policy_type(token_policy, "token").name
+    token_policy = _plannable(token_policy)
     dtype_name = short_name(dtype or shape.dtype or "float32")
     overhead_bytes = DEFAULT_OVERHEAD if overhead is None else (
         0 if str(overhead).strip() == "0" else parse_size(overhead, "overhead")
     )
     mm = MemoryModel(shape, batch, tokens, new_tokens, dtype_name, chunk, overhead_bytes, token_policy)
     quality_model = quality or find_quality(shape.info, artifact, token_policy)
-
-    points = []
-    for key_dim in candidate_key_dims(shape.info.head_dim):
-        fits, b = largest_budget(mm, key_dim, limit, min_tokens)
-        points.append(_point(mm, quality_model, key_dim, b, fits, "fits" if fits else "does not fit"))
+    points = _search(mm, quality_model, limits, min_tokens, chunk_choices(tokens, chunk))
     fitting = [c for c in points if c.fits]
-    best = max(fitting, key=lambda c: (round(c.quality, 9), -c.memory.total), default=None)
-    points = [replace(c, verdict="recommended") if c is best else c for c in points]
     best = next((c for c in points if c.verdict == "recommended"), None)
-    frontier = _frontier(mm, quality_model, fitting, min_tokens)
-    if best is not None:
-        message = (f"fits: {best.label(mm.seen)}; predicted peak {format_bytes(best.memory.total)} of "
-                   f"{format_bytes(limit)}, KV cache {format_bytes(best.memory.cache_bytes)}, estimated quality "
-                   f"{best.quality:.3f}")
-    else:
-        message = does_not_fit(mm, limit, min_tokens)
+    pareto = frontier(mm, quality_model, fitting, min_tokens)
     notes = list(shape.notes)
+    binding = ""
+    if best is not None:
+        binding = _binding(mm, limits, best)
+        message = (f"fits: {best.label(mm.seen)}, {_chunk_text(best.prefill_chunk)}; KV cache at most "
+                   f"{format_bytes(best.memory.cache_peak)}, predicted peak {format_bytes(best.memory.total)}, "
+                   f"estimated quality {best.quality:.3f}; {binding}")
+    else:
+        message = does_not_fit(mm, limits, min_tokens, chunk)
+    if chunk is not None:  # the user fixed the chunk: say which chunk would do better
+        auto = _search(mm, quality_model, limits, min_tokens, chunk_choices(tokens, None))
+        other = next((c for c in auto if c.verdict == "recommended"), None)
+        if other is not None and other.prefill_chunk != chunk and (
+                best is None or round(other.quality, 3) > round(best.quality, 3)):
+            hint = (f"with --prefill-chunk {other.prefill_chunk or tokens} the request fits better: "
+                    f"{other.label(mm.seen)}, estimated quality {other.quality:.3f}")
+            if best is None:
+                message += f"; {hint}"
+            else:
+                notes.append(hint)
     if shape.max_position_embeddings and mm.context + new_tokens > shape.max_position_embeddings:
         notes.append(f"context + new tokens = {mm.context + new_tokens:,} exceeds the model's "
                      f"max_position_embeddings {shape.max_position_embeddings:,}")
     if dtype is None and shape.dtype is None:
         notes.append("the config states no dtype; planned for fp32 (pass --dtype)")
-    if best is not None and best.memory.attention > best.memory.peak_kv:
-        notes.append(f"prefill attention scores ({format_bytes(best.memory.attention)}) outweigh the KV cache at the "
-                     "peak; a smaller --prefill-chunk leaves room for more tokens")
+    if best is not None and limits.device is None:
+        notes.append(f"device memory not checked: the run needs about {format_bytes(best.memory.total)} "
+                     f"(weights {format_bytes(best.memory.weights)}); --device-memory h100 (or a size) checks it")
     if any(e["type"] == "aqua" for e in (best.entries if best else ())):
         notes.append("AQUA needs a calibration artifact for this model (kvtool calibrate) before the cache is built")
-    return Plan(limit, shape, mm, quality_model, min_tokens, tuple(points), tuple(frontier), best, message,
-                tuple(notes))
+    return Plan(limits, shape, mm, quality_model, min_tokens, tuple(points), tuple(pareto), best, message,
+                tuple(notes), device_label, binding)
 
 
-def _dominates(a: Candidate, b: Candidate) -> bool:
-    """``a`` is no worse than ``b`` on total bytes and quality, and better on one."""
-    no_worse = a.memory.total <= b.memory.total and a.quality >= b.quality
-    return no_worse and (a.memory.total < b.memory.total or a.quality > b.quality)
+def plannable_token_policies() -> tuple[str, ...]:
+    """The token policies :func:`plan` can size: the registry's token rows that split a budget into knobs, sorted.
+
+    Read from :data:`kvpress_aqua.policies.registry.POLICY_TYPES`, so a new row is planned without a
+    change here; a policy that keeps a rate rather than a budget (no ``split``) is not among them.
+    """
+    return tuple(sorted(row.name for row in POLICY_TYPES.values() if row.kind == "token" and row.split))
+
+
+def _plannable(name: str) -> str:
+    row = policy_type(name, "token")
+    if not row.split:
+        raise ValueError(f"token policy {name!r} keeps a rate, not a token budget, so there is no budget to plan; "
+                         f"use --token-policy {' or '.join(plannable_token_policies())}")
+    return row.name
+
+
+def _chunk_text(chunk: int | None) -> str:
+    return f"prefill chunk {chunk:,}" if chunk else "prefill in one forward"
+
+
+def _search(mm: MemoryModel, quality: QualityModel, limits: Limits, min_tokens: int,
+            chunks: Sequence[int | None]) -> list[Candidate]:
+    """One point per key width (its best chunk and largest budget), the best that fits marked ``recommended``."""
+    points = []
+    for key_dim in candidate_key_dims(mm.shape.info.head_dim):
+        fits, b, c = best_chunk(mm, key_dim, limits, min_tokens, chunks,
+                                lambda budget, k=key_dim: score(mm, quality, k, budget))
+        points.append(point(mm, quality, key_dim, b, c, fits, "fits" if fits else "does not fit"))
+    best = max((c for c in points if c.fits), key=lambda c: (round(c.quality, 9), -c.memory.total), default=None)
+    return [replace(c, verdict="recommended") if c is best else c for c in points]
+
+
+def _binding(mm: MemoryModel, limits: Limits, best: Candidate) -> str:
+    """What stops the recommendation from keeping more tokens: the KV budget, the device memory, or nothing."""
+    if best.token_budget is None:
+        return "nothing binds: every token is kept"
+    more = replace(mm, prefill_chunk=best.prefill_chunk).evaluate(best.key_dim, best.token_budget + 1)
+    over = limits.exceeded(more)
+    if over == ("device memory",):
+        m = best.memory
+        return (f"the device memory binds ({format_bytes(m.total)} of {format_bytes(limits.device)}: weights "
+                f"{format_bytes(m.weights)}, cache {format_bytes(m.cache_peak)}, working set "
+                f"{format_bytes(m.working_set)}, overhead {format_bytes(m.overhead)})")
+    what = " and ".join(over)
+    return f"the {what} bind{'s' if len(over) == 1 else ''} ({format_bytes(best.memory.cache_peak)} of KV cache)"
+

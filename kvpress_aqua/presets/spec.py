@@ -47,6 +47,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -60,9 +61,17 @@ from ..policies.registry import DEFAULT_SINKS, KINDS, PolicyType, policy_names, 
 if TYPE_CHECKING:
     from ..policies.base import ChannelPolicy, TokenPolicy
 
-__all__ = ["RELATIVE_KNOB", "TOML_KEYS", "PolicySpec", "list_presets", "parse_policy", "policy_knobs"]
+__all__ = [
+    "RELATIVE_KNOB",
+    "TOML_KEYS",
+    "PolicySpec",
+    "list_presets",
+    "parse_policy",
+    "planned_prefill_chunk",
+    "policy_knobs",
+]
 
-TOML_KEYS = ("description", "policy")
+TOML_KEYS = ("description", "prefill_chunk", "policy")
 """The top-level keys a policy TOML file may hold."""
 
 RELATIVE_KNOB = "kv_fraction"
@@ -93,6 +102,10 @@ class PolicySpec:
         Human description (presets carry one).
     source : str
         Where it came from: ``"preset"``, ``"file"`` or ``"inline"``.
+    prefill_chunk : int or None
+        Tokens per prefill forward the stack was planned for (``kvtool plan --emit-preset`` writes the
+        chunk its memory prediction depends on); commands that build a cache from the spec use it
+        unless ``--prefill-chunk`` is given (:func:`planned_prefill_chunk`). Not part of :attr:`key`.
 
     """
 
@@ -100,6 +113,7 @@ class PolicySpec:
     entries: tuple[dict[str, Any], ...]
     description: str = ""
     source: str = "inline"
+    prefill_chunk: int | None = None
 
     @property
     def is_full(self) -> bool:
@@ -174,6 +188,8 @@ class PolicySpec:
     def to_toml(self) -> str:
         """The stack as a preset TOML document (loadable by :func:`parse_policy`)."""
         lines = [f"description = {_toml_value(self.description or self.name)}"]
+        if self.prefill_chunk is not None:
+            lines.append(f"prefill_chunk = {self.prefill_chunk}")
         if not self.entries:
             lines.append("policy = []")
         for entry in self.entries:
@@ -222,7 +238,7 @@ def policy_knobs(name: str) -> dict[str, tuple[tuple[str, ...], Any]]:
 
     The knobs are the dataclass fields of the type's class (those set at construction; the class
     is loaded, with torch), plus :data:`RELATIVE_KNOB` (a float, the fraction of dense KV bytes) for
-    token policies.
+    token policies with a budget.
 
     Parameters
     ----------
@@ -236,7 +252,7 @@ def policy_knobs(name: str) -> dict[str, tuple[tuple[str, ...], Any]]:
         if f.init and not f.name.startswith("_"):
             has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
             knobs[f.name] = (_value_kinds(f.type), f.default if has_default else dataclasses.MISSING)
-    if row.kind == "token":
+    if row.split:
         knobs[RELATIVE_KNOB] = (("float",), dataclasses.MISSING)
     return knobs
 
@@ -363,10 +379,15 @@ def _from_toml(text: str, name: str, where: str, source: str) -> PolicySpec:
             hint = f" (did you mean [[{close[0]}]]?)" if close == ["policy"] else (
                 f" (did you mean {close[0]!r}?)" if close else "")
             raise ValueError(f"{where}: unknown top-level key {key!r} = {_show(value)}{hint}; a policy file holds only "
-                             "description = \"...\" and [[policy]] tables (policy = [] for no compression)")
+                             "description = \"...\", prefill_chunk = N and [[policy]] tables (policy = [] for no "
+                             "compression)")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise ValueError(f"{where}: description = {description!r} must be a string")
+    chunk = data.get("prefill_chunk")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"{where}: prefill_chunk = {_show(chunk)} must be a positive whole number of tokens per "
+                         "prefill forward, e.g. prefill_chunk = 512 (leave it out for the command's default)")
     if "policy" not in data:
         raise ValueError(f"{where}: no [[policy]] tables; add [[policy]] tables (type = "
                          f"{' | '.join(policy_names())}, knobs), or write policy = [] for no compression")
@@ -378,7 +399,8 @@ def _from_toml(text: str, name: str, where: str, source: str) -> PolicySpec:
         raise ValueError(f"{where}: policy = {policies!r} must be an array of tables ([[policy]]), or [] for no "
                          "compression")
     entries = tuple(_check_entry(e, f"{where}, [[policy]] #{i}") for i, e in enumerate(policies, 1))
-    return _checked_spec(PolicySpec(name=name, entries=entries, description=description, source=source), where)
+    return _checked_spec(PolicySpec(name=name, entries=entries, description=description, source=source,
+                                    prefill_chunk=chunk), where)
 
 
 def _preset_dir() -> resources.abc.Traversable:
@@ -388,6 +410,16 @@ def _preset_dir() -> resources.abc.Traversable:
 def _load_preset(name: str) -> PolicySpec:
     item = _preset_dir() / f"{name}.toml"
     return _from_toml(item.read_text(), name, f"preset {name!r}", "preset")
+
+
+def planned_prefill_chunk(specs: Iterable[PolicySpec], default: int | None) -> int | None:
+    """The prefill chunk to run ``specs`` with when the user gave none: the smallest any of them carries.
+
+    A spec written by ``kvtool plan`` carries the chunk its memory prediction depends on; the
+    smallest of several keeps every such plan within its memory. ``default`` when none carries one.
+    """
+    chunks = [s.prefill_chunk for s in specs if s.prefill_chunk is not None]
+    return min(chunks) if chunks else default
 
 
 def list_presets() -> dict[str, str]:

@@ -1,0 +1,140 @@
+"""Plan points: a key width, a prefill chunk and a token budget with their bytes and estimated quality.
+
+:class:`Candidate` is one point; :func:`point` builds one from a
+:class:`~kvpress_aqua.planner.memory.MemoryModel` and a
+:class:`~kvpress_aqua.planner.quality.QualityModel`, with its policy stack (the token policy split by
+the registry, :func:`~kvpress_aqua.policies.registry.token_entry`, and AQUA); :func:`frontier` is the
+memory-quality Pareto set of the fitting points. :mod:`kvpress_aqua.planner.search` uses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..policies.registry import DEFAULT_SINKS, token_entry
+from .memory import Breakdown, MemoryModel
+from .quality import QualityModel
+
+__all__ = ["Candidate", "budget_grid", "frontier", "point", "score"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One plan point: a key width and prefill chunk with the largest token budget that fits (or the smallest).
+
+    Attributes
+    ----------
+    k_ratio : float
+        ``key_dim / head_dim``; 1 means no AQUA.
+    key_dim : int
+        Stored key channels.
+    token_budget : int or None
+        Tokens kept per layer, KV head and sequence; ``None`` keeps every token.
+    prefill_chunk : int or None
+        Tokens per prefill forward the point is planned with (``None``: the whole prompt at once).
+    retained : float
+        Fraction of the tokens seen that the budget keeps.
+    memory : Breakdown
+        Predicted bytes.
+    quality : float
+        Estimated quality (see :class:`QualityModel`).
+    fits : bool
+        Whether ``memory.total`` fits the budget.
+    verdict : str
+        ``recommended``, ``fits`` or ``does not fit`` (``frontier`` for :attr:`Plan.frontier` points).
+    entries : tuple of dict
+        The policy stack as :class:`~kvpress_aqua.presets.spec.PolicySpec` entries.
+
+    """
+
+    k_ratio: float
+    key_dim: int
+    token_budget: int | None
+    prefill_chunk: int | None
+    retained: float
+    memory: Breakdown
+    quality: float
+    fits: bool
+    verdict: str
+    entries: tuple[dict[str, Any], ...]
+
+    def label(self, seen: int) -> str:
+        """Short human label: ``"k 0.5, 1,024 tokens"``."""
+        tokens = f"all {seen:,} tokens" if self.token_budget is None else f"{self.token_budget:,} tokens"
+        return f"k_ratio {self.k_ratio:g} ({self.key_dim} key channels), {tokens}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        m = self.memory
+        return {
+            "k_ratio": self.k_ratio, "key_dim": self.key_dim, "token_budget": self.token_budget,
+            "prefill_chunk": self.prefill_chunk, "retained": self.retained, "quality": self.quality,
+            "fits": self.fits, "verdict": self.verdict, "cache_bytes": m.cache_bytes,
+            "cache_peak_bytes": m.cache_peak, "kv_bytes": m.kv, "projection_bytes": m.projections,
+            "weights_bytes": m.weights, "peak_kv_bytes": m.peak_kv, "attention_bytes": m.attention,
+            "activation_bytes": m.activations, "copy_bytes": m.copy, "overhead_bytes": m.overhead,
+            "peak_phase": m.peak_phase, "total_bytes": m.total, "policies": [dict(e) for e in self.entries],
+        }
+
+
+def budget_grid(low: int, high: int, points: int) -> list[int]:
+    """About ``points`` budgets spaced geometrically from ``low`` to ``high`` (both included)."""
+    if high < low:
+        return []
+    ratio = (high / low) ** (1 / max(points - 1, 1))
+    return sorted({min(high, round(low * ratio**i)) for i in range(points)} | {high})
+
+
+def score(mm: MemoryModel, quality: QualityModel, key_dim: int, budget: int | None) -> float:
+    """Estimated quality of keeping ``key_dim`` key channels and ``budget`` tokens (``None``: all)."""
+    return quality(key_dim / mm.shape.info.head_dim, 1.0 if budget is None else budget / mm.seen, mm.token_policy)
+
+
+def point(mm: MemoryModel, quality: QualityModel, key_dim: int, budget: int | None, chunk: int | None, fits: bool,
+          verdict: str) -> Candidate:
+    """The plan point of ``key_dim`` channels, ``budget`` tokens and prefill ``chunk``: bytes, quality, stack."""
+    retained = 1.0 if budget is None else budget / mm.seen
+    return Candidate(
+        k_ratio=key_dim / mm.shape.info.head_dim, key_dim=key_dim, token_budget=budget, prefill_chunk=chunk,
+        retained=retained, memory=replace(mm, prefill_chunk=chunk).evaluate(key_dim, budget),
+        quality=score(mm, quality, key_dim, budget), fits=fits, verdict=verdict,
+        entries=_entries(mm, key_dim, budget),
+    )
+
+
+def frontier(mm: MemoryModel, quality: QualityModel, fitting: Sequence[Candidate], min_tokens: int,
+             points: int = 16) -> list[Candidate]:
+    """Pareto frontier (KV cache bytes vs quality) of every fitting key width over budgets up to its largest.
+
+    Each width keeps its chunk; cheapest first.
+    """
+    pool = []
+    for c in fitting:
+        top = mm.seen - 2 if c.token_budget is None else c.token_budget
+        budgets = [b for b in budget_grid(min_tokens, top, points) if b != c.token_budget]
+        pool += [point(mm, quality, c.key_dim, b, c.prefill_chunk, fits=True, verdict="frontier") for b in budgets]
+        pool.append(replace(c, verdict="frontier"))
+    best = [c for c in pool if not any(_dominates(o, c) for o in pool)]
+    unique = {(c.key_dim, c.token_budget): c for c in best}
+    return sorted(unique.values(), key=lambda c: (c.memory.cache_peak, -c.quality))
+
+
+def _entries(mm: MemoryModel, key_dim: int, budget: int | None) -> tuple[dict[str, Any], ...]:
+    info = mm.shape.info
+    entries = []
+    if budget is not None:
+        windows = [w for w in mm.windows if w is not None]
+        max_sinks = min(windows) - 1 if windows else DEFAULT_SINKS
+        entries.append(token_entry(mm.token_policy, budget, max_sinks))
+    if key_dim < info.head_dim:
+        entries.append({"type": "aqua", "k_ratio": key_dim / info.head_dim})
+    return tuple(entries)
+
+
+def _dominates(a: Candidate, b: Candidate) -> bool:
+    """``a`` is no worse than ``b`` on KV cache bytes and quality, and better on one."""
+    no_worse = a.memory.cache_peak <= b.memory.cache_peak and a.quality >= b.quality
+    return no_worse and (a.memory.cache_peak < b.memory.cache_peak or a.quality > b.quality)
+

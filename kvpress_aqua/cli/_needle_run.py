@@ -31,7 +31,8 @@ from ..evaluation.needle.results import (
     write_csv,
 )
 from ..evaluation.needle.tasks import Cell
-from ..util.sizes import format_bytes, parse_tokens
+from ..util.sizes import parse_tokens
+from ._tables import Column, bytes_column, fit_tables
 from .common import Interrupted, add_runtime_arguments, apply_threads, check_runtime_arguments, make_console
 
 if TYPE_CHECKING:
@@ -171,11 +172,14 @@ def _run_pending(
     done: dict[tuple, dict[str, Any]], console: Console, keys: dict[Cell, tuple], total: int,
 ) -> None:
     from rich import progress as bars
+    from rich.table import Column as RichColumn
 
     from ..evaluation.needle.runner import run_cells
 
-    columns = (bars.TextColumn("{task.description}", markup=False), bars.BarColumn(), bars.MofNCompleteColumn(),
-               bars.TimeElapsedColumn(), bars.TimeRemainingColumn())
+    # the description (a policy name) folds, so that the counters and times keep their width at 80 columns
+    columns = (bars.TextColumn("{task.description}", markup=False, table_column=RichColumn(ratio=1, overflow="fold")),
+               bars.BarColumn(bar_width=20), bars.MofNCompleteColumn(), bars.TimeElapsedColumn(),
+               bars.TimeRemainingColumn())
     wanted = set(keys.values())
     try:
         with bars.Progress(*columns, console=console, transient=False) as progress:
@@ -200,30 +204,38 @@ def _labelled(row: dict[str, Any], policy: str) -> dict[str, Any]:
     return row if row.get("policy") == policy else {**row, "policy": policy}
 
 
-def summary_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
-    """Mean exact-match score per policy and protocol, per length and task, with measured KV bytes."""
-    from rich.table import Table
+def _tokens(n: int) -> str:
+    """A prompt length as a short header: ``512``, ``1k``, ``1.5k`` (k = 1024)."""
+    return f"{n / 1024:g}k" if n >= 1024 and n % 256 == 0 else str(n)
 
+
+def summary_table(rows: Sequence[dict[str, Any]], title: str, width: int = 80) -> list[Table]:
+    """Mean exact-match score per policy and protocol, per length and task, with measured KV bytes.
+
+    Policy names fold onto more lines, never cut; numbers stay whole: the columns that do not fit
+    ``width`` go to a second table with the same policy and protocol columns
+    (:func:`~kvpress_aqua.cli._tables.fit_tables`).
+    """
     summary = summarize(rows)
     lengths = sorted({n for s in summary for n in s.by_length})
     tasks = list(dict.fromkeys(t for s in summary for t in s.by_task))
-    table = Table(title=title, caption="score = mean exact match (1 = every needle value recalled); KV = bytes "
-                  "held while answering, measured, per sequence")
-    for col in ("policy", "protocol", "KV of dense", f"KV @ {lengths[-1]} tok"):
-        table.add_column(col, justify="left" if col in ("policy", "protocol") else "right")
-    for n in lengths:
-        table.add_column(f"{n} tok", justify="right")
+    unit, kv = bytes_column([s.kv_bytes.get(lengths[-1]) for s in summary])
+    keys = [Column("policy", fold=True, justify="left"), Column("protocol", justify="left")]
+    values = [Column("KV%"), Column(unit), *(Column(_tokens(n)) for n in lengths)]
     if len(tasks) > 1:
-        for t in tasks:
-            table.add_column(t, justify="right")
-    table.add_column("mean", justify="right", style="bold")
-    for s in summary:
+        values += [Column(t) for t in tasks]
+    values.append(Column("mean"))
+    table_rows = []
+    for s, held in zip(summary, kv, strict=True):
         cells = [f"{s.by_length[n]:.2f}" if n in s.by_length else "-" for n in lengths]
         if len(tasks) > 1:
             cells += [f"{s.by_task[t]:.2f}" if t in s.by_task else "-" for t in tasks]
-        kv = format_bytes(s.kv_bytes[lengths[-1]]) if lengths[-1] in s.kv_bytes else "-"
-        table.add_row(s.policy, s.protocol, f"{s.kv_fraction:.1%}", kv, *cells, f"{s.score:.2f}")
-    return table
+        table_rows.append([s.policy, s.protocol, f"{100 * s.kv_fraction:.1f}", held, *cells, f"{s.score:.2f}"])
+    caption = (f"score = mean exact match (1 = every needle value recalled) per prompt length in tokens "
+               f"({', '.join(_tokens(n) for n in lengths)}){' and per task' if len(tasks) > 1 else ''}; KV% = "
+               f"bytes held while answering, per sequence, in % of a full cache; {unit} = the same at "
+               f"{lengths[-1]} tokens")
+    return fit_tables(title, caption, keys, values, table_rows, width)
 
 
 def write_plots(rows: Sequence[dict[str, Any]], out: Path, model: str, console: Console) -> list[Path]:
@@ -245,7 +257,8 @@ def report(rows: Sequence[dict[str, Any]], args: argparse.Namespace, model: str,
     if args.json:
         print(json.dumps(summary_json(rows), indent=2))
     else:
-        console.print(summary_table(rows, title))
+        for table in summary_table(rows, title, console.width):
+            console.print(table)
     if not args.no_plots:
         for path in write_plots(rows, args.out, model, console):
             console.print(f"wrote {path}", soft_wrap=True)

@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+from ._tables import Column, bytes_column, fit_tables
 from .common import (
     add_runtime_arguments,
     apply_threads,
@@ -71,8 +72,6 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"prompt file {args.prompt_file} does not exist")
     specs = list(parse_specs(args.policy or DEFAULT_POLICIES).values())
     # torch and the cache: after the checks, so that typos are reported at once
-    from rich.table import Table
-
     from ..core.cache import CompressedCache
     from ..evaluation.generation import eos_ids, greedy_generate
 
@@ -92,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
             out = greedy_generate(model, cache, ids, args.max_new_tokens, eos)
             seconds = time.perf_counter() - start
             if not args.json:
-                console.print(cache.memory_report() if len(specs) == 1 else str(cache.memory_report()))
+                console.print(cache.memory_report() if len(specs) == 1 else str(cache.memory_report()),
+                              soft_wrap=len(specs) > 1)
         finally:
             cache.detach()
         text = tokenizer.decode(out.tokens[0], skip_special_tokens=True).strip()
@@ -101,12 +101,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = Table(title=f"{context}-token prompt, greedy, {args.max_new_tokens} new tokens",
-                  caption="KV bytes = held after the first decode step")
-    for col in ("policy", "KV bytes", "of dense", "seconds", "output"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(r["policy"], f"{r['kv_bytes']:,}", f"{r['kv_bytes'] / r['dense_kv_bytes']:.1%}",
-                      f"{r['seconds']:.1f}", r["text"])
-    console.print(table)
+    unit, held = bytes_column([r["kv_bytes"] for r in rows])
+    values = [Column(unit), Column("KV%"), Column("s"), Column("output", fold=True, justify="left")]
+    cells = [[r["policy"], kv, f"{100 * r['kv_bytes'] / r['dense_kv_bytes']:.1f}", f"{r['seconds']:.1f}", r["text"]]
+             for r, kv in zip(rows, held, strict=True)]
+    for table in fit_tables(f"{context}-token prompt, greedy, {args.max_new_tokens} new tokens",
+                            f"{unit} = KV bytes held after the first decode step, KV% = the same in % of a full "
+                            "cache; s = seconds", [Column("policy", fold=True, justify="left")], values, cells,
+                            console.width):
+        console.print(table)
     return 0

@@ -9,7 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..util.sizes import format_bytes, parse_tokens
+from ..util.sizes import parse_tokens
+from ._tables import Column, bytes_column, fit_tables
 from .common import (
     add_runtime_arguments,
     apply_threads,
@@ -57,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
     # torch and the runner: after the checks, so that typos are reported at once
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     from ..data.haystack import load_haystack
     from ..evaluation.perplexity import PerplexityResult, perplexity
@@ -92,13 +92,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": model_name, "text": source, "chunk": args.chunk, "results": rows}, indent=2))
         return 0
-    table = Table(title=f"perplexity of {context} tokens of {source}, {model_name}, chunks of {args.chunk}",
-                  caption="every token is predicted through the compressed cache; KV = bytes held after the "
-                  "last chunk")
-    for col in ("policy", "PPL", "Δ vs full", "KV bytes", "of dense", "seconds"):
-        table.add_column(col, justify="left" if col == "policy" else "right")
-    for r in rows:
-        table.add_row(r["policy"], f"{r['ppl']:.3f}", f"{r['delta_pct']:+.2f}%", format_bytes(r["kv_bytes"]),
-                      f"{r['kv_fraction']:.1%}", f"{r['seconds']:.1f}")
-    console.print(table)
+    unit, held = bytes_column([r["kv_bytes"] for r in rows])
+    values = [Column("PPL"), Column("Δ%"), Column(unit), Column("KV%"), Column("s")]
+    cells = [[r["policy"], f"{r['ppl']:.3f}", f"{r['delta_pct']:+.2f}", kv, f"{100 * r['kv_fraction']:.1f}",
+              f"{r['seconds']:.1f}"] for r, kv in zip(rows, held, strict=True)]
+    caption = ("every token is predicted through the compressed cache; Δ% = change of PPL vs full; "
+               f"{unit} = KV bytes held after the last chunk, KV% = the same in % of full; s = seconds")
+    for table in fit_tables(f"perplexity of {context} tokens of {source}, {model_name}, chunks of {args.chunk}",
+                            caption, [Column("policy", fold=True, justify="left")], values, cells, console.width):
+        console.print(table)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 
 from ..util.sizes import format_bytes
@@ -57,24 +58,55 @@ class MemoryReport:
             "policy": self.policy_bytes,
         }
 
-    def __rich__(self) -> Table:
-        fmt = format_bytes
+    def _unit(self) -> tuple[str, int]:
+        """One binary unit for every byte column: the largest that keeps a layer's largest number at 1 or more."""
+        largest = max((max(r.total, r.dense_bytes) for r in self.rows), default=0)
+        unit, scale = "B", 1
+        for name in ("KiB", "MiB", "GiB", "TiB"):
+            if largest >= scale * 1024:
+                unit, scale = name, scale * 1024
+        return unit, scale
+
+    def tables(self, width: int = 120) -> list[Table]:
+        """The report as rich tables no wider than ``width``: one, or two (slots and bytes) when it is narrow.
+
+        Bytes are in one unit, named in the title, so that every number stays whole (never ``138…``).
+        """
+        unit, scale = self._unit()
+        digits = 0 if unit == "B" else 2
+
+        def fmt(n: int) -> str:
+            return f"{n / scale:.{digits}f}"
+
         ratio = self.total / self.dense if self.dense else float("nan")
-        table = Table(title=f"KV cache after {self.seen} tokens: {fmt(self.total)} held, {fmt(self.dense)} dense "
-                      f"({ratio:.1%})")
-        for col in ("layer", "kind", "slots", "held", "keys", "values", "meta", "total", "dense"):
-            table.add_column(col, justify="left" if col == "kind" else "right", no_wrap=True)
-        for r in self.rows:
-            table.add_row(str(r.layer), r.kind, str(r.slots), str(r.held), fmt(r.key_bytes), fmt(r.value_bytes),
-                          fmt(r.meta_bytes), fmt(r.total), fmt(r.dense_bytes))
         kinds = self.by_kind()
-        table.add_section()
-        table.add_row("all", "", "", str(sum(r.held for r in self.rows)), fmt(kinds["keys"]), fmt(kinds["values"]),
-                      fmt(kinds["metadata"]), fmt(self.total), fmt(self.dense))
-        table.caption = "held = valid tokens (sum over sequences and KV heads); meta = per-slot index, validity, scores"
+        head = ["layer", "kind", "slots", "held"]
+        tail = ["keys", "values", "meta", "total", "dense"]
+        body = [[str(r.layer), r.kind, str(r.slots), str(r.held), fmt(r.key_bytes), fmt(r.value_bytes),
+                 fmt(r.meta_bytes), fmt(r.total), fmt(r.dense_bytes)] for r in self.rows]
+        last = ["all", "", "", str(sum(r.held for r in self.rows)), fmt(kinds["keys"]), fmt(kinds["values"]),
+                fmt(kinds["metadata"]), fmt(self.total), fmt(self.dense)]
+        widths = [max(len(h), *(len(row[i]) for row in [*body, last])) + 3 for i, h in enumerate(head + tail)]
+        groups = [range(9)] if 1 + sum(widths) <= width else [range(4), [0, 4, 5, 6, 7, 8]]
+        title = (f"KV cache after {self.seen} tokens: {format_bytes(self.total)} held, {format_bytes(self.dense)} "
+                 f"dense ({ratio:.1%}); bytes in {unit}")
+        caption = "held = valid tokens (sum over sequences and KV heads); meta = per-slot index, validity, scores"
         if self.policy_bytes:
-            table.caption += f"; total includes {fmt(self.policy_bytes)} of AQUA projection matrices"
-        return table
+            caption += f"; total includes {format_bytes(self.policy_bytes)} of AQUA projection matrices"
+        out = []
+        for n, group in enumerate(groups):
+            table = Table(title=title if n == 0 else None, caption=caption if n == len(groups) - 1 else None)
+            for i in group:
+                table.add_column((head + tail)[i], justify="left" if i == 1 else "right", no_wrap=True)
+            for row in body:
+                table.add_row(*(row[i] for i in group))
+            table.add_section()
+            table.add_row(*(last[i] for i in group))
+            out.append(table)
+        return out
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield from self.tables(options.max_width)
 
     def __str__(self) -> str:
         kinds = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.by_kind().items())

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from ..evaluation.needle.results import (
     write_csv,
 )
 from ..evaluation.needle.tasks import Cell
+from ..presets.spec import planned_prefill_chunk
 from ..util.sizes import parse_tokens
 from ._tables import Column, bytes_column, fit_tables
 from .common import Interrupted, add_runtime_arguments, apply_threads, check_runtime_arguments, make_console
@@ -59,8 +60,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--batch-size", type=int, default=4,
                    help="depths run together for one policy, protocol, task and length (default 4)")
-    p.add_argument("--prefill-chunk", default="512",
-                   help="prefill chunk in tokens, or 'none' for one forward per prompt (default 512)")
+    p.add_argument("--prefill-chunk", default=None,
+                   help="prefill chunk in tokens, or 'none' for one forward per prompt (default: the chunk a "
+                   "kvtool plan preset carries, else 512)")
     add_runtime_arguments(p)
 
 
@@ -71,18 +73,26 @@ def check_model_arguments(args: argparse.Namespace) -> int | None:
     """
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size {args.batch_size}: give a positive number")
-    chunk = None if str(args.prefill_chunk).lower() == "none" else parse_tokens(args.prefill_chunk, "prefill chunk")
+    given = "512" if args.prefill_chunk is None else args.prefill_chunk
+    chunk = None if str(given).lower() == "none" else parse_tokens(given, "prefill chunk")
     if chunk is not None and chunk <= 0:
         raise ValueError(f"--prefill-chunk {args.prefill_chunk}: give a positive token count or 'none'")
     check_runtime_arguments(args)
     return chunk
 
 
-def run_config(args: argparse.Namespace, model_name: str, haystack: str) -> RunConfig:
-    """The shared settings of a run from parsed arguments (checked again; sets torch's threads)."""
+def run_config(args: argparse.Namespace, model_name: str, haystack: str,
+               specs: Iterable[PolicySpec] = ()) -> RunConfig:
+    """The shared settings of a run from parsed arguments (checked again; sets torch's threads).
+
+    Without ``--prefill-chunk`` the run uses the chunk a ``kvtool plan`` preset among ``specs`` was
+    planned with (:func:`~kvpress_aqua.presets.spec.planned_prefill_chunk`), else 512.
+    """
     from ..evaluation.needle.runner import RunConfig  # torch: loaded when a command runs
 
     chunk = check_model_arguments(args)
+    if args.prefill_chunk is None:
+        chunk = planned_prefill_chunk(specs, chunk)
     apply_threads(args.threads)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

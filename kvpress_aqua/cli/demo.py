@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = make_console(stderr=args.json)
     model_name = args.model or DEFAULT_MODEL
-    config = run_config(args, model_name, args.haystack)
+    config = run_config(args, model_name, args.haystack, specs.values())
     model, tokenizer = load_model_checked(args.model, console, **check_runtime_arguments(args))
     ensure_calibration(model, tokenizer, specs, model_name, console)
     check_policies(model, specs, max(DEMO_LENGTHS))

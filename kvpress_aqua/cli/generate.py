@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     context, eos = ids.shape[1], eos_ids(model, tokenizer)
     rows = []
     for spec in specs:
-        cache = CompressedCache(model, *spec.build(context=context), prefill_chunk=args.prefill_chunk)
+        cache = CompressedCache(model, *spec.build(context=context),
+                                prefill_chunk=args.prefill_chunk or spec.prefill_chunk)
         start = time.perf_counter()
         try:
             out = greedy_generate(model, cache, ids, args.max_new_tokens, eos)

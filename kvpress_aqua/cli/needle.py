@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = make_console(stderr=args.json)
     model_name = args.model or DEFAULT_MODEL
-    config = run_config(args, model_name, args.haystack)
+    config = run_config(args, model_name, args.haystack, specs.values())
     if args.report_only:
         model = tokenizer = None
     else:

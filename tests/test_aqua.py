@@ -13,7 +13,7 @@ from kvpress_aqua.calibration import calibrate
 from kvpress_aqua.core.accounting import layer_nbytes
 from kvpress_aqua.ops.reference import top_channels
 from kvpress_aqua.policies import H2O
-from kvpress_aqua.policies.aqua import CHANNEL_MULTIPLE, Aqua
+from kvpress_aqua.policies.aqua import CHANNEL_MULTIPLE, Aqua, smallest_key_width
 from kvpress_aqua.util.compat import cache_kwargs
 
 TEXT = "A lighthouse keeper counts the ships that pass the harbour each night and logs the weather. " * 10
@@ -238,3 +238,24 @@ def test_residual_rows_hold_the_dropped_channels_of_sinks_and_recent_tokens(evic
                     assert not layer.exact.keys[0, head, row].any() and int(layer.exact.slot[0, head, row]) == -1
                     evicted += 1
     assert (evicted > 0) == evict
+
+
+@pytest.mark.parametrize("basis", ["identity", "svd"])
+def test_fewer_than_the_smallest_width_is_refused_with_the_reason(basis):
+    model = make_tiny_model("llama")  # head_dim 16, a test-size head: at least 4 channels
+    artifact = _artifact(model) if basis == "svd" else None
+    with pytest.raises(ValueError, match=r"Aqua\(k_ratio=0.01\) keeps 1 of the 16 key channels .* smallest width is "
+                                         r"4 channels \(k_ratio >= 0.25 here\): channels are split in blocks of 8"):
+        CompressedCache(model, Aqua(k_ratio=0.01, basis=basis, artifact=artifact))
+    assert model.config._attn_implementation == "sdpa"
+    cache = CompressedCache(model, Aqua(k_ratio=0.25, basis=basis, artifact=artifact))
+    assert {cache.channel_policy.key_dim(i) for i in range(2)} == {4}
+
+
+def test_a_real_head_keeps_at_least_eight_channels():
+    assert [smallest_key_width(d) for d in (8, 16, 32, 64, 128, 256)] == [2, 4, 8, 8, 8, 8]
+    model = make_tiny_model("llama", head_dim=64)
+    with pytest.raises(ValueError, match=r"keeps 6 of the 64 key channels .* smallest width is 8 channels \(k_ratio "
+                                         r">= 0.125 here\)"):
+        CompressedCache(model, Aqua(k_ratio=0.1, basis="identity"))
+    assert CompressedCache(model, Aqua(k_ratio=0.125, basis="identity")).channel_policy.key_dim(0) == 8

@@ -171,3 +171,33 @@ def test_blockwise_attention_equals_one_block(arch, monkeypatch):
     for (index_a, score_a), (index_b, score_b) in zip(one_state, blocked_state, strict=True):
         assert torch.equal(index_a, index_b)
         assert torch.allclose(score_a, score_b, atol=1e-5)
+
+
+def test_a_with_block_gives_the_model_its_attention_back():
+    model = make_tiny_model("llama")
+    ids = _ids(model, 1, 12, 0)
+    with CompressedCache(model, SlidingWindow(sinks=2, window=6)) as cache:
+        _generate(model, ids, cache, steps=2)
+        assert model.config._attn_implementation == ATTENTION_NAME
+    assert model.config._attn_implementation == "sdpa"
+    assert cache.get_seq_length() > 0  # still usable: the next update re-attaches
+
+
+def test_a_plain_cache_refuses_a_larger_batch_with_what_to_do():
+    model = make_tiny_model("llama")
+    cache = CompressedCache(model)
+    _generate(model, _ids(model, 1, 8, 0), cache, steps=2)
+    with pytest.raises(ValueError, match="holds 1 sequences but was given a batch of 2; build a new CompressedCache"):
+        _generate(model, _ids(model, 2, 8, 1), cache, steps=2)
+
+
+@pytest.mark.parametrize("policies", [(), (SlidingWindow(sinks=2, window=6),)], ids=["plain", "compressed"])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_a_cache_refuses_a_model_with_another_layer_count(policies, layers):
+    built_for, other = make_tiny_model("llama"), make_tiny_model("llama", num_hidden_layers=layers)
+    cache = CompressedCache(built_for, *policies)
+    with pytest.raises(ValueError, match=r"this cache was built for .* \(2 layers\).*build a new CompressedCache"):
+        # two forwards: a 1-layer model is noticed when its second forward starts again at layer 0
+        _generate(other, _ids(other, 1, 8, 0), cache, steps=2)
+    cache.reset()  # empty again: the model it was built for runs it
+    _generate(built_for, _ids(built_for, 1, 8, 0), cache, steps=2)

@@ -41,7 +41,10 @@ class CompressedCache(Cache):
         :func:`~kvpress_aqua.attention.compressed_attention` (registered through
         ``transformers.AttentionInterface``) when a policy needs it. Several caches may serve one
         model: the model gets its own attention back when the last of them is detached
-        (:meth:`detach`) or garbage-collected, and a detached cache that is used again re-attaches.
+        (:meth:`detach`, or the end of a ``with`` block on the cache) or garbage-collected, and a
+        detached cache that is used again re-attaches. A cache stays alive while anything refers to
+        it (``out.past_key_values`` of ``generate`` does): detach it before ``save_pretrained`` (the
+        config would name this package's attention) or before timing the model's own attention.
     *policies : TokenPolicy or ChannelPolicy
         At most one of each kind, in any order. None at all gives a plain ``DynamicCache``.
     prefill_chunk : int, optional
@@ -97,6 +100,13 @@ class CompressedCache(Cache):
             layer_idx, self.info.num_kv_heads, self.info.head_dim, self.token_policy, self.channel_policy, window
         )
 
+    def __enter__(self) -> CompressedCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Leaving a ``with CompressedCache(...) as cache:`` block detaches the cache (:meth:`detach`)."""
+        self.detach()
+
     def detach(self) -> None:
         """Release the model's attention: it returns to its own once no live cache needs the switch.
 
@@ -115,12 +125,46 @@ class CompressedCache(Cache):
         Re-attaches a detached cache, and finalizes the layer updated before this one, so that a
         chunk which overfilled that layer's budget is evicted before this layer stores its own.
         """
+        self._check_update(key_states, layer_idx)
         if self.policies and not self._attached:
             self._attach()
         previous, self._last_layer = self._last_layer, layer_idx
         if previous is not None and previous != layer_idx and isinstance(self.layers[previous], CompressedLayer):
             self.layers[previous].finalize()
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _check_update(self, key_states: torch.Tensor, layer_idx: int) -> None:
+        """Refuse a model this cache was not built for, and a batch size the plain path cannot grow into.
+
+        The cache knows its model's layer count and head shape (:attr:`info`); a forward runs every
+        layer in order, so layer 0 coming again before the last layer ran means that a model with
+        fewer layers ran this cache (or a forward failed midway, leaving the layers out of step).
+        """
+        layers = len(self.layers)
+        built_for = f"this cache was built for {self.info.name} ({layers} layers)"
+        if not 0 <= layer_idx < layers:
+            raise ValueError(f"layer {layer_idx}: {built_for}; build a new CompressedCache(model, ...) for the "
+                             "model you run")
+        previous = self._last_layer
+        if layer_idx <= (previous if previous is not None else -1) and previous != layers - 1:
+            raise ValueError(f"layer {layer_idx} after layer {previous}: {built_for}, but the last forward stopped "
+                             f"after {previous + 1} layers (another model, or a forward that failed midway); build a "
+                             "new CompressedCache(model, ...) for each model and after a failed forward")
+        layer = self.layers[layer_idx]
+        if isinstance(layer, CompressedLayer):
+            return  # the layer checks its own shapes and batch
+        shape = (self.info.num_kv_heads, self.info.head_dim)
+        if key_states.ndim != 4 or (key_states.shape[1], key_states.shape[-1]) != shape:
+            raise ValueError(f"layer {layer_idx}: expected keys of shape (batch, {shape[0]}, new, {shape[1]}), got "
+                             f"{tuple(key_states.shape)}; {built_for}")
+        if layer.is_initialized and key_states.shape[0] != layer.keys.shape[0]:
+            raise ValueError(f"this cache holds {layer.keys.shape[0]} sequences but was given a batch of "
+                             f"{key_states.shape[0]}; build a new CompressedCache for a different batch size")
+
+    def reset(self) -> None:
+        """Empty every layer (the cache is then like a new one for the same model and policies)."""
+        super().reset()
+        self._last_layer = None
 
     def make_static(self, new_tokens: int) -> None:
         """Make every layer static for ``new_tokens`` decode steps (see :meth:`CompressedLayer.make_static`).

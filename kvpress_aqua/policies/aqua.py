@@ -19,6 +19,15 @@ CHANNEL_MULTIPLE = 8
 """Stored key widths are multiples of this (kernel-friendly); the last layer of a split may differ."""
 
 
+def smallest_key_width(head_dim: int) -> int:
+    """The fewest key channels :class:`Aqua` stores: :data:`CHANNEL_MULTIPLE` (8), a quarter of a head narrower than 32.
+
+    Every released model has heads of 64 channels or more, so 8 is the rule; the quarter is for
+    test-size heads (8 or 16 channels), which could not keep 8 of anything else.
+    """
+    return CHANNEL_MULTIPLE if head_dim >= 4 * CHANNEL_MULTIPLE else max(1, head_dim // 4)
+
+
 @dataclass
 class Aqua(ChannelPolicy):
     """Store the leading ``k_ratio`` of key channels in a calibrated basis; pick query channels at run time.
@@ -60,6 +69,14 @@ class Aqua(ChannelPolicy):
     (exact) keys before their keys are stored pruned. Memory: the projections ``(kv_heads, head_dim,
     r)`` per layer (``head_dim`` columns with exact tokens) are held in the model dtype and counted
     by :meth:`nbytes`; the exact tokens' dropped channels are counted as key bytes by the cache.
+
+    The narrowest stored key is :data:`CHANNEL_MULTIPLE` (8) channels (:func:`smallest_key_width`; a
+    quarter of a test-size head narrower than 32): binding refuses a ``k_ratio`` that keeps fewer
+    (``Aqua(k_ratio=0.01)`` on a 64-channel head would keep one; ``k_ratio >= 0.125`` there).
+    The spectrum split hands out channels in blocks of 8 (every layer keeps at
+    least its first block, so a smaller total could not be honoured), the fused kernel pads a key
+    narrower than 16 channels to 16 lanes (fewer would save memory but no time), and a ``q·k``
+    estimated from a handful of rotated channels ranks keys by little more than noise.
 
     Known limitations: the basis is fixed offline, so text far from the calibration text is
     compressed less well; ``q_ratio < 1`` saves no time in this implementation.
@@ -128,6 +145,14 @@ class Aqua(ChannelPolicy):
     def _split(self, info: ModelInfo, artifact: AquaArtifact | None) -> list[int]:
         d, layers = info.head_dim, info.num_layers
         r = max(1, min(d, round(self.k_ratio * d)))
+        smallest = smallest_key_width(d)
+        if r < smallest:
+            raise ValueError(
+                f"Aqua(k_ratio={self.k_ratio:g}) keeps {r} of the {d} key channels of {info.name}; the smallest "
+                f"width is {smallest} channels (k_ratio >= {smallest / d:g} here): channels are split in blocks of "
+                f"{CHANNEL_MULTIPLE} and the fused kernel pads narrower keys to 16 lanes, so fewer saves memory but "
+                "no time, and would rank keys by a q·k from almost no channels"
+            )
         if self.per_layer == "uniform":
             return [r] * layers
         # Blocks of CHANNEL_MULTIPLE leading channels, ranked by their share of each layer's energy

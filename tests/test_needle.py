@@ -376,3 +376,34 @@ def test_needle_run_emits_no_future_warning(tmp_path):
         warnings.simplefilter("error", FutureWarning)
         rows = _run(plan_cells(list(SPECS), ["context-first"], ["passkey"], [300], [50]), chunk=64)
     assert len(rows) == 3
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from kvpress_aqua.evaluation.needle.results import locked
+
+    _tiny_loader(monkeypatch)
+    argv = ["needle", "--policy", "full", "--lengths", "300", "--depths", "50", "--protocol", "context-first",
+            "--haystack", "noise", "--no-plots", "--out", str(tmp_path)]
+    holder = subprocess.Popen(  # another process holds the folder's lock
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from kvpress_aqua.evaluation.needle.results import locked\n"
+         "with locked(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(argv) == 2
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err == (f"error: another kvtool run is writing to {tmp_path}; wait for it to finish (then rerun to "
+                       "resume from its results) or pass another --out")
+        assert not (tmp_path / "results.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(argv) == 0  # the lock went with its process
+    with locked(tmp_path):  # and this process's own lock is released after the run
+        pass
+    assert len(read_results(tmp_path / "results.jsonl")) == 1

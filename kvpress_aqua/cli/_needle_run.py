@@ -24,11 +24,13 @@ from ..data.haystack import load_haystack
 from ..evaluation.needle.results import (
     append_result,
     cell_key,
+    locked,
     read_results,
     row_key,
     summarize,
     summary_json,
     write_csv,
+    write_text_atomic,
 )
 from ..evaluation.needle.tasks import Cell
 from ..presets.spec import planned_prefill_chunk
@@ -147,12 +149,27 @@ def execute(
     the rows already there are reported (missing cells left out), rows of older files without
     ``policy_key`` included by name. Rows of other runs in the same file are kept but not returned.
 
+    A run holds ``out/.lock`` (:func:`~kvpress_aqua.evaluation.needle.results.locked`): a second run
+    on the same folder is refused at once instead of appending the same cells twice.
+
     Raises
     ------
     Interrupted
         On Ctrl-C, saying how many of the cells are saved (every finished row is).
+    BlockingIOError
+        When another run holds ``out``.
 
     """
+    if model is None:  # report only: reads, and writes the CSV and summary atomically; no lock needed
+        return _execute(model, tokenizer, cells, specs, config, out, console)
+    with locked(out):
+        return _execute(model, tokenizer, cells, specs, config, out, console)
+
+
+def _execute(
+    model: Any, tokenizer: Any, cells: list[Cell], specs: dict[str, PolicySpec], config: RunConfig, out: Path,
+    console: Console,
+) -> list[dict[str, Any]]:
     path = out / "results.jsonl"
     done = _stored_rows(path, specs, legacy=model is None)
     keys = _cell_keys(cells, specs, config)
@@ -171,9 +188,8 @@ def execute(
     if legacy := sum(not row.get("policy_key") for row in rows):
         console.print(f"note: {legacy} rows without policy_key (written by an older kvtool) matched by policy name",
                       style="yellow", soft_wrap=True)
-    out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "results.csv")
-    (out / "summary.json").write_text(json.dumps(summary_json(rows), indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary_json(rows), indent=2) + "\n")
     return rows
 
 

@@ -13,25 +13,34 @@ Light on purpose (no torch); the runner, :mod:`kvpress_aqua.evaluation.needle.ru
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .tasks import Cell
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent runs on one folder are not detected there
+    fcntl = None
+
 __all__ = [
     "RESULT_FIELDS",
     "SummaryRow",
     "append_result",
+    "locked",
     "cell_key",
     "read_results",
     "row_key",
     "summarize",
     "summary_json",
     "write_csv",
+    "write_text_atomic",
 ]
 
 # -------------------------------------------------------------------------------------- results
@@ -130,12 +139,44 @@ def append_result(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.lock`` for the block, so that two runs never write the same results at once.
+
+    An advisory ``flock`` on a file that stays behind: the operating system drops the lock when the
+    holder exits, however it exits (Ctrl-C, kill -9), so there is no stale lock to clean up.
+
+    Raises
+    ------
+    OSError
+        ``BlockingIOError`` naming the folder when another process holds it.
+
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("a") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BlockingIOError(f"another kvtool run is writing to {folder}; wait for it to finish (then rerun "
+                                      "to resume from its results) or pass another --out") from None
+        yield
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file and a rename: readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Write rows as CSV with :data:`RESULT_FIELDS` columns."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    """Write rows as CSV with :data:`RESULT_FIELDS` columns (atomically)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
 
 
 @dataclass(frozen=True)

@@ -157,9 +157,10 @@ def test_cli_calibrate_sweep_writes_the_sidecar(tiny_model, tmp_path, monkeypatc
     (tmp_path / "held.txt").write_text(HELD_OUT)
     out = tmp_path / "tiny.safetensors"
     code = main(["calibrate", "--text", str(tmp_path / "cal.txt"), "--tokens", "256", "--out", str(out), "--sweep",
-                 "--sweep-tokens", "48", "--sweep-text", str(tmp_path / "held.txt"), "--json"])
+                 "--sweep-tokens", "48", "--sweep-text", str(tmp_path / "held.txt"), "--needle-length", "0", "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["sweep"]["path"] == str(tmp_path / "tiny.sweep.json")
+    assert "needle" not in summary and not (tmp_path / "tiny.needle.json").exists()  # --needle-length 0 skips it
     stored = json.loads((tmp_path / "tiny.sweep.json").read_text())
     assert stored["tokens"] == 48 and stored["text_source"] == f"file {tmp_path / 'held.txt'}"
     assert len(stored["points"]) == 20 and {p["k_ratio"] for p in stored["points"]} == {1, 0.75, 0.5, 0.375, 0.25}
@@ -171,3 +172,53 @@ def test_cli_calibrate_sweep_bad_text_exits_2(tmp_path, capsys):
     code = main(["calibrate", "--sweep", "--sweep-text", str(tmp_path / "missing.txt")])
     assert code == 2 and "missing.txt does not exist" in " ".join(capsys.readouterr().err.split())
 
+
+
+def test_needle_sweep_scores_each_grid_point_and_the_planner_ranks_by_it(tiny, monkeypatch):
+    from kvpress_aqua.data.haystack import load_haystack
+    from kvpress_aqua.evaluation import sweep as sweep_module
+
+    model, tokenizer, artifact = tiny
+    seen = {}
+
+    def fake_run_cells(model, tokenizer, cells, specs, config, on_row):
+        """Scores from the spec alone (a tiny random model recalls no passkey): 1 full, k_ratio x kept else."""
+        for cell in cells:
+            spec = specs[cell.policy]
+            seen[cell.policy] = (spec.entries, cell.protocol, cell.length, config.prefill_chunk)
+            k = next((e["k_ratio"] for e in spec.entries if e["type"] == "aqua"), 1.0)
+            kept = next((e["heavy"] + e["recent"] + e["sinks"] for e in spec.entries if e["type"] == "h2o"), 64)
+            on_row({"policy": cell.policy, "score": 0.5 * k * kept / 64, "seconds": 0.1})
+
+    monkeypatch.setattr(sweep_module, "run_cells", fake_run_cells)
+    sweep = sweep_module.measure_needle_sweep(model, tokenizer, artifact, load_haystack("noise"), k_ratios=(1, 0.5),
+                                              retained=(1, 0.25), length=64, depths=(10, 90), prefill_chunk=16)
+    assert sweep.metadata["metric"] == "needle" and sweep.metadata["full_score"] == 0.5
+    entries, protocol, length, chunk = seen["k0.5-r0.25"]
+    assert entries == (token_entry("h2o", 16), {"type": "aqua", "k_ratio": 0.5, "artifact": str(artifact.path)})
+    assert (protocol, length, chunk) == ("context-first", 64, 16) and len(seen) == 4
+    quality = {(p.k_ratio, p.retained): p.quality for p in sweep.points}
+    assert quality == {(1.0, 1.0): 1.0, (1.0, 0.25): 0.25, (0.5, 1.0): 0.5, (0.5, 0.25): 0.125}
+    assert all(p.ppl is None and p.score == pytest.approx(0.5 * p.quality) for p in sweep.points)
+    path = sweep.save(sweep_path(artifact.path, "needle"))
+    assert path.name == "tiny-llama.needle.json" and find_sweep(artifact, metric="needle")[0] is not None
+    assert find_sweep(artifact)[0] is None  # the perplexity sweep is another file
+    measure_sweep(model, tokenizer, artifact, HELD_OUT, k_ratios=(1, 0.5), retained=(1,), tokens=32,
+                  chunk=16).save(sweep_path(artifact.path))
+    p = plan("1GB", model.config, context=200, dtype="fp32", overhead=0, artifact=artifact.path)
+    assert p.quality_model.metric == "needle" and p.to_dict()["quality_metric"] == "needle"
+    assert p.quality_source.startswith("needle sweep") and p.quality_model(0.5, 0.25) == pytest.approx(0.125)
+    path.unlink()  # without it, the perplexity sweep is used, and the source says the needle sweep is missing
+    ppl = plan("1GB", model.config, context=200, dtype="fp32", overhead=0, artifact=artifact.path)
+    assert ppl.quality_model.metric == "perplexity" and "no needle sweep at" in ppl.quality_source
+
+
+def test_needle_sweep_of_a_model_that_recalls_nothing_is_refused(tiny, monkeypatch):
+    from kvpress_aqua.data.haystack import load_haystack
+    from kvpress_aqua.evaluation import sweep as sweep_module
+
+    model, tokenizer, artifact = tiny
+    monkeypatch.setattr(sweep_module, "run_cells", lambda m, t, cells, specs, config, on_row: [
+        on_row({"policy": c.policy, "score": 0.0, "seconds": 0.1}) for c in cells])
+    with pytest.raises(ValueError, match="recalls no passkey of 64 tokens with the full cache"):
+        sweep_module.measure_needle_sweep(model, tokenizer, artifact, load_haystack("noise"), length=64)

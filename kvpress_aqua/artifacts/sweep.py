@@ -4,7 +4,10 @@ A sweep (measured by :func:`kvpress_aqua.sweep.measure_sweep`, written by ``kvto
 is a JSON file next to its AQUA artifact (:func:`sweep_path`: ``<artifact stem>.sweep.json``): the
 text it was measured on (source, sha256, tokens), the chunk, the grid, the measured perplexity of
 every point and the fingerprint of the artifact it was measured with (:func:`artifact_fingerprint`).
-:func:`find_sweep` returns it when it matches the artifact, the token policy and AQUA's exact tokens.
+A needle sweep (:func:`kvpress_aqua.evaluation.sweep.measure_needle_sweep`, metadata ``metric =
+"needle"``) has the same layout in ``<artifact stem>.needle.json``: each point's exact-match score on
+needle prompts, relative to the full cache. :func:`find_sweep` returns either when it matches the
+artifact, the token policy and AQUA's exact tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from .aqua import AquaArtifact, as_float32
 
-__all__ = ["FORMAT", "QualitySweep", "SweepPoint", "artifact_fingerprint", "find_sweep", "sweep_path"]
+__all__ = ["FORMAT", "METRICS", "QualitySweep", "SweepPoint", "artifact_fingerprint", "find_sweep", "sweep_path"]
 
 FORMAT = "kvpress_aqua.quality_sweep/1"
 """Value of the ``format`` key of every sweep file; bumped when the layout changes."""
@@ -32,15 +35,25 @@ def artifact_fingerprint(artifact: AquaArtifact) -> str:
     return hashlib.sha256(as_float32(artifact.projections).tobytes()).hexdigest()
 
 
-def sweep_path(artifact_path: str | Path) -> Path:
-    """Where the sweep of the artifact at ``artifact_path`` lives: ``<artifact stem>.sweep.json`` beside it."""
+METRICS = {"ppl": "sweep", "needle": "needle"}
+"""A sweep's ``metric`` -> the middle of its file name: ``ppl`` (perplexity, ``<stem>.sweep.json``) or
+``needle`` (exact-match retrieval, ``<stem>.needle.json``)."""
+
+
+def sweep_path(artifact_path: str | Path, metric: str = "ppl") -> Path:
+    """Where the ``metric`` sweep of the artifact at ``artifact_path`` lives, beside it.
+
+    ``<artifact stem>.sweep.json`` for perplexity, ``<artifact stem>.needle.json`` for the needle sweep.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"sweep metric {metric!r}: use one of {', '.join(METRICS)}")
     path = Path(artifact_path).expanduser()
-    return path.with_name(f"{path.stem}.sweep.json")
+    return path.with_name(f"{path.stem}.{METRICS[metric]}.json")
 
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One measured grid point.
+    """One measured grid point (of a perplexity sweep, or of a needle sweep: ``ppl``, ``nll`` ``None``).
 
     Attributes
     ----------
@@ -50,22 +63,26 @@ class SweepPoint:
         Token budget as a fraction of the evaluated tokens (1: no token policy).
     token_budget : int or None
         The budget in tokens (``None``: every token kept).
-    ppl, nll : float
-        Perplexity and mean negative log-likelihood per scored token.
+    ppl, nll : float or None
+        Perplexity and mean negative log-likelihood per scored token (perplexity sweeps).
     quality : float
-        ``exp(-(nll - nll_full))`` = ``ppl_full / ppl`` (1: as the full cache; can exceed 1 slightly).
+        Perplexity: ``exp(-(nll - nll_full))`` = ``ppl_full / ppl``; needle: ``score / score_full``
+        (1: as the full cache; can exceed 1 slightly).
     seconds : float
         Wall time of the pass.
+    score : float or None
+        Needle sweeps: the mean exact-match score over the point's prompts.
 
     """
 
     k_ratio: float
     retained: float
     token_budget: int | None
-    ppl: float
-    nll: float
+    ppl: float | None
+    nll: float | None
     quality: float
     seconds: float
+    score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -131,9 +148,10 @@ class QualitySweep:
 
 
 def find_sweep(
-    artifact: AquaArtifact, token_policy: str = "h2o", exact_tokens: tuple[int, int] | None = None
+    artifact: AquaArtifact, token_policy: str = "h2o", exact_tokens: tuple[int, int] | None = None,
+    metric: str = "ppl",
 ) -> tuple[QualitySweep | None, str]:
-    """The sweep stored beside ``artifact``, if it was measured with it and with ``token_policy``.
+    """The ``metric`` sweep stored beside ``artifact``, if it was measured with it and with ``token_policy``.
 
     Parameters
     ----------
@@ -144,6 +162,8 @@ def find_sweep(
     exact_tokens : tuple of int, optional
         AQUA's ``(exact_sinks, exact_recent)`` the caller runs with; a sweep measured with others is
         not used. ``None`` does not check.
+    metric : {"ppl", "needle"}
+        Which sweep: perplexity or needle retrieval (:func:`sweep_path`).
 
     Returns
     -------
@@ -154,14 +174,18 @@ def find_sweep(
     """
     if artifact.path is None:
         return None, "the artifact is not saved, so it has no sweep file"
-    path = sweep_path(artifact.path)
+    path = sweep_path(artifact.path, metric)
+    what = "needle sweep" if metric == "needle" else "calibration sweep"
     if not path.is_file():
-        return None, f"no calibration sweep at {path} (`kvtool calibrate --sweep` measures one)"
+        return None, f"no {what} at {path} (`kvtool calibrate --sweep` measures one)"
     try:
         sweep = QualitySweep.load(path)
     except ValueError as err:
         return None, f"calibration sweep ignored: {err}"
+    if sweep.metadata.get("metric", "ppl") != metric:
+        return None, f"{path} ignored: it holds a {sweep.metadata.get('metric')} sweep, not {metric}"
     if sweep.metadata.get("artifact_fingerprint") != artifact_fingerprint(artifact):
+
         return None, (f"calibration sweep {path} ignored: it was measured with another calibration of this model "
                       "(re-run `kvtool calibrate --sweep`)")
     if sweep.metadata.get("token_policy") != token_policy:

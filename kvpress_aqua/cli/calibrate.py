@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"tokens of held-out text per sweep point (default {SWEEP_TOKENS_HELP})")
     p.add_argument("--sweep-text", type=Path, default=None, metavar="FILE",
                    help="held-out text for the sweep (default: the Paul Graham essays of the needle haystack)")
+    p.add_argument("--needle-length", default="1k",
+                   help="with --sweep, also measure passkey retrieval on prompts of this many tokens at the same "
+                   "grid (<artifact>.needle.json; kvtool plan ranks by it); 0 skips it (default 1k)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     tokens, chunk, span = parse_tokens(args.tokens), parse_tokens(args.chunk), parse_tokens(args.position_span)
     if args.sweep_tokens is not None:
         parse_tokens(args.sweep_tokens, "sweep tokens")
+    needle_length = 0 if str(args.needle_length).strip() == "0" else parse_tokens(args.needle_length, "needle length")
     if args.sweep_text is not None and not args.sweep_text.is_file():
         raise FileNotFoundError(f"sweep text {args.sweep_text} does not exist; give a text file or leave "
                                 "--sweep-text out for the Paul Graham essays")
@@ -102,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
                             "points": sweep.rows()}
         if not args.json:
             _print_sweep(console, sweep)
+        if needle_length:
+            summary["needle"] = _needle(console, model, tokenizer, artifact, needle_length, json_out=args.json)
+
     if args.json:
         print(json.dumps(summary, indent=2))
     return 0
@@ -175,14 +182,42 @@ def _print_sweep(console: Console, sweep: QualitySweep) -> None:
     from rich.table import Table
 
     meta = sweep.metadata
+    needle = meta.get("metric") == "needle"
     retained = sorted({p.retained for p in sweep.points}, reverse=True)
-    table = Table(title=f"relative quality ppl_full / ppl (ppl) on {meta['tokens']:,} tokens, {meta['token_policy']}")
+    what = "score / full (exact match)" if needle else "ppl_full / ppl (ppl)"
+    table = Table(title=f"relative quality {what} on {meta['tokens']:,} tokens, {meta['token_policy']}")
     table.add_column("k_ratio", justify="right")
     for r in retained:
         table.add_column(f"{r:g} of tokens", justify="right")
     for k in sorted({p.k_ratio for p in sweep.points}, reverse=True):
-        cells = {p.retained: f"{p.quality:.3f} ({p.ppl:.2f})" for p in sweep.points if p.k_ratio == k}
+        cells = {p.retained: f"{p.quality:.3f} ({p.score:.2f})" if needle else f"{p.quality:.3f} ({p.ppl:.2f})"
+                 for p in sweep.points if p.k_ratio == k}
         table.add_row(f"{k:g}", *(cells.get(r, "") for r in retained))
     console.print(f"quality sweep on {meta['text_source']}, {meta['seconds']:.1f} s", soft_wrap=True)
     console.print(table)
-    console.print(f"sweep written to {sweep.path} (kvtool plan reads it)", soft_wrap=True)
+    console.print(f"{'needle sweep' if needle else 'sweep'} written to {sweep.path} (kvtool plan reads it)",
+                  soft_wrap=True)
+
+
+def _needle(console: Console, model: Any, tokenizer: Any, artifact: AquaArtifact, length: int,
+            json_out: bool) -> dict[str, Any]:
+    """Measure the needle sweep and save it beside the artifact; a model that recalls nothing is reported, not fatal."""
+    from ..data.haystack import load_haystack
+    from ..evaluation.sweep import measure_needle_sweep, sweep_path
+
+    with console.status("measuring the needle sweep") as status:
+
+        def progress(point: SweepPoint) -> None:
+            status.update(f"needle: k_ratio {point.k_ratio:g}, {point.retained:g} of the tokens: score "
+                          f"{point.score:.2f}")
+
+        try:
+            sweep = measure_needle_sweep(model, tokenizer, artifact, load_haystack("auto"), length=length,
+                                         on_point=progress)
+        except ValueError as err:
+            console.print(f"no needle sweep: {err}", style="yellow", soft_wrap=True)
+            return {"skipped": str(err)}
+    sweep = replace(sweep, path=sweep.save(sweep_path(artifact.path, "needle")))
+    if not json_out:
+        _print_sweep(console, sweep)
+    return {"path": str(sweep.path), "full_score": sweep.metadata["full_score"], "points": sweep.rows()}

@@ -3,11 +3,13 @@
 Scores are an *estimate* of the fraction of the uncompressed model's quality kept, ``1`` meaning no
 loss, always reported with their source (:attr:`QualityModel.source`, :attr:`QualityModel.kind`):
 
-1. a calibration sweep stored beside the AQUA artifact (``<artifact stem>.sweep.json``, written by
-   ``kvtool calibrate --sweep``, :mod:`kvpress_aqua.evaluation.sweep`): ``ppl_full / ppl`` measured on held-out
-   text at a grid of ``k_ratio`` x ``retained`` (fraction of tokens kept), used when it was measured
-   with that artifact and the plan's token policy; interpolated bilinearly, linearly down to 0 at 0
-   below the smallest measured ``k_ratio`` or ``retained``, clamped above the largest, capped at 1;
+1. a sweep stored beside the AQUA artifact, written by ``kvtool calibrate --sweep``
+   (:mod:`kvpress_aqua.evaluation.sweep`): the needle sweep (``<artifact stem>.needle.json``: exact-match
+   score on passkey prompts relative to the full cache) when there is one, else the perplexity sweep
+   (``<artifact stem>.sweep.json``: ``ppl_full / ppl`` on held-out text), each at a grid of ``k_ratio``
+   x ``retained`` (fraction of tokens kept), used when it was measured with that artifact and the
+   plan's token policy; interpolated bilinearly, linearly down to 0 at 0 below the smallest
+   measured ``k_ratio`` or ``retained``, clamped above the largest, capped at 1;
 2. else ``q_channels x q_tokens``, where ``q_channels = exp(-ENERGY_BETA x (1 - E)^ENERGY_GAMMA)`` of
    the key energy ``E`` kept by ``k_ratio``: from the artifact's SVD spectrum when one exists, else
    from :data:`DEFAULT_ENERGY` (the mean energy curve measured on SmolLM2-135M). ``ENERGY_BETA`` and
@@ -122,8 +124,8 @@ class QualityModel:
     @classmethod
     def default(cls, why: str = "") -> QualityModel:
         """The documented default curve (no AQUA artifact for this model); ``why`` is appended to the source."""
-        return cls("default heuristic: SmolLM2-135M key-energy curve and a token-retention curve (not measured "
-                   "on this model)" + (f"; {why}" if why else ""))
+        return cls("default heuristic from another model: SmolLM2-135M's key-energy curve and a token-retention "
+                   "curve, not measured on this model" + (f"; {why}" if why else ""))
 
     @classmethod
     def from_spectrum(cls, spectrum: Any, source: str, why: str = "") -> QualityModel:
@@ -139,33 +141,48 @@ class QualityModel:
         kept = (np.cumsum(power, axis=-1) / power.sum(axis=-1, keepdims=True)).mean(axis=(0, 1))
         d = kept.shape[0]
         curve = ((0.0, 0.0),) + tuple(((r + 1) / d, float(kept[r])) for r in range(d))
-        text = f"heuristic from the SVD spectrum energy of {source} and a token-retention curve"
+        text = (f"heuristic from the SVD spectrum energy of {source} and a token-retention curve (the energy-to-"
+                "quality curve was fitted on another model, SmolLM2-135M; not measured on this one)")
         return cls(text + (f"; {why}" if why else ""), kind="spectrum", energy=curve)
 
     @classmethod
-    def from_sweep(cls, rows: Iterable[Mapping[str, float]], source: str) -> QualityModel:
-        """Measured points: mappings with ``k_ratio``, ``retained`` (fraction of tokens kept) and ``quality``."""
+    def from_sweep(cls, rows: Iterable[Mapping[str, float]], source: str, metric: str = "perplexity") -> QualityModel:
+        """Measured points: mappings with ``k_ratio``, ``retained`` (fraction of tokens kept) and ``quality``.
+
+        ``metric`` names what the quality measures (``"perplexity"`` or ``"needle"``).
+        """
         try:
             points = tuple(sorted((float(r["k_ratio"]), float(r["retained"]), float(r["quality"])) for r in rows))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"calibration sweep of {source}: rows need k_ratio, retained, quality ({err})") from None
         if not points:
             raise ValueError(f"calibration sweep of {source} is empty")
-        return cls(f"calibration sweep {source} (measured, interpolated)", kind="sweep", sweep=points)
+        what = "needle sweep" if metric == "needle" else "calibration sweep"
+        return cls(f"{what} {source} (measured, interpolated)", kind="sweep", sweep=points, metric=metric)
 
     @classmethod
     def from_artifact(cls, artifact: Any, where: str, token_policy: str = "h2o") -> QualityModel:
-        """The calibration sweep stored beside the artifact if it matches, else its ``spectrum``, else the default.
+        """The artifact's needle sweep, else its perplexity sweep, else its ``spectrum``, else the default.
 
-        The sweep is the file :func:`kvpress_aqua.artifacts.sweep.sweep_path` names, used when it was
+        The sweeps are the files :func:`kvpress_aqua.artifacts.sweep.sweep_path` names, used when
         measured with this artifact and ``token_policy`` (:func:`kvpress_aqua.artifacts.sweep.find_sweep`);
-        otherwise the source says why it was not used.
+        otherwise the source says why they were not used. Retrieval is ranked first: perplexity
+        overrates policies whose needle score collapses.
         """
-        found, why = find_sweep(artifact, token_policy, exact_tokens=(AQUA_EXACT_SINKS, AQUA_EXACT_RECENT))
+        exact = (AQUA_EXACT_SINKS, AQUA_EXACT_RECENT)
+        needle, no_needle = find_sweep(artifact, token_policy, exact_tokens=exact, metric="needle")
+        if needle is not None:
+            meta = needle.metadata
+            return cls.from_sweep(needle.rows(), f"{needle.path} ({len(needle.points)} points, {meta.get('tokens')}"
+                                                 f"-token prompts, {meta.get('text_source')}, {token_policy})",
+                                  metric="needle")
+        found, why = find_sweep(artifact, token_policy, exact_tokens=exact)
         if found is not None:
             meta = found.metadata
             return cls.from_sweep(found.rows(), f"{found.path} ({len(found.points)} points, {meta.get('tokens')} "
-                                                f"tokens of {meta.get('text_source')}, {token_policy})")
+                                                f"tokens of {meta.get('text_source')}, {token_policy}); "
+                                                f"{no_needle}")
+
         spectrum = getattr(artifact, "spectrum", None)
         if spectrum is not None:
             return cls.from_spectrum(spectrum, where, why)

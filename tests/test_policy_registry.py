@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from kvpress_aqua.core.accounting import kv_fraction_budget
-from kvpress_aqua.policies import H2O, TOVA, Aqua, ChannelPolicy, SlidingWindow, TokenPolicy
+from kvpress_aqua.policies import H2O, TOVA, Aqua, BalanceKV, ChannelPolicy, SlidingWindow, SnapKV, TokenPolicy, Uniform
 from kvpress_aqua.policies.registry import (
     DEFAULT_SINKS,
     POLICY_TYPES,
@@ -21,7 +21,8 @@ from kvpress_aqua.policies.registry import (
     token_policy_names,
 )
 
-CLASSES = {"h2o": H2O, "tova": TOVA, "sliding": SlidingWindow, "aqua": Aqua}
+CLASSES = {"h2o": H2O, "tova": TOVA, "sliding": SlidingWindow, "snapkv": SnapKV, "balancekv": BalanceKV,
+           "uniform": Uniform, "aqua": Aqua}
 """Canonical name -> the class its registry row must load."""
 BASES = {"token": TokenPolicy, "channel": ChannelPolicy}
 
@@ -49,7 +50,7 @@ def test_the_row_matches_its_class(name):
         assert policy_type(alias) is row and policy_type(alias.upper()) is row
 
 
-@pytest.mark.parametrize("name", sorted(n for n, row in POLICY_TYPES.items() if row.kind == "token"))
+@pytest.mark.parametrize("name", token_policy_names())
 @pytest.mark.parametrize("budget", [1, 2, 5, 100, 1001])
 def test_a_budget_splits_into_dataclass_fields_that_keep_it(name, budget):
     row = POLICY_TYPES[name]
@@ -71,10 +72,19 @@ def test_the_split_is_half_and_half_or_a_window():
 
 
 def test_names_and_kinds():
-    assert policy_names() == ("aqua", "h2o", "sliding", "streaming", "tova")
-    assert policy_names("token") == ("h2o", "sliding", "streaming", "tova")
-    assert token_policy_names() == ("h2o", "sliding", "tova")
-    with pytest.raises(ValueError, match="unknown policy type 'lru'; use one of aqua, h2o"):
+    assert policy_names() == ("aqua", "balancekv", "h2o", "sliding", "snapkv", "streaming", "tova", "uniform")
+    assert policy_names("token") == ("balancekv", "h2o", "sliding", "snapkv", "streaming", "tova", "uniform")
+    assert token_policy_names() == ("h2o", "sliding", "snapkv", "tova")  # those with a budget
+
+
+@pytest.mark.parametrize("name", ["balancekv", "uniform"])
+def test_rate_policies_choose_and_take_no_budget(name):
+    row = POLICY_TYPES[name]
+    policy = row.load()()
+    assert row.kind == "token" and not row.split and policy.budget is None and policy.weights_slots
+    with pytest.raises(ValueError, match="without a budget"):
+        row.split_budget(100)
+    with pytest.raises(ValueError, match="unknown policy type 'lru'; use one of aqua, balancekv, h2o"):
         policy_type("lru")
 
 

@@ -13,7 +13,8 @@ exact_keys ``(B, H, E, d-d_k)``  AQUA's exact tokens (``E`` = sinks + recent): d
 exact_slot ``(B, H, E)``         int64: 8, the slot of each exact token (with ``exact_keys`` only)
 index      ``(B, H, S)``         int32: 4
 valid      ``(B, H, S)``         bool: 1
-score      ``(B, H, S)``         float32: 4, only for policies that read scores (H2O, TOVA)
+score      ``(B, H, S)``         float32: 4, only for policies that read scores (H2O, TOVA, SnapKV)
+log_weight ``(B, H, S)``         float32: 4, only for policies whose slots stand for several tokens (BalanceKV, Uniform)
 left_pad   ``(B, 1, 1)``         int32: 4 per sequence (left-padding count)
 ========== ===================== =====================================
 
@@ -32,6 +33,7 @@ import math
 __all__ = [
     "EXACT_SLOT_BYTES",
     "INDEX_BYTES",
+    "LOG_WEIGHT_BYTES",
     "SCORE_BYTES",
     "VALID_BYTES",
     "GROWTH_DIVISOR",
@@ -49,12 +51,14 @@ __all__ = [
 INDEX_BYTES = 4
 VALID_BYTES = 1
 SCORE_BYTES = 4
+LOG_WEIGHT_BYTES = 4
 START_BYTES = 4
 EXACT_SLOT_BYTES = 8
 
-def slot_nbytes(key_dim: int, value_dim: int, elem: int, needs_scores: bool) -> int:
+def slot_nbytes(key_dim: int, value_dim: int, elem: int, needs_scores: bool, weighted: bool = False) -> int:
     """Bytes of one slot of one KV head in a compressed layer (keys, values and metadata)."""
-    return (key_dim + value_dim) * elem + INDEX_BYTES + VALID_BYTES + (SCORE_BYTES if needs_scores else 0)
+    meta = INDEX_BYTES + VALID_BYTES + (SCORE_BYTES if needs_scores else 0) + (LOG_WEIGHT_BYTES if weighted else 0)
+    return (key_dim + value_dim) * elem + meta
 
 
 GROWTH_MIN = 16
@@ -154,8 +158,11 @@ def layer_nbytes(
     needs_scores: bool = False,
     exact_tokens: int = 0,
     residual_dim: int = 0,
+    weighted: bool = False,
 ) -> int:
     """Bytes one layer holds: keys, values and, for a compressed layer, its per-slot metadata.
+
+    ``weighted`` layers (policies that keep weighted summaries) hold a float32 log-weight per slot.
 
     ``exact_tokens`` (AQUA's ``exact_sinks + exact_recent``) tokens per sequence and KV head also
     keep their ``residual_dim = head_dim - key_dim`` dropped key channels and their slot; a layer
@@ -163,7 +170,7 @@ def layer_nbytes(
     """
     if not compressed:
         return batch * kv_heads * slots * (key_dim + value_dim) * elem
-    per_slot = slot_nbytes(key_dim, value_dim, elem, needs_scores)
+    per_slot = slot_nbytes(key_dim, value_dim, elem, needs_scores, weighted)
     exact = exact_tokens * (residual_dim * elem + EXACT_SLOT_BYTES) if residual_dim else 0
     return batch * kv_heads * (slots * per_slot + exact) + batch * START_BYTES
 

@@ -79,6 +79,8 @@ class CompressedLayer(StaticDecoding, LayerContract):
         self.token_policy, self.channel_policy, self.window = token_policy, channel_policy, window
         self.budget = capped_budget(token_policy.budget if token_policy is not None else None, window)
         self.needs_scores = bool(token_policy is not None and token_policy.needs_scores)
+        self.weighted = bool(token_policy is not None and token_policy.weights_slots)
+        self.chooses = token_policy is not None and token_policy.budget is None
         self.key_dim = channel_policy.key_dim(layer_idx) if channel_policy is not None else head_dim
         pruned = channel_policy is not None and self.key_dim < head_dim
         sinks, recent = (channel_policy.exact_sinks, channel_policy.exact_recent) if pruned else (0, 0)
@@ -102,7 +104,7 @@ class CompressedLayer(StaticDecoding, LayerContract):
         """Allocate empty ``(batch, kv_heads, 0, ...)`` tensors matching the first update."""
         self.dtype, self.device = key_states.dtype, key_states.device
         v_dim = value_states.shape[-1] if value_states is not None else self.head_dim
-        self.slots.allocate(key_states, self.num_kv_heads, self.key_dim, v_dim, self.needs_scores)
+        self.slots.allocate(key_states, self.num_kv_heads, self.key_dim, v_dim, self.needs_scores, self.weighted)
         batch = key_states.shape[0]
         self.left_pad = torch.zeros(batch, 1, 1, dtype=torch.int32, device=key_states.device)
         if self.exact is not None:
@@ -182,6 +184,7 @@ class CompressedLayer(StaticDecoding, LayerContract):
             keys_new=key_states,
             values_new=value_states,
             past_index=store.index[..., :past] if self.window is not None else None,
+            past_log_weight=store.log_weight[..., :past] if store.log_weight is not None else None,
             window=self.window,
             first_index=self.seen - key_states.shape[-2] if first_index is None else first_index,
             key_basis=policy.key_basis(self.layer_idx) if policy is not None else None,
@@ -190,6 +193,7 @@ class CompressedLayer(StaticDecoding, LayerContract):
             exact_basis=policy.residual_basis(self.layer_idx) if exact else None,
             exact_slot=self.exact.slot if exact else None,
             want_mass=self.needs_scores,
+            mass_rows=self.token_policy.score_rows if self.needs_scores else None,
         )
 
     def finalize(self) -> None:
@@ -211,6 +215,8 @@ class CompressedLayer(StaticDecoding, LayerContract):
             self._fold(inputs, new_slots)
             if self.budget is not None and self.slots.used > self.budget + 1:
                 self._evict()
+            if self.chooses:
+                self._compact()
 
     def _fold(self, inputs: AttentionInputs, new_slots: torch.Tensor) -> None:
         """Record what the attention call learnt: padding among the new tokens, attention mass, exact keys."""
@@ -255,10 +261,24 @@ class CompressedLayer(StaticDecoding, LayerContract):
             self.exact.follow(kept, self.slots.capacity)
         self.slots.keep(kept)
 
+    def _compact(self) -> None:
+        """Keep the slots a choosing policy picks, as long as it picks (each block summary it completes)."""
+        store = self.slots
+        if store.used < store.capacity:
+            store.keep_first(store.used)
+        while (choice := self.token_policy.compact(self.view())) is not None:
+            kept, log_weight = choice
+            if self.exact is not None:
+                self.exact.follow(kept, store.capacity)
+            store.keep(kept)
+            if log_weight is not None:
+                store.log_weight = log_weight.to(torch.float32).contiguous()
+
     def view(self) -> SlotView:
         """The read-only view a token policy decides from."""
         store = self.slots
-        return SlotView(store.index, store.valid, store.score, self.seen, self.left_pad, self.layer_idx)
+        return SlotView(store.index, store.valid, store.score, self.seen, self.left_pad, self.layer_idx,
+                        store.keys, store.values, store.log_weight)
 
     def _priority(self) -> torch.Tensor:
         store = self.slots

@@ -28,12 +28,16 @@ class SlotStore:
         bool ``(batch, kv_heads, slots)``: False for empty slots and padding.
     score : torch.Tensor or None
         float32 ``(batch, kv_heads, slots)``: attention mass received (score-based policies only).
+    log_weight : torch.Tensor or None
+        float32 ``(batch, kv_heads, slots)``: how many tokens each slot stands for, as a log (the
+        attention adds it to the slot's score); 0 for a token that stands for itself. Only for
+        policies that keep weighted summaries (BalanceKV, uniform sampling).
     used : int
         Slots that hold a token; the rest of the buffer is empty.
 
     """
 
-    NAMES = ("keys", "values", "index", "valid", "score")
+    NAMES = ("keys", "values", "index", "valid", "score", "log_weight")
 
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None
@@ -41,6 +45,7 @@ class SlotStore:
         self.index: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.score: torch.Tensor | None = None
+        self.log_weight: torch.Tensor | None = None
         self.used = 0
 
     @property
@@ -48,7 +53,8 @@ class SlotStore:
         """Slots allocated."""
         return self.keys.shape[-2]
 
-    def allocate(self, like: torch.Tensor, heads: int, key_dim: int, value_dim: int, scores: bool) -> None:
+    def allocate(self, like: torch.Tensor, heads: int, key_dim: int, value_dim: int, scores: bool,
+                 weights: bool = False) -> None:
         """Empty ``(batch, heads, 0, ...)`` tensors in the dtype and on the device of ``like``."""
         batch, dev = like.shape[0], like.device
         self.keys = like.new_empty(batch, heads, 0, key_dim)
@@ -56,6 +62,7 @@ class SlotStore:
         self.index = torch.empty(batch, heads, 0, dtype=torch.int32, device=dev)
         self.valid = torch.empty(batch, heads, 0, dtype=torch.bool, device=dev)
         self.score = torch.empty(batch, heads, 0, dtype=torch.float32, device=dev) if scores else None
+        self.log_weight = torch.empty(batch, heads, 0, dtype=torch.float32, device=dev) if weights else None
         self.used = 0
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -76,8 +83,10 @@ class SlotStore:
         self.values = torch.cat([self.values, values], dim=-2)
         self.index = torch.cat([self.index, index], dim=-1)
         self.valid = torch.cat([self.valid, valid], dim=-1)
-        if self.score is not None:
-            self.score = torch.cat([self.score, self.score.new_zeros(batch, heads, n)], dim=-1)
+        for name in ("score", "log_weight"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, torch.cat([tensor, tensor.new_zeros(batch, heads, n)], dim=-1))
         self.used = first + n
         return torch.arange(first, first + n, device=keys.device).expand(batch, heads, n)
 
@@ -89,6 +98,8 @@ class SlotStore:
         self.values[:, :, slot:slot + 1] = values
         self.index[..., slot:slot + 1] = index
         self.valid[..., slot:slot + 1] = valid
+        if self.log_weight is not None:
+            self.log_weight[..., slot:slot + 1] = 0.0
         self.used += 1
         batch, heads = keys.shape[:2]
         return torch.full((batch, heads, 1), slot, dtype=torch.int64, device=keys.device)
@@ -102,8 +113,9 @@ class SlotStore:
         self.values.scatter_(2, victim[..., None].expand(-1, -1, -1, self.values.shape[-1]), values)
         self.index.scatter_(2, victim, index)
         self.valid.scatter_(2, victim, valid)
-        if self.score is not None:
-            self.score.scatter_(2, victim, 0.0)
+        for tensor in (self.score, self.log_weight):
+            if tensor is not None:
+                tensor.scatter_(2, victim, 0.0)
 
     def keep(self, slots: torch.Tensor) -> None:
         """Keep only ``slots`` ``(B, H, k)`` of each row, in that order; the result is new, compact tensors."""
@@ -134,5 +146,7 @@ class SlotStore:
         self.values = torch.cat([self.values, self.values.new_zeros(batch, heads, extra, self.values.shape[-1])], 2)
         self.index = torch.cat([self.index, self.index.new_full((batch, heads, extra), -1)], dim=-1)
         self.valid = torch.cat([self.valid, self.valid.new_zeros(batch, heads, extra)], dim=-1)
-        if self.score is not None:
-            self.score = torch.cat([self.score, self.score.new_zeros(batch, heads, extra)], dim=-1)
+        for name in ("score", "log_weight"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, torch.cat([tensor, tensor.new_zeros(batch, heads, extra)], dim=-1))

@@ -30,6 +30,9 @@ class StaticDecoding:
         """
         if not self.is_initialized:
             raise ValueError("make_static needs the prompt first: prefill the cache, then make it static")
+        if self.chooses:
+            raise ValueError(f"{type(self.token_policy).__name__} summarizes blocks as they fill, which changes the "
+                             "buffer's shape: decode it with the growing cache (model.generate), not a static one")
         self.finalize()
         store = self.slots
         if store.used < store.capacity:

@@ -12,23 +12,34 @@ from ..util.lazy import lazy_exports
 
 _EXPORTS = {
     "Aqua": "aqua",
+    "BalanceKV": "balancekv",
+    "BlockSummary": "blocks",
     "ChannelPolicy": "base",
     "H2O": "h2o",
     "SlidingWindow": "sliding_window",
     "SlotView": "base",
+    "SnapKV": "snapkv",
     "TOVA": "tova",
     "TokenPolicy": "base",
+    "Uniform": "uniform",
 }
 """Public name -> the module defining it."""
 
-__all__ = ["Aqua", "ChannelPolicy", "H2O", "SlidingWindow", "SlotView", "TOVA", "TokenPolicy"]
+__all__ = [
+    "H2O", "TOVA", "Aqua", "BalanceKV", "BlockSummary", "ChannelPolicy", "SlidingWindow", "SlotView", "SnapKV",
+    "TokenPolicy", "Uniform",
+]
 
 if TYPE_CHECKING:
     from .aqua import Aqua
+    from .balancekv import BalanceKV
     from .base import ChannelPolicy, SlotView, TokenPolicy
+    from .blocks import BlockSummary
     from .h2o import H2O
     from .sliding_window import SlidingWindow
+    from .snapkv import SnapKV
     from .tova import TOVA
+    from .uniform import Uniform
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -3,7 +3,8 @@
 A policy only *decides*; the cache owns and writes every tensor. There are two kinds:
 
 - :class:`TokenPolicy` decides which tokens a layer keeps. It states a token ``budget`` and ranks the
-  held slots with :meth:`TokenPolicy.priority`; the cache keeps the highest-ranked slots.
+  held slots with :meth:`TokenPolicy.priority` (the cache keeps the highest-ranked slots), or it has
+  no budget and chooses, with :meth:`TokenPolicy.compact`, which slots to keep and what each stands for.
 - :class:`ChannelPolicy` decides which key channels are stored. It maps keys and queries into a
   (possibly rotated) basis and states how many leading channels of the keys the cache stores.
 
@@ -48,6 +49,12 @@ class SlotView:
         ``index - left_pad`` is the position among the row's real tokens.
     layer_idx : int
         The decoder layer.
+    keys, values : torch.Tensor or None
+        ``(batch, kv_heads, slots, key_dim)`` keys as stored (rotated and pruned under AQUA) and
+        ``(batch, kv_heads, slots, head_dim)`` values, for policies that choose from them (BalanceKV).
+    log_weight : torch.Tensor or None
+        float32: how many tokens each slot stands for, as a log (0: itself); ``None`` unless the
+        policy sets ``weights_slots``.
 
     """
 
@@ -57,14 +64,22 @@ class SlotView:
     seen: int | torch.Tensor
     left_pad: torch.Tensor
     layer_idx: int
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    log_weight: torch.Tensor | None = None
 
 
 class TokenPolicy(ABC):
     """Decides which tokens a layer keeps (eviction).
 
-    Subclasses are dataclasses whose fields are their knobs. The cache evicts down to ``budget``
-    held tokens before it stores new ones; with a fixed budget a decode step holds ``budget + 1``
-    slots (the budget plus the new token) and a prefill chunk of ``n`` tokens ``budget + n``.
+    Subclasses are dataclasses whose fields are their knobs. Two ways to decide:
+
+    - by rank, with a token ``budget``: the cache evicts down to ``budget`` held tokens, keeping the
+      highest :meth:`priority`; a decode step holds ``budget + 1`` slots (the budget plus the new
+      token) and a prefill chunk of ``n`` tokens ``budget + n``;
+    - by choice, with ``budget`` ``None``: after each attention call the cache asks :meth:`compact`
+      which slots to keep and what each kept slot now stands for (a log-weight the attention adds
+      to its score), as often as it answers (BalanceKV, uniform sampling: summaries of blocks).
     """
 
     needs_scores: bool = False
@@ -74,14 +89,38 @@ class TokenPolicy(ABC):
     """Factor applied to the held scores before each attention call adds its mass: 1 accumulates over
     every query seen (H2O), 0 keeps only the latest call's queries (TOVA)."""
 
+    weights_slots: bool = False
+    """Whether kept slots stand for several tokens (makes the cache keep a float32 log-weight per slot)."""
+
+    score_rows: int | None = None
+    """Only the last ``score_rows`` queries of each attention call give scores (an observation window);
+    ``None``: every query does."""
+
     @property
     @abstractmethod
-    def budget(self) -> int:
-        """Tokens kept per layer, KV head and sequence after eviction."""
+    def budget(self) -> int | None:
+        """Tokens kept per layer, KV head and sequence after eviction; ``None`` if :meth:`compact` chooses."""
 
-    @abstractmethod
+    def compact(self, view: SlotView) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The slots to keep now and their new log-weights, or ``None`` (nothing to do).
+
+        Parameters
+        ----------
+        view : SlotView
+            The layer's slots, keys and values included.
+
+        Returns
+        -------
+        tuple or None
+            int64 ``(batch, kv_heads, k)`` slots to keep, ascending, the same count ``k`` in every
+            row, and float32 ``(batch, kv_heads, k)`` log-weights of the kept slots (``None``: the
+            policy keeps no weights); ``None`` when the policy keeps everything for now.
+
+        """
+        return None
+
     def priority(self, view: SlotView) -> torch.Tensor:
-        """Rank the held slots; higher is kept first.
+        """Rank the held slots; higher is kept first (policies with a ``budget`` define it).
 
         Parameters
         ----------
@@ -94,6 +133,7 @@ class TokenPolicy(ABC):
             float32 of shape ``(batch, kv_heads, slots)``. ``+inf`` marks slots that must be kept.
 
         """
+        raise NotImplementedError(f"{type(self).__name__} has no token budget: it chooses by compact(), not by rank")
 
     def check(self, info: ModelInfo) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` if the policy cannot work on this model; called when a cache is built."""

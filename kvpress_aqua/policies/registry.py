@@ -67,8 +67,10 @@ class PolicyType:
     aliases : tuple of str
         Other accepted names (``streaming`` for ``sliding``).
     split : tuple of str
-        Token policies: the knobs a token budget beyond the ``sinks`` is split into, evenly, the
-        remainder to the first (:meth:`split_budget`); these are the knobs ``kv_fraction`` computes.
+        Token policies with a budget: the knobs a token budget beyond the ``sinks`` is split into,
+        evenly, the remainder to the first (:meth:`split_budget`); these are the knobs
+        ``kv_fraction`` computes. Empty for a policy that keeps a rate rather than a budget
+        (block summaries: BalanceKV, uniform sampling) and for channel policies.
     defaults : Mapping
         Knob defaults that torch-free code reads (AQUA's ``k_ratio`` and exact tokens); equal to the
         dataclass defaults (the contract test checks).
@@ -87,8 +89,8 @@ class PolicyType:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"policy type {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
-        if (self.kind == "token") != bool(self.split):
-            raise ValueError(f"policy type {self.name!r}: token policies, and only they, split a budget")
+        if self.kind != "token" and self.split:
+            raise ValueError(f"policy type {self.name!r}: only token policies split a budget")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -123,7 +125,8 @@ class PolicyType:
 
         """
         if not self.split:
-            raise ValueError(f"{self.name} is a {self.kind} policy: it takes no token budget")
+            what = "a channel policy" if self.kind == "channel" else "a token policy without a budget (it keeps a rate)"
+            raise ValueError(f"{self.name} is {what}: it takes no token budget")
         if budget < 1:
             raise ValueError(f"{self.name}: a token budget must be at least 1, got {budget}")
         sinks = min(sinks, budget - 1)
@@ -140,6 +143,9 @@ POLICY_TYPES: dict[str, PolicyType] = {
         PolicyType("h2o", "h2o", "H2O", "token", needs_scores=True, split=("heavy", "recent")),
         PolicyType("tova", "tova", "TOVA", "token", needs_scores=True, split=("heavy", "recent")),
         PolicyType("sliding", "sliding_window", "SlidingWindow", "token", aliases=("streaming",), split=("window",)),
+        PolicyType("snapkv", "snapkv", "SnapKV", "token", needs_scores=True, split=("window", "heavy")),
+        PolicyType("balancekv", "balancekv", "BalanceKV", "token"),
+        PolicyType("uniform", "uniform", "Uniform", "token"),
         PolicyType("aqua", "aqua", "Aqua", "channel", defaults=MappingProxyType({
             "k_ratio": AQUA_K_RATIO, "exact_sinks": AQUA_EXACT_SINKS, "exact_recent": AQUA_EXACT_RECENT})),
     )
@@ -155,8 +161,8 @@ def policy_names(kind: str | None = None) -> tuple[str, ...]:
 
 
 def token_policy_names() -> tuple[str, ...]:
-    """The canonical names of the token policies, sorted (what ``kvtool plan --token-policy`` takes)."""
-    return tuple(sorted(n for n, row in POLICY_TYPES.items() if row.kind == "token"))
+    """The canonical names of the token policies with a budget, sorted (what a token budget can size)."""
+    return tuple(sorted(n for n, row in POLICY_TYPES.items() if row.kind == "token" and row.split))
 
 
 def policy_type(name: str, kind: str | None = None) -> PolicyType:

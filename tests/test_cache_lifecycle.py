@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from kvpress_aqua import CompressedCache
 from kvpress_aqua.attention.dispatch import ATTENTION_NAME
-from kvpress_aqua.core.accounting import GROWTH_MIN, decode_slots, layer_nbytes
+from kvpress_aqua.core.accounting import GROWTH_MIN, decode_slots, layer_nbytes, prefill_slots
 from kvpress_aqua.ops import limits
 from kvpress_aqua.policies import H2O, TOVA, SlidingWindow
 from kvpress_aqua.util.compat import cache_kwargs
@@ -126,6 +126,28 @@ def test_decode_buffer_grows_in_steps_and_stops_at_budget_plus_one():
     steps = sorted(set(sizes))
     assert all(b - a == min(GROWTH_MIN, budget + 1 - a) for a, b in zip(steps, steps[1:], strict=False))
     assert all(size == decode_slots(budget, 11 + i, prompt=10) for i, size in enumerate(sizes))
+
+
+@pytest.mark.parametrize("policy,prompt,chunk,held", [
+    (H2O(heavy=10, recent=10), 5, 4, 20),  # the last chunk of 1 token starts the decode buffer: 4 + 16 slots
+    (SlidingWindow(sinks=0, window=2), 1, None, 3),  # a 1-token prompt: a buffer of budget + 1
+    (H2O(heavy=30, recent=10), 6, 1, 16),  # every chunk of 1 token: the buffer fills from empty
+    (H2O(heavy=10, recent=10), 9, 4, 21),  # 4 + 4 appended, then a decode buffer grown to budget + 1
+])
+def test_a_prompt_chunk_of_one_token_is_a_decode_step_and_the_formula_says_so(policy, prompt, chunk, held):
+    """A budgeted layer stores any 1-token update in its decode buffer: prefill_slots/decode_slots follow it."""
+    model = make_tiny_model("llama")
+    cache = CompressedCache(model, policy, prefill_chunk=chunk)
+    with torch.no_grad():
+        logits = cache.prefill(_ids(model, 2, prompt, 8))
+        cache.finalize()
+        assert {layer.keys.shape[-2] for layer in cache.layers} == {prefill_slots(policy.budget, prompt, chunk)} \
+            == {held}
+        for step in range(25):
+            logits = model(logits.argmax(-1, keepdim=True), **cache_kwargs(model, cache)).logits[:, -1]
+            cache.finalize()
+            want = decode_slots(policy.budget, prompt + step + 1, prompt=prompt, chunk=chunk)
+            assert {layer.keys.shape[-2] for layer in cache.layers} == {want}, step
 
 
 # --------------------------------------------------------- one-shot prompts and blockwise attention

@@ -387,20 +387,6 @@ def _check_bytes(sc, layer, aqua, key_dim, exact_rows, budget, seen, step, check
         assert layer.nbytes() == formula(slots), f"{store.capacity} slots held, {slots} predicted"
 
 
-def _single_token_prompt_chunk(sc: Scenario) -> bool:
-    """Whether a prompt chunk of one token reached a budgeted layer (the case of the xfail test below)."""
-    if sc.token is None and sc.window is None:
-        return False
-    lo = 0
-    for n in sc.sizes:
-        if lo >= sc.prompt:
-            return False
-        if n == 1:
-            return True
-        lo += n
-    return False
-
-
 def _padding_alone_with_exact_ring(sc: Scenario) -> bool:
     """Whether a 1-token update holds a padding token of some row while AQUA keeps a ring of exact rows
     (the case of the second xfail test below)."""
@@ -420,20 +406,21 @@ def _padding_alone_with_exact_ring(sc: Scenario) -> bool:
 def test_layer_invariants(sc):
     """Held <= budget (+ chunk), positions, contents, protected and exact tokens, attention, bytes."""
     assume(not _padding_alone_with_exact_ring(sc))  # a crash: see test_padding_token_alone_with_exact_ring
-    _drive(sc, check_formula=not _single_token_prompt_chunk(sc))
+    _drive(sc)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "accounting bug: prefill_slots/decode_slots assume every prompt chunk is appended, but "
-    "CompressedLayer.update treats a 1-token chunk (a 1-token prompt, or prompt % chunk == 1) as a "
-    "decode step, which grows the buffer by max(16, slots // 16): e.g. H2O(heavy=10, recent=10) on a "
-    "1-token prompt holds 16 slots, the formula says 1; prompt 5 chunk 4: 20 slots, formula 5"))
 @examples(20, phases=[Phase.explicit, Phase.generate])
 @given(sc=scenarios(uniform=True, single_token_tail=True).filter(
     lambda sc: sc.token is not None and capped_budget(sc.token.budget, sc.window) > sc.prompt
     and not _padding_alone_with_exact_ring(sc)))
 def test_slot_formula_with_single_token_prompt_chunk(sc):
-    _drive(sc, check_formula=True)
+    """A budgeted layer takes a prompt's 1-token chunk as a decode step (its growing buffer): the formula says so.
+
+    Was a bug: prefill_slots/decode_slots appended every prompt chunk, e.g. SlidingWindow(sinks=0,
+    window=2) on a 1-token prompt holds 3 slots where they said 1, H2O(heavy=10, recent=10) on
+    prompt 5 chunk 4 holds 20 where they said 5.
+    """
+    _drive(sc)
 
 
 @pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
@@ -444,7 +431,7 @@ def test_slot_formula_with_single_token_prompt_chunk(sc):
 @examples(10, phases=[Phase.explicit, Phase.generate])
 @given(sc=scenarios().filter(_padding_alone_with_exact_ring))
 def test_padding_token_alone_with_exact_ring(sc):
-    _drive(sc, check_formula=not _single_token_prompt_chunk(sc))
+    _drive(sc)
 
 
 # ------------------------------------------------------------------------------- model level
@@ -580,13 +567,10 @@ def _check_cache_bytes(cache: CompressedCache, batch: Batch) -> None:
     total = 0
     for i, layer in enumerate(cache.layers):
         window = info.sliding_window if info.is_sliding(i) else None
-        budget = capped_budget(token.budget if token else None, window)
         key_dim = aqua.key_dim(i) if aqua is not None else info.head_dim
         exact = aqua.exact_sinks + aqua.exact_recent if aqua is not None and key_dim < info.head_dim else 0
-        single = any(hi - lo == 1 for lo, hi in batch.bounds())
-        if batch.split is not None or (budget is not None and single):
-            # two prefill calls: not the planner's schedule; a 1-token chunk: the known accounting bug of
-            # test_slot_formula_with_single_token_prompt_chunk. The bytes still follow the slots held.
+        if batch.split is not None:
+            # two prefill calls: not the planner's schedule. The bytes still follow the slots held.
             slots = layer.keys.shape[-2]
         else:
             slots = decode_slots(token.budget if token else None, seen, window, prompt=width, chunk=batch.chunk)

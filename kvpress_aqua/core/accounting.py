@@ -88,18 +88,57 @@ def grown_capacity(capacity: int, budget: int) -> int:
     return min(budget + 1, capacity + max(GROWTH_MIN, capacity // GROWTH_DIVISOR))
 
 
-def prefill_slots(budget: int | None, prompt: int, chunk: int | None = None) -> int:
-    """Slots a compressed layer holds once a prompt of ``prompt`` tokens was fed and its last chunk folded in.
+def _appended(prompt: int, chunk: int | None) -> int:
+    """Tokens of a prompt that a budgeted layer appends as chunks (the rest it takes as decode steps).
 
-    Each chunk is appended after at most ``budget`` held slots; a chunk that leaves more than
-    ``budget + 1`` slots is evicted down to ``budget`` right after it was attended.
+    A budgeted layer stores a 1-token update in its decode buffer whatever fed it
+    (:meth:`~kvpress_aqua.core.layer.CompressedLayer.update` cannot tell a prompt's 1-token chunk from a
+    decode step): a chunk of 1 means every prompt token is a decode step, and a last chunk of one
+    token (``prompt % chunk == 1``, a 1-token prompt) makes that token the first decode step.
     """
-    if budget is None:
-        return prompt
+    chunk = prompt if chunk is None else min(chunk, prompt)
+    if chunk <= 1:
+        return 0
+    last = prompt - chunk * ((prompt - 1) // chunk)
+    return prompt - 1 if last == 1 else prompt
+
+
+def _chunked_slots(budget: int, prompt: int, chunk: int | None) -> int:
+    """Slots after ``prompt`` tokens appended in chunks of ``chunk`` (each chunk longer than one token)."""
+    if prompt == 0:
+        return 0
     chunk = prompt if chunk is None else min(chunk, prompt)
     last = prompt - chunk * ((prompt - 1) // chunk)
     held = min(prompt - last, budget) + last
     return budget if held > budget + 1 else held
+
+
+def _decode_buffer(budget: int, used: int, steps: int) -> int:
+    """Slots of a decode buffer holding ``used`` tokens in ``used`` slots after ``steps`` decode steps."""
+    capacity = used
+    while steps > 0 and capacity < budget + 1:
+        if used == capacity:
+            capacity = grown_capacity(capacity, budget)
+        taken = min(steps, capacity - used)
+        used, steps = used + taken, steps - taken
+    return capacity
+
+
+def prefill_slots(budget: int | None, prompt: int, chunk: int | None = None) -> int:
+    """Slots a compressed layer holds once a prompt of ``prompt`` tokens was fed and its last chunk folded in.
+
+    Each chunk is appended after at most ``budget`` held slots; a chunk that leaves more than
+    ``budget + 1`` slots is evicted down to ``budget`` right after it was attended. With a budget, a
+    chunk of a single token is a decode step (see :func:`decode_slots`): a prompt fed one token at a
+    time (``chunk=1``, or a 1-token prompt) fills a decode buffer from empty, and a last chunk of one
+    token (``prompt % chunk == 1``) is the first step of the buffer that the decode steps then fill, so
+    the layer holds up to one growth step (:func:`grown_capacity`) more than the tokens: the slots the
+    first decode step would have allocated anyway.
+    """
+    if budget is None:
+        return prompt
+    appended = _appended(prompt, chunk)
+    return _decode_buffer(budget, _chunked_slots(budget, appended, chunk), prompt - appended)
 
 
 def decode_slots(
@@ -123,22 +162,18 @@ def decode_slots(
     Returns
     -------
     int
-        Without a budget, ``seen``. With one, the decode buffer: the slots held after the prompt
-        (:func:`prefill_slots`), grown by :func:`grown_capacity` whenever every slot is taken, up to
-        the static ``budget + 1`` (budget plus the new token).
+        Without a budget, ``seen``. With one, the decode buffer: the slots held after the prompt's
+        appended chunks, grown by :func:`grown_capacity` whenever every slot is taken, up to the static
+        ``budget + 1`` (budget plus the new token). A prompt chunk of one token (``chunk=1``, a 1-token
+        prompt, or ``prompt % chunk == 1``) is a decode step of that buffer already, as the layer
+        stores it (:func:`prefill_slots`).
 
     """
     budget = capped_budget(budget, window)
     if budget is None:
         return seen
-    used = capacity = prefill_slots(budget, prompt, chunk)
-    steps = seen - prompt
-    while steps > 0 and capacity < budget + 1:
-        if used == capacity:
-            capacity = grown_capacity(capacity, budget)
-        taken = min(steps, capacity - used)
-        used, steps = used + taken, steps - taken
-    return capacity
+    appended = _appended(prompt, chunk)
+    return _decode_buffer(budget, _chunked_slots(budget, appended, chunk), seen - appended)
 
 
 def dense_layer_tokens(seen: int, window: int | None = None) -> int:

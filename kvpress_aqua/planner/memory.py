@@ -40,7 +40,9 @@ token budget ``b``::
   * copy: one layer's KV held twice while ``torch.cat``/``gather`` builds the layer's new tensors.
     A compressed cache finalizes its layers one after the other, so while a chunk of ``n`` tokens is
     attended only the current layer holds ``min(lo, b) + n`` slots (its old ``min(lo, b)`` alive until
-    the cat is done: the copy); the others already hold their evicted size.
+    the cat is done: the copy); the others already hold their evicted size. A last chunk of one token
+    (``context % n == 1``, ``n = 1``) is a decode step of a budgeted layer instead (its growing decode
+    buffer, :func:`~kvpress_aqua.core.accounting.prefill_slots`): it is charged as the decode phase is.
 
   With ``new_tokens >= 2`` the decode peak uses ``n = 1`` and the decode slots; otherwise only the
   prefill peak counts. ``n`` is ``prefill_chunk`` (prefill through ``CompressedCache.prefill``) or the
@@ -273,8 +275,15 @@ class MemoryModel:
             return visible(lo, n, window) if compressed else dense_layer_tokens(lo + n, window)
 
         phases = []
+        budgeted = budget is not None or any(w is not None for w in self.windows)
         for lo, n in self._chunks():
-            if compressed:
+            if compressed and n == 1 and budgeted:
+                # a 1-token chunk is a decode step of a budgeted layer (its decode buffer, up to one growth
+                # step more than the tokens): every layer holds what prefill_slots says, no eviction follows
+                slots = tuple(prefill_slots(capped_budget(budget, w), lo + 1, self.prefill_chunk)
+                              for w in self.windows)
+                phases.append(self._phase("prefill", lo, n, slots, slots, layer, compressed))
+            elif compressed:
                 # Layers are finalized one after the other: while the last layer attends the chunk, the
                 # others already hold their evicted size, and its old tensors live on until the cat is done.
                 caps = [capped_budget(budget, w) for w in self.windows]

@@ -10,6 +10,7 @@ from kvpress_aqua import CompressedCache
 from kvpress_aqua.core.accounting import decode_slots, layer_nbytes
 from kvpress_aqua.ops import reference
 from kvpress_aqua.policies import H2O, TOVA, SlidingWindow
+from kvpress_aqua.policies.aqua import Aqua
 from kvpress_aqua.util.compat import cache_kwargs
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi3"]
@@ -382,3 +383,40 @@ def test_tova_scores_are_the_latest_call_only_and_h2o_accumulates():
             expected = fresh if name == "tova" else before + fresh
             assert torch.allclose(after, expected, atol=1e-6), name
             assert before.abs().sum() > 0  # the earlier calls did leave scores behind
+
+
+@pytest.mark.parametrize("chunk,split", [(1, None), (None, 1), (4, 1)])
+def test_padding_tokens_fed_alone_get_no_exact_row(chunk, split):
+    """Padding fed as 1-token updates under AQUA's exact ring (prefill_chunk=1, or a first prefill call of one
+    column): no exact row stands for it, and each row equals the row alone.
+
+    Was a crash: ExactRows.store_one took a padding token (position -1) for a sink and scattered at row -1.
+    """
+    model = make_tiny_model("llama")
+    gen = torch.Generator().manual_seed(9)
+    rows = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (9, 4)]
+    ids, mask = _left_pad(rows, pad_id=0)
+    pads = ids.shape[1] - len(rows[1])
+
+    def run(ids, mask=None, split=None):
+        cache = CompressedCache(model, Aqua(k_ratio=0.5, basis="identity", exact_sinks=2, exact_recent=3),
+                                prefill_chunk=chunk)
+        if split is not None:
+            cache.prefill(ids[:, :split], mask[:, :split])
+            ids, mask = ids[:, split:], mask[:, split:]
+        logits = cache.prefill(ids, mask)
+        cache.finalize()
+        cache.detach()
+        return logits, cache
+
+    got, cache = run(ids, mask, split)
+    for layer in cache.layers:
+        slot = layer.exact.slot[1]  # the padded row: every exact row points at a real token, or at nothing
+        token = layer.index[1].gather(-1, slot.clamp_min(0))
+        assert (token[slot >= 0] >= pads).all()
+        assert (slot >= 0).any()
+    for i, r in enumerate(rows):  # the row alone, fed in the pieces the batch's forwards hold of it
+        pad = ids.shape[1] - len(r)
+        alone_ids = torch.tensor([r])
+        alone, _ = run(alone_ids, torch.ones_like(alone_ids), split - pad if split and split > pad else None)
+        assert (got[i] - alone[0]).abs().max().item() < TOL

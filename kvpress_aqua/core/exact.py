@@ -96,10 +96,13 @@ class ExactRows:
         """Write one decoded token's row (one scatter): its sink row if it is a sink, else its ring row.
 
         ``dropped`` is ``(batch, kv_heads, 1, width)`` and ``slot`` ``(batch, kv_heads, 1)``; where
-        ``slot`` is -1 (no token: padding, or nothing stashed yet) the row keeps what it held.
+        ``slot`` is -1 (no token: padding, or nothing stashed yet) the row keeps what it held. A
+        padding token (position ``before - left_pad < 0``) is no sink: it is pointed at its ring row,
+        which it leaves as it was (only padding came before it, so that row holds no token).
         """
-        sink = before - left_pad < self.sinks  # (batch, 1)
-        rows = torch.where(sink, before - left_pad, self.sinks + before % self.recent)[:, None, :].expand_as(slot)
+        position = before - left_pad  # (batch, 1); negative for a padding token (left_pad counts it)
+        sink = (position >= 0) & (position < self.sinks)
+        rows = torch.where(sink, position, self.sinks + before % self.recent)[:, None, :].expand_as(slot)
         keep = (slot < 0)[..., None]
         at = rows[..., None].expand_as(dropped)
         self.keys.scatter_(2, at, torch.where(keep, self.keys.gather(2, at), dropped))

@@ -51,6 +51,31 @@ def test_no_policy_is_a_dynamic_cache_and_keeps_attention():
     assert cache.nbytes() == cache.dense_nbytes()
 
 
+@pytest.mark.parametrize("second_mask", [True, False], ids=["mask", "no-mask"])
+@pytest.mark.parametrize("policies", [(), (H2O(heavy=100, recent=8),)], ids=["plain", "h2o"])
+def test_padded_batch_prefilled_in_two_calls_equals_one_forward(policies, second_mask):
+    """Context then question, left-padded: positions and padding carry over (the plain cache too).
+
+    Was a bug of the plain cache (no policy): real_tokens_seen counted the padding and prefill marked every
+    earlier token attendable, so the question got shifted positions and attended the context's padding.
+    """
+    model = make_tiny_model("llama")
+    gen = torch.Generator().manual_seed(10)
+    rows = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (14, 6)]
+    ids, mask = _left_pad(rows, pad_id=0)  # row 1: 8 padding tokens, all in the context
+    split = 10
+    with torch.no_grad():
+        position = (mask.cumsum(-1) - 1).clamp_min(0)
+        want = model(ids, attention_mask=mask, position_ids=position, **cache_kwargs(model, DynamicCache()))
+        cache = CompressedCache(model, *policies)
+        cache.prefill(ids[:, :split], mask[:, :split])
+        assert cache.real_tokens_seen().tolist() == [split, split - 8]
+        got = cache.prefill(ids[:, split:], mask[:, split:] if second_mask else None)
+        assert cache.real_tokens_seen().tolist() == [14, 6]
+    cache.detach()
+    assert (got - want.logits[:, -1]).abs().max().item() < TOL
+
+
 # ---------------------------------------------------------------- eviction is exact
 _VISIBLE: dict = {}
 

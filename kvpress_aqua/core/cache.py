@@ -84,6 +84,7 @@ class CompressedCache(Cache):
         self._token = next(_TOKENS)
         self._attached = False
         self._last_layer: int | None = None
+        self._plain_pad: torch.Tensor | None = None  # a plain cache's left padding fed through prefill
         if self.policies:
             self._attach()
             weakref.finalize(self, _release, weakref.ref(model), self._token)
@@ -165,6 +166,7 @@ class CompressedCache(Cache):
         """Empty every layer (the cache is then like a new one for the same model and policies)."""
         super().reset()
         self._last_layer = None
+        self._plain_pad = None
 
     def make_static(self, new_tokens: int) -> None:
         """Make every layer static for ``new_tokens`` decode steps (see :meth:`CompressedLayer.make_static`).
@@ -193,7 +195,9 @@ class CompressedCache(Cache):
             ``(batch, prompt)`` token ids (left-padded for batches).
         attention_mask : torch.Tensor, optional
             ``(batch, prompt)`` 1 for tokens, 0 for padding, covering only ``input_ids``: the cache
-            keeps what it needs of earlier padding itself.
+            keeps what it needs of earlier padding itself (a plain cache, with no policy: the left
+            padding of its earlier ``prefill`` calls, see :meth:`real_tokens_seen`). ``None``: no
+            padding among these tokens.
 
         Returns
         -------
@@ -206,29 +210,46 @@ class CompressedCache(Cache):
             raise ValueError("prefill needs at least one token")
         chunk = self.prefill_chunk or total
         offset = self.get_seq_length()
-        positions = None
+        if attention_mask is None and offset and bool((self.real_tokens_seen() < offset).any()):
+            attention_mask = torch.ones_like(input_ids)  # no new padding, but positions skip the earlier one
+        positions = past = None
         if attention_mask is not None:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0) + self.real_tokens_seen()[:, None]
+            real = self.real_tokens_seen().to(attention_mask.device)
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0) + real[:, None]
+            past = attention_mask.new_ones(attention_mask.shape[0], offset)
+            if not self.policies:  # a compressing layer masks its own past; a plain one attends what the mask says
+                pad = (offset - real)[:, None]
+                past = (torch.arange(offset, device=attention_mask.device) >= pad).to(attention_mask.dtype)
+                past = past.expand(attention_mask.shape[0], -1)
         logits = None
         with torch.no_grad():
             for lo in range(0, total, chunk):
                 hi = min(lo + chunk, total)
                 kwargs: dict[str, Any] = {}
                 if attention_mask is not None:
-                    ones = attention_mask.new_ones(attention_mask.shape[0], offset)
-                    kwargs["attention_mask"] = torch.cat([ones, attention_mask[:, :hi]], dim=1)
+                    kwargs["attention_mask"] = torch.cat([past, attention_mask[:, :hi]], dim=1)
                     kwargs["position_ids"] = positions[:, lo:hi]
                 out = self._model(input_ids[:, lo:hi], **cache_kwargs(self._model, self), use_cache=True,
                                   logits_to_keep=1, **kwargs)
                 logits = out.logits[:, -1]
+        if attention_mask is not None and not self.policies:
+            pad = (attention_mask == 0).sum(-1)
+            self._plain_pad = pad if self._plain_pad is None else self._plain_pad + pad
         return logits
 
     def real_tokens_seen(self) -> torch.Tensor:
-        """Real (not padding) tokens each sequence has fed so far, int64 ``(batch,)``: its next token's position."""
+        """Real (not padding) tokens each sequence has fed so far, int64 ``(batch,)``: its next token's position.
+
+        A compressing cache learns its padding from the attention mask of every forward; a plain cache
+        (no policy: ``transformers``' own layers, which keep no mask) only from the masks given to
+        :meth:`prefill`, so padding fed to the model directly counts as tokens there.
+        """
         layer = self.layers[0]
         if isinstance(layer, CompressedLayer) and layer.is_initialized:
             layer.finalize()
             return (layer.seen - layer.left_pad[:, 0, 0]).long()
+        if self._plain_pad is not None:
+            return (self.get_seq_length() - self._plain_pad).long()
         batch = layer.keys.shape[0] if layer.is_initialized else 1
         return torch.full((batch,), self.get_seq_length(), dtype=torch.long)
 

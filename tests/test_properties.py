@@ -400,7 +400,7 @@ def _check_bytes(sc, layer, aqua, key_dim, exact_rows, budget, seen, step, check
 
 def _padding_alone_with_exact_ring(sc: Scenario) -> bool:
     """Whether a 1-token update holds a padding token of some row while AQUA keeps a ring of exact rows
-    (the case of the second xfail test below)."""
+    (the case of test_padding_token_alone_with_exact_ring below)."""
     layer, _ = _build_layer(sc)
     if layer.exact is None or layer.exact.recent == 0:
         return False

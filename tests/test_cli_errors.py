@@ -65,6 +65,10 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
     (["needle", "--lengths", "1k,zero"], "'zero'"),
     (["calibrate", "--text", "/nonexistent/cal.txt"], "calibration text /nonexistent/cal.txt does not exist"),
     (["calibrate", "--sweep-tokens", "0"], "the sweep tokens '0' must be at least 1"),
+    (["calibrate", "--threads", "0"], "--threads 0: give a positive number of CPU threads"),
+    (["calibrate", "--dtype", "fp7"], "--dtype fp7"),
+    (["calibrate", "--device", "foo"], "--device foo: not a torch device"),
+    pytest.param(["calibrate", "--device", "cuda"], "--device cuda: this machine has no cuda device", marks=NO_CUDA),
 ])
 def test_bad_arguments_fail_in_one_line_before_the_model_loads(argv, shown, no_model, capsys, tmp_path):
     if argv[0] in ("needle", "demo"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -59,6 +60,7 @@ def calibrate(
     seed: int = 0,
     name: str | None = None,
     source: str = "user-supplied text",
+    on_chunk: Callable[[int, int], None] | None = None,
 ) -> AquaArtifact:
     """Compute the AQUA bases of ``model`` from the post-RoPE queries and keys it produces on ``text``.
 
@@ -88,11 +90,14 @@ def calibrate(
     seed : int, default 0
         Seed of the chunks' position offsets.
     progress : bool, default True
-        Show a progress bar on stderr.
+        Show a progress bar on stderr (``kvtool calibrate`` turns it off and draws its own from ``on_chunk``).
     name : str, optional
         Model name recorded in the metadata; default ``model.config.name_or_path``.
     source : str
         Where ``text`` comes from, recorded in the metadata.
+    on_chunk : callable, optional
+        Called after each forward with the tokens it recorded and the tokens recorded in all
+        (``min(tokens, tokens of the text)``), for progress bars.
 
     Returns
     -------
@@ -127,6 +132,8 @@ def calibrate(
             positions = torch.arange(offset, offset + piece.numel(), device=device)[None]
             model(input_ids=piece[None].to(device), position_ids=positions, use_cache=False, **extra)
             bar.advance(task)
+            if on_chunk is not None:
+                on_chunk(piece.numel(), ids.numel())
     missing = sorted(set(range(info.num_layers)) - set(recorder.keys))
     if missing:
         raise ValueError(f"no queries/keys were recorded for layers {missing}: does the model use AttentionInterface?")

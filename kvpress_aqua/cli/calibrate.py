@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..util.sizes import parse_tokens
-from .common import load_model_checked, make_console
+from .common import (
+    add_runtime_arguments,
+    apply_threads,
+    check_runtime_arguments,
+    load_model_checked,
+    make_console,
+    progress_bar,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -61,12 +68,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--needle-length", default="1k",
                    help="with --sweep, also measure passkey retrieval on prompts of this many tokens at the same "
                    "grid (<artifact>.needle.json; kvtool plan ranks by it); 0 skips it (default 1k)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_runtime_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (progress and logs on stderr)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Calibrate, save and summarize; returns the exit code."""
+    load_kwargs = check_runtime_arguments(args)
     tokens, chunk, span = parse_tokens(args.tokens), parse_tokens(args.chunk), parse_tokens(args.position_span)
     if args.sweep_tokens is not None:
         parse_tokens(args.sweep_tokens, "sweep tokens")
@@ -89,12 +98,19 @@ def run(args: argparse.Namespace) -> int:
         text, source = default_calibration_text()
     else:
         text, source = args.text.read_text(encoding="utf-8"), f"file {args.text}"
+    apply_threads(args.threads)
     console = make_console(stderr=args.json)
-    model, tokenizer = load_model_checked(args.model, console)
+    model, tokenizer = load_model_checked(args.model, console, **load_kwargs)
     name = args.model or DEFAULT_MODEL
     start = time.perf_counter()
-    artifact = calibrate(model, tokenizer, text, tokens=tokens, chunk=chunk, position_span=span, name=name,
-                         source=source)
+    with progress_bar(console) as progress:
+        bar = progress.add_task("recording queries and keys (tokens)", total=tokens)
+
+        def on_chunk(n: int, total: int) -> None:
+            progress.update(bar, advance=n, total=total)
+
+        artifact = calibrate(model, tokenizer, text, tokens=tokens, chunk=chunk, progress=False, position_span=span,
+                             name=name, source=source, on_chunk=on_chunk)
     seconds = time.perf_counter() - start
     artifact.save(args.out or default_artifact_path(ModelInfo.from_config(model.config, name=name)))
     summary = _summary(artifact, seconds)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.progress import Progress
 
     from ..presets.spec import PolicySpec
 
@@ -35,6 +36,7 @@ __all__ = [
     "make_console",
     "one_line",
     "parse_specs",
+    "progress_bar",
     "where",
 ]
 
@@ -62,6 +64,26 @@ def make_console(stderr: bool = False) -> Console:
     from rich.console import Console  # rich is imported when a command runs, not for --help
 
     return Console(stderr=stderr, markup=False, emoji=False, highlight=False)
+
+
+def progress_bar(console: Console) -> Progress:
+    """The commands' progress bar on ``console``: a task's description (as given, no markup), bar, done/total, time.
+
+    Parameters
+    ----------
+    console : Console
+        Where it draws (the command's console: stderr under ``--json``).
+
+    Returns
+    -------
+    Progress
+        Not started: use it as a context manager, ``add_task(description, total=n)`` and ``advance``.
+
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console)
 
 
 def check_threads(threads: int | None, option: str = "--threads") -> int | None:

@@ -18,6 +18,7 @@ from .common import (
     load_model_checked,
     make_console,
     parse_specs,
+    progress_bar,
 )
 
 DEFAULT_POLICIES = ("h2o-50", "h2o-aqua-2x", "aqua-k50")
@@ -57,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
     specs = parse_specs(["full", *(args.policy or DEFAULT_POLICIES)])
     # torch and the runner: after the checks, so that typos are reported at once
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..data.haystack import load_haystack
     from ..evaluation.perplexity import PerplexityResult, perplexity
@@ -75,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"note: the text has only {ids.numel()} tokens; scoring those", style="yellow", soft_wrap=True)
     context = ids.numel()
     results: dict[str, PerplexityResult] = {}
-    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with progress_bar(console) as progress:
         for name, spec in specs.items():
             bar = progress.add_task(name, total=context - 1)
             results[name] = perplexity(model, ids, spec.build(context=context), chunk=args.chunk,

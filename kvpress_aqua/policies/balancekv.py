@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.walk import balancing_signs
 from .blocks import BlockSummary
 
 
@@ -108,16 +109,8 @@ class BalanceKV(BlockSummary):
             sub = kernel.gather(-2, rows[..., None].expand(*rows.shape, m))
             return sub.gather(-1, cols[..., None, :].expand(*cols.shape[:-1], rows.shape[-1], cols.shape[-1]))
 
-        # inner products of the pairs' differences u_p = phi(first_p) - phi(second_p)
+        # inner products of the pairs' differences u_p = phi(first_p) - phi(second_p), exactly symmetric
         gram = pick(first, first) - pick(first, second) - pick(second, first) + pick(second, second)
-        pairs = gram.shape[-1]
-        norm = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-30)
+        gram = (gram + gram.transpose(-1, -2)) / 2
         draws = torch.rand(gram.shape[:-1], generator=generator, device=gram.device)
-        walk = torch.zeros_like(draws)  # <sum of signed u_q so far, u_p> for every p
-        sign = torch.empty_like(draws)
-        for p in range(pairs):
-            y = walk[..., p]
-            plus = torch.where(y == 0, 0.5, (0.5 - self.gamma * y / norm[..., p]).clamp(0.0, 1.0))
-            sign[..., p] = torch.where(draws[..., p] < plus, 1.0, -1.0)
-            walk += sign[..., p, None] * gram[..., p]
-        return torch.where(sign > 0, first, second)
+        return torch.where(balancing_signs(gram, draws, self.gamma) > 0, first, second)

@@ -84,7 +84,7 @@ def _title(policy: str, protocol: str, rows: Sequence[dict[str, Any]]) -> str:
     tasks = ", ".join(dict.fromkeys(r["task"] for r in rows))
     fraction = sum(float(r["kv_fraction"]) for r in rows) / len(rows)
     score = sum(float(r["score"]) for r in rows) / len(rows)
-    return f"{policy} | {protocol}\n{tasks} | KV {fraction:.0%} of dense | mean score {score:.2f}"
+    return f"{policy} | {protocol}\n{tasks}\nKV {fraction:.0%} of dense | mean score {score:.2f}"
 
 
 def plot_heatmaps(rows: Sequence[dict[str, Any]], out_dir: Path, model: str = "") -> list[Path]:

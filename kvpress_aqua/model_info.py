@@ -104,7 +104,9 @@ class ModelInfo:
             "head_dim": int(head_dim),
             "hidden": getattr(config, "hidden_size", None),
             "vocab": getattr(config, "vocab_size", None),
-            "rope_theta": getattr(config, "rope_theta", None),
+            # transformers 5 moved rope_theta into rope_parameters, so 5 always hashed None here; None on
+            # every major keeps an artifact found whichever transformers reads it (and the digests stable)
+            "rope_theta": None,
         }
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
         return cls(

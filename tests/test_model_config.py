@@ -61,6 +61,13 @@ def test_offline_table_reads_as_transformers_does(name):
     assert resolve_model(name).info.fingerprint == ModelInfo.from_config(runtime, name=name).fingerprint
 
 
+def test_the_fingerprint_does_not_depend_on_where_transformers_keeps_rope_theta():
+    config = AutoConfig.for_model("llama", **TINY)
+    before = ModelInfo.from_config(config).fingerprint
+    config.rope_theta = 123456.0  # transformers 4 keeps the attribute, 5 moved it into rope_parameters
+    assert ModelInfo.from_config(config).fingerprint == before
+
+
 def test_smollm2_fingerprint_is_the_runtime_one():
     assert resolve_model("smollm2-135m").info.fingerprint == SMOLLM2_FINGERPRINT
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct").info.fingerprint == SMOLLM2_FINGERPRINT
@@ -81,6 +88,8 @@ def test_derivations_saved_and_read_back(variant, tmp_path):
     model_type, fields = VARIANTS[variant]
     runtime = AutoConfig.for_model(model_type, **fields)
     runtime.save_pretrained(tmp_path)
+    if variant == "gemma3_text-bidirectional" and model_config._transformers_major() < 5:
+        pytest.skip("transformers 4 saves the halved bidirectional window and halves it again when it reads it")
     assert_same(model_config.read_config_file(tmp_path / "config.json"), runtime)
     assert_same(config_from_dict({"model_type": model_type, **fields}, "test"), runtime)  # before transformers fills in
     assert_same(model_config.read_config_file(tmp_path / "config.json"), AutoConfig.from_pretrained(tmp_path))

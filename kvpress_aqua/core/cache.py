@@ -164,6 +164,10 @@ class CompressedCache(Cache):
 
     def reset(self) -> None:
         """Empty every layer (the cache is then like a new one for the same model and policies)."""
+        for layer in self.layers:
+            if not isinstance(layer, CompressedLayer):  # transformers 4's dynamic layers only zero their tensors
+                layer.keys = layer.values = None
+                layer.is_initialized = False
         super().reset()
         self._last_layer = None
         self._plain_pad = None

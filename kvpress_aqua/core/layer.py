@@ -263,9 +263,7 @@ class CompressedLayer(StaticDecoding, LayerContract):
 
     def _compact(self) -> None:
         """Keep the slots a choosing policy picks, as long as it picks (each block summary it completes)."""
-        store = self.slots
-        if store.used < store.capacity:
-            store.keep_first(store.used)
+        store = self.slots  # no budget: every update appends, so the buffer has no empty tail
         while (choice := self.token_policy.compact(self.view())) is not None:
             kept, log_weight = choice
             if self.exact is not None:

@@ -1,4 +1,5 @@
-"""Shared by the planner's tests (test_planner*.py): tiny configurations of every planned family and ``kvtool plan``.
+"""Shared by the planner's tests (test_planner*.py): tiny configurations of every planned family, ``kvtool plan``
+and a planned cache run.
 
 Import it from tests as ``from planner_helpers import tiny_arch_model`` (pytest puts ``tests/`` on ``sys.path``).
 These models differ from :mod:`tiny_models`: three layers, head_dim 32, and the families' sliding and hybrid
@@ -11,7 +12,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from kvpress_aqua import CompressedCache
 from kvpress_aqua.cli import main
+from kvpress_aqua.presets.spec import PolicySpec
+from kvpress_aqua.util.compat import cache_kwargs
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, head_dim=32, pad_token_id=0, eos_token_id=1, bos_token_id=1, max_position_embeddings=512)
@@ -44,3 +48,37 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: Any) -> tuple[int, str, s
     code = main(["plan", *argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def run_planned_cache(model: PreTrainedModel, candidate: Any, batch: int, context: int,
+                      new_tokens: int) -> tuple[int, int | None]:
+    """Build a plan point's cache, prefill ``context`` random tokens in its chunk, decode ``new_tokens - 1`` steps.
+
+    Returns ``cache.nbytes()`` at the end and the most KV (every layer's bytes, the projections not counted) the
+    cache held while any layer's attention ran or at the end; ``None`` for a plain cache (no policy). Aqua's
+    identity basis stores exactly the bytes of the SVD basis and needs no calibration artifact.
+    """
+    entries = tuple({**e, "basis": "identity"} if e["type"] == "aqua" else e for e in candidate.entries)
+    cache = CompressedCache(model, *PolicySpec("plan", entries).build(), prefill_chunk=candidate.prefill_chunk)
+    held = []
+
+    def kv() -> None:
+        if cache.policies:
+            held.append(sum(x.nbytes() for x in cache.layers))
+
+    for layer in cache.layers:  # a layer's update returns just before its attention runs
+        def update(*args: Any, _update: Any = layer.update, **kwargs: Any) -> Any:
+            out = _update(*args, **kwargs)
+            kv()
+            return out
+
+        layer.update = update
+    ids = torch.randint(2, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = cache.prefill(ids)
+        for _ in range(new_tokens - 1):
+            logits = model(logits.argmax(-1, keepdim=True), **cache_kwargs(model, cache)).logits[:, -1]
+    measured = cache.nbytes()
+    kv()
+    cache.detach()
+    return measured, max(held, default=None)

@@ -10,10 +10,9 @@ import json
 
 import pytest
 import torch
-from planner_helpers import TINY, TINY_ARCHS, run_cli, tiny_arch_config, tiny_arch_model
+from planner_helpers import TINY, TINY_ARCHS, run_cli, run_planned_cache, tiny_arch_config, tiny_arch_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kvpress_aqua import CompressedCache
 from kvpress_aqua.core.accounting import decode_slots, dense_layer_tokens, layer_nbytes
 from kvpress_aqua.planner.search import (
     MemoryModel,
@@ -23,8 +22,6 @@ from kvpress_aqua.planner.search import (
     plan,
     resolve_model,
 )
-from kvpress_aqua.presets.spec import PolicySpec
-from kvpress_aqua.util.compat import cache_kwargs
 from kvpress_aqua.util.sizes import format_bytes, parse_size, parse_tokens
 
 
@@ -230,26 +227,12 @@ def test_candidate_key_dims_are_kernel_friendly():
 
 
 # ----------------------------------------------------------------- measured against the real cache
-def _run_cache(model, candidate, batch, context, new_tokens, chunk):
-    # Aqua's identity basis stores exactly the bytes of the SVD basis and needs no calibration artifact.
-    entries = tuple({**e, "basis": "identity"} if e["type"] == "aqua" else e for e in candidate.entries)
-    cache = CompressedCache(model, *PolicySpec("plan", entries).build(), prefill_chunk=chunk)
-    ids = torch.randint(2, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = cache.prefill(ids)
-        for _ in range(new_tokens - 1):
-            logits = model(logits.argmax(-1, keepdim=True), **cache_kwargs(model, cache)).logits[:, -1]
-    measured = cache.nbytes()
-    cache.detach()
-    return measured
-
-
-def _check_plan_against_cache(model, p, chunk):
+def _check_plan_against_cache(model, p):
     mm = p.memory_model
     aqua = sorted((c for c in p.candidates if c.fits and c.k_ratio < 1), key=lambda c: c.token_budget is None)
     chosen = [p.recommendation, *aqua[:1]]  # an evicting AQUA point first, if one fits
     for c in chosen:
-        measured = _run_cache(model, c, mm.batch, mm.context, mm.new_tokens, chunk)
+        measured, _ = run_planned_cache(model, c, mm.batch, mm.context, mm.new_tokens)
         assert abs(measured - c.memory.cache_bytes) <= 0.01 * c.memory.cache_bytes, (c.k_ratio, c.token_budget)
     return chosen
 
@@ -263,7 +246,7 @@ def test_recommended_cache_bytes_match_the_prediction(arch, batch, context, new_
     p = plan(None, model.config, context=context, batch=batch, new_tokens=new_tokens, dtype="fp32",
              prefill_chunk=chunk, overhead=0, min_tokens=8, device_memory=room)
     assert p.fits
-    checked = _check_plan_against_cache(model, p, chunk)
+    checked = _check_plan_against_cache(model, p)
     if chunk:  # with chunked prefill a token budget saves memory, so the k_ratio 0.5 point evicts
         assert any(c.token_budget is not None and c.k_ratio < 1 for c in checked)
 
@@ -276,7 +259,7 @@ def test_smollm2_shaped_cache_bytes_match_the_prediction():
     p = plan(None, model.config, context=600, new_tokens=8, dtype="fp32", prefill_chunk=128, overhead=0,
              device_memory="560MB")
     assert p.fits and p.recommendation.token_budget is not None
-    _check_plan_against_cache(model, p, 128)
+    _check_plan_against_cache(model, p)
 
 
 @pytest.mark.slow
@@ -288,4 +271,4 @@ def test_real_smollm2_cache_bytes_match_the_prediction(smollm2):
     p = plan(None, model.config, context=700, batch=2, new_tokens=6, dtype="fp32", prefill_chunk=256, overhead=0,
              device_memory=room)
     assert p.fits
-    _check_plan_against_cache(model, p, 256)
+    _check_plan_against_cache(model, p)

@@ -118,3 +118,21 @@ sys.exit(code)
     spec = parse_policy(str(preset))
     assert spec.entries == tuple(data["recommendation"]["policies"])
     assert [type(p).__name__ for p in spec.build()][0] == "TOVA"
+
+
+def test_kvtool_plan_emits_a_balancekv_preset_without_torch(tmp_path):
+    preset = tmp_path / "plan.toml"
+    argv = ["plan", "--budget", "40MB", "--model", "smollm2-135m", "--context", "4k", "--dtype", "fp32",
+            "--token-policy", "balancekv", "--emit-preset", str(preset), "--json"]
+    code = f"""
+import sys
+from kvpress_aqua.cli import main
+code = main({argv!r})
+print("loaded:", [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)
+sys.exit(code)
+"""
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0 and "loaded: []" in result.stderr, result.stderr
+    best = json.loads(result.stdout)["recommendation"]
+    assert best["policies"][0]["type"] == "balancekv" and best["policies"][0]["halvings"] == best["halvings"] >= 1
+    assert parse_policy(str(preset)).entries == tuple(best["policies"])

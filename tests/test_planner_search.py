@@ -145,8 +145,8 @@ def test_preset_toml_round_trips_through_the_policy_parser(tmp_path):
     assert "kvtool plan" in spec.description
 
 
-@pytest.mark.parametrize("name", [*plannable_token_policies(), "streaming"])
-def test_every_registered_token_policy_is_planned(no_artifacts, tmp_path, name):
+@pytest.mark.parametrize("name", [*(n for n in plannable_token_policies() if policy_type(n).split), "streaming"])
+def test_every_registered_token_policy_with_a_budget_is_planned(no_artifacts, tmp_path, name):
     row = policy_type(name)
     p = plan(None, "smollm2-135m", context=4096, new_tokens=32, dtype="fp32", prefill_chunk=256, overhead=0,
              token_policy=name, device_memory="600MB")
@@ -173,14 +173,15 @@ def test_tova_is_scored_like_h2o_by_the_heuristic():
         plan("8GB", "smollm2-135m", context=1024, token_policy="aqua")
 
 
-def test_the_plannable_policies_are_the_registrys_token_rows_with_a_budget():
+def test_the_plannable_policies_are_the_registrys_token_rows_with_a_budget_and_the_block_summaries():
     rows = POLICY_TYPES.values()
-    assert plannable_token_policies() == tuple(sorted(r.name for r in rows if r.kind == "token" and r.split))
-    assert {"h2o", "tova", "sliding"} <= set(plannable_token_policies())
-    rate = dataclasses.replace(policy_type("h2o"), name="rate-only", split=())  # a policy keeping a rate, no budget
+    budgeted = {r.name for r in rows if r.kind == "token" and r.split}
+    assert plannable_token_policies() == tuple(sorted(budgeted | {"balancekv", "uniform"}))
+    assert {"h2o", "tova", "sliding"} <= budgeted
+    rate = dataclasses.replace(policy_type("h2o"), name="rate-only", split=())  # no budget, and no block summary
     with mock.patch.dict(POLICY_TYPES, {"rate-only": rate}), mock.patch.dict(registry._BY_NAME, {"rate-only": rate}):
         assert "rate-only" not in plannable_token_policies()
-        with pytest.raises(ValueError, match="keeps a rate, not a token budget"):
+        with pytest.raises(ValueError, match="keeps no token budget and is no block summary.*--token-policy"):
             plan("8GB", "smollm2-135m", context=1024, token_policy="rate-only")
 
 

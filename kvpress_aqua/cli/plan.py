@@ -54,7 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the best quality that fits)")
     p.add_argument("--overhead", default=None, help="runtime overhead, e.g. 1GiB or 0 (default 512MiB)")
     p.add_argument("--token-policy", default="h2o",
-                   help=f"eviction policy of the plans: {', '.join(plannable_token_policies())} (default h2o)")
+                   help=f"eviction policy of the plans: {', '.join(plannable_token_policies())} (default h2o); "
+                   "the block summaries balancekv and uniform are sized by their halvings, the others by a token "
+                   "budget")
     p.add_argument("--min-tokens", default=str(DEFAULT_MIN_TOKENS),
                    help=f"plans keeping fewer tokens count as not fitting (default {DEFAULT_MIN_TOKENS})")
     p.add_argument("--artifact", default=None, help="AQUA artifact to read the quality model from")
@@ -130,12 +132,20 @@ _HEADERS = ("k_ratio", "keys", "tokens", "chunk", "KV max", "total", "quality")
 _CAPTION = ("keys: key channels stored; tokens: held per full-attention layer, KV head and sequence (sliding layers "
             "keep at most their window); chunk: prefill tokens per forward; KV max: keys, values, slot metadata and "
             "AQUA projections at the most the cache holds (what --budget bounds); total: predicted peak of the run")
+_HALVINGS = "halv: halvings, the block summary keeps 1/2^halvings of every full block of the middle (-: every token)"
 
 
-def _row(c: Candidate, seen: int) -> list[str]:
-    tokens = f"all {seen:,}" if c.token_budget is None else f"{c.token_budget:,}"
+def _headers(result: Plan) -> tuple[str, ...]:
+    """The columns: a block summary's plans have a ``halv.`` column after ``keys``."""
+    return (*_HEADERS[:2], "halv", *_HEADERS[2:]) if result.memory_model.keeps_rate else _HEADERS
+
+
+def _row(c: Candidate, result: Plan) -> list[str]:
+    mm = result.memory_model
+    tokens = f"all {mm.seen:,}" if c.knob is None else f"{mm.held(c.knob):,}"
     chunk = "all" if c.prefill_chunk is None else f"{c.prefill_chunk:,}"
-    return [f"{c.k_ratio:g}", str(c.key_dim), tokens, chunk, format_bytes(c.memory.cache_peak),
+    halvings = [str(c.halvings or "-")] if mm.keeps_rate else []
+    return [f"{c.k_ratio:g}", str(c.key_dim), *halvings, tokens, chunk, format_bytes(c.memory.cache_peak),
             format_bytes(c.memory.total), f"{c.quality:.3f}"]
 
 
@@ -148,11 +158,13 @@ def _table(title: str, headers: tuple[str, ...]) -> Table:
 
 
 def _candidate_table(result: Plan) -> Table:
-    table = _table("largest token budget that fits, per k_ratio", (*_HEADERS, "verdict"))
+    rate = result.memory_model.keeps_rate
+    title = "fewest halvings that fit, per k_ratio" if rate else "largest token budget that fits, per k_ratio"
+    table = _table(title, (*_headers(result), "verdict"))
     styles = {"recommended": "bold green", "does not fit": "red"}
     for c in result.candidates:
-        table.add_row(*_row(c, result.memory_model.seen), c.verdict, style=styles.get(c.verdict))
-    table.caption = _CAPTION
+        table.add_row(*_row(c, result), c.verdict, style=styles.get(c.verdict))
+    table.caption = f"{_HALVINGS}; {_CAPTION}" if rate else _CAPTION
     return table
 
 
@@ -161,9 +173,9 @@ def _frontier_table(result: Plan) -> Table:
     if len(points) > _FRONTIER_ROWS:
         step = (len(points) - 1) / (_FRONTIER_ROWS - 1)
         points = tuple(points[round(i * step)] for i in range(_FRONTIER_ROWS))
-    table = _table(f"memory-quality frontier ({len(result.frontier)} points, {len(points)} shown)", _HEADERS)
+    table = _table(f"memory-quality frontier ({len(result.frontier)} points, {len(points)} shown)", _headers(result))
     for c in points:
-        table.add_row(*_row(c, result.memory_model.seen))
+        table.add_row(*_row(c, result))
     return table
 
 

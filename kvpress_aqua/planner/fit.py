@@ -3,11 +3,11 @@
 A plan point fits :class:`Limits`: the KV-cache budget (the most the cache holds at once: keys,
 values, slot metadata and AQUA's projections, :attr:`~kvpress_aqua.planner.memory.Breakdown.cache_peak`)
 and, when given, the device memory (weights, cache, the prefill or decode working set and the
-overhead, :attr:`~kvpress_aqua.planner.memory.Breakdown.total`). :func:`largest_budget` bisects the
-token budget of one key width and prefill chunk (memory grows with the budget); :func:`best_chunk`
-picks, for one key width, the prefill chunk of :data:`CHUNK_CHOICES` whose largest budget has the best
-estimated quality; :func:`does_not_fit` explains, when no point fits, what does: the cheapest point
-against the limit it exceeds, and the largest context and batch that would fit.
+overhead, :attr:`~kvpress_aqua.planner.memory.Breakdown.total`). :func:`largest_knob` bisects the
+token budget (or a block summary's halvings) of one key width and prefill chunk (memory grows with
+it); :func:`best_chunk` picks, for one key width, the prefill chunk of :data:`CHUNK_CHOICES` whose
+largest knob has the best estimated quality; :func:`does_not_fit` explains, when no point fits, what
+does: the cheapest point against the limit it exceeds, and the largest context and batch that would fit.
 :func:`kvpress_aqua.planner.search.plan` uses them.
 """
 
@@ -29,7 +29,7 @@ __all__ = [
     "candidate_key_dims",
     "chunk_choices",
     "does_not_fit",
-    "largest_budget",
+    "largest_knob",
 ]
 
 MIN_K_RATIO = 0.25
@@ -106,41 +106,45 @@ def chunk_choices(context: int, given: int | None) -> tuple[int | None, ...]:
     return chunks + (None,) if context <= CHUNK_CHOICES[-1] else chunks
 
 
-def largest_budget(mm: MemoryModel, key_dim: int, limits: Limits, lowest: int) -> tuple[bool, int | None]:
-    """``(fits, budget)``: every token (``None``) if that fits, else the largest budget in ``[lowest, seen - 2]``.
+def largest_knob(mm: MemoryModel, key_dim: int, limits: Limits, lowest: int) -> tuple[bool, int | None]:
+    """``(fits, knob)``: every token (``None``) if that fits, else the knob keeping the most tokens that fits.
 
-    When nothing fits, the budget returned is the cheaper of every token and ``lowest``.
+    The knobs are :meth:`MemoryModel.knobs` (token budgets ``lowest ... seen - 2``, or a block
+    summary's halvings), cheapest first; memory grows along them, so the last that fits is found by
+    bisection. When nothing fits, the knob returned is the cheaper of every token and the cheapest knob.
     """
     keep_all = mm.evaluate(key_dim, None)
     if limits.fits(keep_all):
         return True, None
-    lo, hi = lowest, mm.seen - 2
-    if hi < lo:
+    knobs = mm.knobs(lowest)
+    if not knobs:
         return False, None
-    smallest = mm.evaluate(key_dim, lo)
+    smallest = mm.evaluate(key_dim, knobs[0])
     if not limits.fits(smallest):
-        return False, lo if limits.excess(smallest) < limits.excess(keep_all) else None
+        return False, knobs[0] if limits.excess(smallest) < limits.excess(keep_all) else None
+    lo, hi = 0, len(knobs) - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if limits.fits(mm.evaluate(key_dim, mid)):
+        if limits.fits(mm.evaluate(key_dim, knobs[mid])):
             lo = mid
         else:
             hi = mid - 1
-    return True, lo
+    return True, knobs[lo]
 
 
 def best_chunk(mm: MemoryModel, key_dim: int, limits: Limits, lowest: int, chunks: Sequence[int | None],
                score: Callable[[int | None], float]) -> tuple[bool, int | None, int | None]:
-    """``(fits, budget, chunk)``: the prefill chunk whose largest budget (:func:`largest_budget`) scores best.
+    """``(fits, knob, chunk)``: the prefill chunk whose largest knob (:func:`largest_knob`) scores best.
 
-    ``score(budget)`` is the estimated quality of a budget. Among chunks whose quality equals the best
-    to the three printed decimals, the largest chunk wins (fewer forwards). When no chunk fits, the
+    ``score(knob)`` is the estimated quality of a knob (a token budget, or a block summary's halvings).
+    Among chunks whose quality equals the best to the three printed decimals, the largest chunk wins
+    (fewer forwards). When no chunk fits, the
     point closest to fitting (:meth:`Limits.excess`) is returned.
     """
     results = []
     for chunk in chunks:
-        fits, budget = largest_budget(replace(mm, prefill_chunk=chunk), key_dim, limits, lowest)
-        results.append((fits, budget, chunk))
+        fits, knob = largest_knob(replace(mm, prefill_chunk=chunk), key_dim, limits, lowest)
+        results.append((fits, knob, chunk))
     fitting = [r for r in results if r[0]]
     if not fitting:
         return min(results, key=lambda r: limits.excess(replace(mm, prefill_chunk=r[2]).evaluate(key_dim, r[1])))
@@ -148,20 +152,16 @@ def best_chunk(mm: MemoryModel, key_dim: int, limits: Limits, lowest: int, chunk
     return max((r for r in fitting if round(score(r[1]), 3) == top), key=lambda r: r[2] or mm.context)
 
 
-def _smallest_budget(mm: MemoryModel, min_tokens: int) -> int | None:
-    return min_tokens if mm.seen - 2 >= min_tokens else None
-
-
 def _cheapest(mm: MemoryModel, min_tokens: int, limits: Limits,
               chunks: Sequence[int | None]) -> tuple[int, int | None, int | None, Breakdown]:
-    """The point closest to fitting: any key width and chunk, keeping every token or the smallest budget considered.
+    """The point closest to fitting: any key width and chunk, keeping every token or the cheapest knob considered.
 
     Keeping every token can be the cheaper of the two: a plain ``DynamicCache`` has no slot metadata
     and the model's fused attention materializes no score matrix.
     """
-    budgets = {None, _smallest_budget(mm, min_tokens)}
+    knobs = mm.knobs(min_tokens)
     points = [(k, b, c, replace(mm, prefill_chunk=c).evaluate(k, b))
-              for k in candidate_key_dims(mm.shape.info.head_dim) for b in budgets for c in chunks]
+              for k in candidate_key_dims(mm.shape.info.head_dim) for b in {None, *knobs[:1]} for c in chunks]
     return min(points, key=lambda p: limits.excess(p[3]))
 
 
@@ -182,15 +182,17 @@ def _largest(fits: Any, top: int) -> int:
 def does_not_fit(mm: MemoryModel, limits: Limits, min_tokens: int, given_chunk: int | None) -> str:
     """Why nothing fits ``limits``, and what would: the largest context and batch.
 
-    The point closest to fitting (any key width and searched chunk, every token or ``min_tokens``)
-    is set against the limit it exceeds; when the weights and overhead alone exceed the device
-    memory, the message says so instead.
+    The point closest to fitting (any key width and searched chunk, every token or the cheapest
+    knob: ``min_tokens``, or a block summary's most halvings) is set against the limit it exceeds;
+    when the weights and overhead alone exceed the device memory, the message says so instead. A
+    block summary's memory has a floor (its sinks, recent and pending tokens, and a rate of the
+    middle), so its message also says whether a token budget (H2O) would fit.
     """
     chunks = chunk_choices(mm.context, given_chunk)
-    key_dim, tokens, chunk, need = _cheapest(mm, min_tokens, limits, chunks)
+    key_dim, knob, chunk, need = _cheapest(mm, min_tokens, limits, chunks)
     k_ratio = key_dim / mm.shape.info.head_dim
-    held = f"all {mm.seen:,} tokens" if tokens is None else f"{tokens} tokens"
-    at = f"k_ratio {k_ratio:g} keeping {held}, " + (f"prefill chunk {chunk:,}" if chunk else "prefill in one forward")
+    at = (f"k_ratio {k_ratio:g} keeping {mm.knob_text(knob)}, "
+          + (f"prefill chunk {chunk:,}" if chunk else "prefill in one forward"))
     over = limits.exceeded(need)
     if "device memory" in over:
         what, have, needed = "of device memory", limits.device, need.total
@@ -215,4 +217,7 @@ def does_not_fit(mm: MemoryModel, limits: Limits, min_tokens: int, given_chunk: 
         batch = _largest(lambda b: fits_with(batch=b), mm.batch - 1)
         parts.append(f"the largest batch that fits at {mm.context:,} tokens is {batch}" if batch
                      else f"not even batch 1 fits at {mm.context:,} tokens")
+    if mm.keeps_rate and limits.fits(_cheapest(replace(mm, token_policy="h2o"), min_tokens, limits, chunks)[3]):
+        parts.append(f"a token budget goes lower than {mm.token_policy}'s rate: --token-policy h2o fits (at least "
+                     f"--min-tokens {min_tokens} tokens)")
     return f"{head}; " + "; ".join(parts)

@@ -48,6 +48,13 @@ token budget ``b``::
   prefill peak counts. ``n`` is ``prefill_chunk`` (prefill through ``CompressedCache.prefill``) or the
   whole context.
 
+A block summary (BalanceKV, uniform sampling; :attr:`MemoryModel.keeps_rate`) has no budget: its
+knob is ``halvings``, every forward appends, and after it a layer holds ``h(t) = sinks + recent +
+pending + full blocks x block / 2**halvings`` slots of ``t`` tokens
+(:func:`~kvpress_aqua.planner.summaries.summary_slots`), each with a float32 log-weight (4 B more
+per slot). ``h`` drops whenever a block is reduced, so the peak is searched over every chunk and
+decode step that can hold the most (:func:`~kvpress_aqua.planner.timeline.summary_steps`).
+
 The KV bytes the plan reports (``Breakdown.cache_bytes``: KV held at the end plus projections) are
 what ``CompressedCache.nbytes()`` measures after prefilling ``context`` tokens and feeding
 ``new_tokens - 1`` decode tokens (the last generated token is never fed back). The working-set
@@ -56,26 +63,24 @@ constants are estimates (``benchmarks/plan_rss.py`` measures them); the KV bytes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from ..core.accounting import (
     EXACT_SLOT_BYTES,
     INDEX_BYTES,
+    LOG_WEIGHT_BYTES,
     SCORE_BYTES,
     START_BYTES,
     VALID_BYTES,
-    capped_budget,
-    decode_slots,
-    dense_layer_tokens,
     layer_nbytes,
-    prefill_slots,
 )
 from ..ops.limits import BLOCK_SCORE_BYTES
-from ..policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS, policy_type
+from ..policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS, policy_type, token_policy_names
 from ..util.dtypes import dtype_bytes
 from .model_shape import ModelShape
+from .summaries import MAX_HALVINGS, SUMMARY_POLICIES, halvings_text, summary_slots
+from .timeline import Step, budget_steps, summary_steps
 
 __all__ = ["ATTENTION_COPIES", "DEFAULT_OVERHEAD", "HIDDEN_COPIES", "MLP_COPIES", "Breakdown", "MemoryModel", "Term"]
 
@@ -168,6 +173,7 @@ class _Phase:
     attention: int
     activations: int
     copy: int
+    copy_slots: int
     step: str
     scores: int
 
@@ -193,11 +199,18 @@ class MemoryModel:
     overhead : int
         Runtime overhead in bytes.
     token_policy : str
-        The eviction policy, a token policy of :mod:`kvpress_aqua.policies.registry` (``h2o``,
-        ``tova``, ``sliding``); those that read attention scores (H2O, TOVA) keep a float32 score per slot.
+        The eviction policy, a token policy of :mod:`kvpress_aqua.policies.registry`: one with a
+        budget (``h2o``, ``tova``, ``sliding``, ``snapkv``; those that read attention scores keep a
+        float32 score per slot) or a block summary (``balancekv``, ``uniform``: its knob is
+        ``halvings``, and it keeps a float32 log-weight per slot).
     exact_tokens : int
         AQUA's exact tokens per sequence and KV head (``exact_sinks + exact_recent``, by default
         ``Aqua``'s): with AQUA each layer also holds their ``head_dim - key_dim`` dropped channels.
+
+    Raises
+    ------
+    ValueError
+        For a block summary on a model with sliding-window layers, which the cache cannot run.
 
     """
 
@@ -210,6 +223,14 @@ class MemoryModel:
     overhead: int
     token_policy: str = "h2o"
     exact_tokens: int = AQUA_EXACT_SINKS + AQUA_EXACT_RECENT
+
+    def __post_init__(self) -> None:
+        windows = {w for w in self.windows if w is not None}
+        if self.keeps_rate and windows:
+            budgeted = ", ".join(token_policy_names())
+            raise ValueError(f"{self.token_policy} keeps block summaries, which the cache cannot run on the sliding-"
+                             f"window layers of {self.shape.info.name} (window {min(windows):,}: they evict by rank, "
+                             f"and a block summary ranks no token); plan it with --token-policy {budgeted}")
 
     @property
     def needs_scores(self) -> bool:
@@ -232,26 +253,54 @@ class MemoryModel:
         info = self.shape.info
         return tuple(info.sliding_window if info.is_sliding(i) else None for i in range(info.num_layers))
 
-    def _chunks(self) -> list[tuple[int, int]]:
-        """``(offset, tokens)`` of the prefill chunks that can hold the most: the last, and the last full one."""
-        chunk = min(self.prefill_chunk or self.context, self.context)
-        last_n = self.context - chunk * ((self.context - 1) // chunk)
-        last_lo = self.context - last_n
-        chunks = [(last_lo, last_n)]
-        if last_n < chunk and last_lo >= chunk:
-            chunks.append((last_lo - chunk, chunk))
-        return chunks
+    @property
+    def keeps_rate(self) -> bool:
+        """Whether the token policy is a block summary (BalanceKV, uniform), sized by ``halvings``, not a budget."""
+        return policy_type(self.token_policy, "token").name in SUMMARY_POLICIES
 
-    def evaluate(self, key_dim: int, budget: int | None) -> Breakdown:
-        """Predict the bytes of a cache storing ``key_dim`` key channels with token ``budget``.
+    def knobs(self, lowest: int) -> Sequence[int]:
+        """The token knobs a plan point may take keeping at least ``lowest`` tokens, cheapest first.
+
+        Memory grows along the sequence: token budgets ``lowest ... seen - 2``, or for a block summary
+        (:attr:`keeps_rate`) the halvings :data:`~kvpress_aqua.planner.summaries.MAX_HALVINGS` ... 1
+        that reduce something and hold at least ``lowest`` tokens.
+        """
+        if self.keeps_rate:
+            return [h for h in range(MAX_HALVINGS, 0, -1) if lowest <= summary_slots(self.seen, h) < self.seen]
+        return range(lowest, self.seen - 1)
+
+    def dearer(self, knob: int) -> int | None:
+        """The next knob keeping more tokens: one more token of budget, or one halving fewer (none left: ``None``)."""
+        if self.keeps_rate:
+            return knob - 1 or None
+        return knob + 1
+
+    def held(self, knob: int | None) -> int:
+        """Tokens a point holds per layer, KV head and sequence at the end (full-attention layers).
+
+        ``seen`` for ``None`` (every token), the budget, or a block summary's slots for its halvings.
+        """
+        if knob is None:
+            return self.seen
+        return summary_slots(self.seen, knob) if self.keeps_rate else knob
+
+    def knob_text(self, knob: int | None) -> str:
+        """``"all 4,096 tokens"``, ``"1,024 tokens"`` or a block summary's ``"halvings 2 (1/4 of the middle...)"``."""
+        if knob is None:
+            return f"all {self.seen:,} tokens"
+        return halvings_text(knob, self.held(knob), self.seen) if self.keeps_rate else f"{knob:,} tokens"
+
+    def evaluate(self, key_dim: int, knob: int | None) -> Breakdown:
+        """Predict the bytes of a cache storing ``key_dim`` key channels with the token policy at ``knob``.
 
         Parameters
         ----------
         key_dim : int
             Stored key channels (``head_dim``: no AQUA).
-        budget : int or None
-            Token budget per layer, KV head and sequence; ``None`` keeps every token. With neither
-            a budget nor AQUA the cache is a plain ``DynamicCache``.
+        knob : int or None
+            The token policy's knob: its token budget per layer, KV head and sequence, or for a
+            block summary (:attr:`keeps_rate`) its halvings. ``None`` keeps every token (no token
+            policy); with neither a token policy nor AQUA the cache is a plain ``DynamicCache``.
 
         Returns
         -------
@@ -260,56 +309,23 @@ class MemoryModel:
         """
         info, e, batch = self.shape.info, self.elem, self.batch
         d = info.head_dim
-        compressed = budget is not None or key_dim < d
+        summary = knob is not None and self.keeps_rate
+        budget = None if summary else knob
+        compressed = knob is not None or key_dim < d
         scores = budget is not None and self.needs_scores
 
         def layer(slots: int) -> int:
             return layer_nbytes(batch, info.num_kv_heads, slots, key_dim, d, e, compressed=compressed,
-                                needs_scores=scores, exact_tokens=self.exact_tokens, residual_dim=d - key_dim)
+                                needs_scores=scores, exact_tokens=self.exact_tokens, residual_dim=d - key_dim,
+                                weighted=summary)
 
-        def visible(lo: int, n: int, window: int | None) -> int:
-            limit = capped_budget(budget, window)
-            return (lo if limit is None else min(lo, limit)) + n
-
-        def stored(lo: int, n: int, window: int | None) -> int:
-            return visible(lo, n, window) if compressed else dense_layer_tokens(lo + n, window)
-
-        phases = []
-        budgeted = budget is not None or any(w is not None for w in self.windows)
-        for lo, n in self._chunks():
-            if compressed and n == 1 and budgeted:
-                # a 1-token chunk is a decode step of a budgeted layer (its decode buffer, up to one growth
-                # step more than the tokens): every layer holds what prefill_slots says, no eviction follows
-                slots = tuple(prefill_slots(capped_budget(budget, w), lo + 1, self.prefill_chunk)
-                              for w in self.windows)
-                phases.append(self._phase("prefill", lo, n, slots, slots, layer, compressed))
-            elif compressed:
-                # Layers are finalized one after the other: while the last layer attends the chunk, the
-                # others already hold their evicted size, and its old tensors live on until the cat is done.
-                caps = [capped_budget(budget, w) for w in self.windows]
-                before = [lo if c is None else min(lo, c) for c in caps]
-                during = [x + n for x in before]
-                after = [x if c is None or x <= c + 1 else c for x, c in zip(during, caps, strict=True)]
-                grows = max(range(len(caps)), key=lambda i: layer(during[i]) - layer(after[i]))
-                slots = tuple(during[i] if i == grows else after[i] for i in range(len(caps)))
-                phases.append(self._phase("prefill", lo, n, slots, tuple(during), layer, compressed,
-                                          copy=layer(before[grows])))
-            else:
-                slots = tuple(stored(lo, n, w) for w in self.windows)
-                phases.append(self._phase("prefill", lo, n, slots, slots, layer, compressed))
-        end = phases[0]
-        if self.new_tokens >= 2:
-            slots = tuple(
-                decode_slots(budget, self.seen, w, prompt=self.context, chunk=self.prefill_chunk) if compressed
-                else dense_layer_tokens(self.seen, w)
-                for w in self.windows
-            )
-            end = self._phase("decode", self.seen - 1, 1, slots, slots, layer, compressed)
-            phases.append(end)
-        elif compressed:  # what nbytes() reports after the prompt: an overfilled last chunk is evicted at once
-            slots = tuple(prefill_slots(capped_budget(budget, w), self.context, self.prefill_chunk)
-                          for w in self.windows)
-            end = replace(end, slots=slots, kv=sum(layer(x) for x in slots))
+        if summary:
+            steps, last = summary_steps(info.num_layers, self.context, self.prefill_chunk, self.new_tokens, knob)
+        else:
+            steps, last = budget_steps(self.windows, self.context, self.prefill_chunk, self.new_tokens, budget,
+                                       compressed, layer)
+        phases = [self._phase(s, layer, compressed) for s in steps]
+        end = self._phase(last, layer, compressed)
         peak = max(phases, key=lambda p: p.peak)
         columns = d if self.exact_tokens else key_dim  # exact tokens need the dropped columns of P as well
         projections = info.num_layers * info.num_kv_heads * d * columns * e if key_dim < d else 0
@@ -325,7 +341,7 @@ class MemoryModel:
             overhead=self.overhead,
             peak_phase=peak.name,
             max_kv=max(end.kv, *(p.kv for p in phases)),
-            terms=self._terms(key_dim, compressed, scores, weights, projections, columns, end, peak),
+            terms=self._terms(key_dim, compressed, scores, summary, weights, projections, columns, end, peak),
         )
 
     def _per_token(self) -> tuple[int, int]:
@@ -335,10 +351,11 @@ class MemoryModel:
         return (hidden + 2 * info.num_heads * info.head_dim + 2 * info.num_kv_heads * info.head_dim,
                 hidden + MLP_COPIES * s.intermediate_size)
 
-    def _phase(self, name: str, lo: int, n: int, slots: Sequence[int], visible: Sequence[int], layer: Any,
-               compressed: bool, copy: int | None = None) -> _Phase:
+    def _phase(self, step: Step, layer: Callable[[int], int], compressed: bool) -> _Phase:
         info, b, e = self.shape.info, self.batch, self.elem
-        held = max(visible)
+        name, lo, n = step.name, step.offset, step.chunk
+        held = max(step.visible)
+        copy = max(step.visible) if step.copy is None else step.copy
         if compressed:
             blocks = 2 * min(BLOCK_SCORE_BYTES, b * info.num_heads * n * (held + n) * 4)
             scores = ATTENTION_COPIES * b * n * info.num_heads * info.head_dim * e + blocks
@@ -348,20 +365,19 @@ class MemoryModel:
                 scores += 2 * b * info.num_heads * held * info.head_dim * e
         at_attention, at_mlp = self._per_token()
         attention_step, mlp_step = scores + b * n * at_attention * e, b * n * at_mlp * e
-        step = "attention" if attention_step >= mlp_step else "mlp"
+        larger = "attention" if attention_step >= mlp_step else "mlp"
         logits = b * self.shape.vocab_size * (e + 4)
         return _Phase(
-            name=name, chunk=n, offset=lo, slots=tuple(slots), visible=tuple(visible),
-            kv=sum(layer(x) for x in slots),
-            attention=scores if step == "attention" else 0,
-            activations=b * n * (at_attention if step == "attention" else at_mlp) * e + logits,
-            copy=max(layer(x) for x in visible) if copy is None else copy,
-            step=step, scores=scores,
+            name=name, chunk=n, offset=lo, slots=step.slots, visible=step.visible,
+            kv=sum(layer(x) for x in step.slots),
+            attention=scores if larger == "attention" else 0,
+            activations=b * n * (at_attention if larger == "attention" else at_mlp) * e + logits,
+            copy=layer(copy), copy_slots=copy, step=larger, scores=scores,
         )
 
-    def _kv_text(self, slots: Sequence[int], key_dim: int, compressed: bool, scores: bool) -> str:
+    def _kv_text(self, slots: Sequence[int], key_dim: int, compressed: bool, scores: bool, weighted: bool) -> str:
         info, e, b = self.shape.info, self.elem, self.batch
-        meta = INDEX_BYTES + VALID_BYTES + (SCORE_BYTES if scores else 0)
+        meta = INDEX_BYTES + VALID_BYTES + (SCORE_BYTES if scores else 0) + (LOG_WEIGHT_BYTES if weighted else 0)
         widths = f"({key_dim} + {info.head_dim})·{e}"
         per_slot = f"({widths} + {meta})" if compressed else widths
         groups: dict[int, int] = {}
@@ -375,10 +391,13 @@ class MemoryModel:
             parts.append(f"{len(slots)} × {b}·{START_BYTES}")
         return " + ".join(parts)
 
-    def _terms(self, key_dim: int, compressed: bool, scores: bool, weights: int, projections: int, columns: int,
-               end: _Phase, peak: _Phase) -> tuple[Term, ...]:
+    def _terms(self, key_dim: int, compressed: bool, scores: bool, weighted: bool, weights: int, projections: int,
+               columns: int, end: _Phase, peak: _Phase) -> tuple[Term, ...]:
         s, info, e, b = self.shape, self.shape.info, self.elem, self.batch
-        meta = f"4 + 1 + 4 (index, valid, {self.token_policy} score)" if scores else "4 + 1 (index, valid)"
+        meta = "4 + 1 (index, valid)"
+        if scores or weighted:
+            what = "score" if scores else "log-weight"
+            meta = f"4 + 1 + 4 (index, valid, {self.token_policy} {what})"
         exact = (" + B·H_kv·E·((d - d_k)·e + 8) (AQUA's exact tokens and their slots)"
                  if key_dim < info.head_dim and self.exact_tokens else "")
         kv_formula = (f"Σ layers B·H_kv·slots·((d_k + d_v)·e + {meta}){exact} + B·4" if compressed
@@ -418,17 +437,18 @@ class MemoryModel:
                              f"{peak.scores:,} B", "0"]
         terms = [
             Term("weights", "parameters·e", f"{s.parameters:,}·{e}", weights),
-            Term(f"KV at the end ({end.name})", kv_formula, self._kv_text(end.slots, key_dim, compressed, scores),
-                 end.kv),
+            Term(f"KV at the end ({end.name})", kv_formula,
+                 self._kv_text(end.slots, key_dim, compressed, scores, weighted), end.kv),
             Term("AQUA projections", "L·H_kv·d·d·e (exact tokens need every column of P), else L·H_kv·d·d_k·e",
                  f"{info.num_layers}·{info.num_kv_heads}·{info.head_dim}·{columns}·{e}" if projections else "no AQUA",
                  projections),
             Term(f"KV held at the peak ({where})", kv_formula,
-                 self._kv_text(peak.slots, key_dim, compressed, scores), peak.kv),
+                 self._kv_text(peak.slots, key_dim, compressed, scores, weighted), peak.kv),
             Term("attention", *attention, peak.attention),
             Term("activations", *activations, peak.activations),
-            Term("layer copy", "one layer's KV at its visible slots (torch.cat/gather)",
-                 self._kv_text((max(peak.visible),), key_dim, compressed, scores), peak.copy),
+            Term("layer copy", "one layer's KV held twice while torch.cat/gather builds its new tensors (a "
+                 "compressed layer's old slots, a DynamicCache layer at its visible slots)",
+                 self._kv_text((peak.copy_slots,), key_dim, compressed, scores, weighted), peak.copy),
             Term("overhead", "runtime constant (default DEFAULT_OVERHEAD = 512 MiB, --overhead)",
                  f"{self.overhead:,}", self.overhead),
         ]

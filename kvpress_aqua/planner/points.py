@@ -1,10 +1,11 @@
-"""Plan points: a key width, a prefill chunk and a token budget with their bytes and estimated quality.
+"""Plan points: a key width, a prefill chunk and a token knob with their bytes and estimated quality.
 
 :class:`Candidate` is one point; :func:`point` builds one from a
 :class:`~kvpress_aqua.planner.memory.MemoryModel` and a
-:class:`~kvpress_aqua.planner.quality.QualityModel`, with its policy stack (the token policy split by
-the registry, :func:`~kvpress_aqua.policies.registry.token_entry`, and AQUA); :func:`frontier` is the
-memory-quality Pareto set of the fitting points. :mod:`kvpress_aqua.planner.search` uses them.
+:class:`~kvpress_aqua.planner.quality.QualityModel`, with its policy stack (the token policy: a
+budget split by the registry, :func:`~kvpress_aqua.policies.registry.token_entry`, or a block
+summary's halvings, :func:`~kvpress_aqua.planner.summaries.summary_entry`; and AQUA); :func:`frontier`
+is the memory-quality Pareto set of the fitting points. :mod:`kvpress_aqua.planner.search` uses them.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..policies.registry import DEFAULT_SINKS, token_entry
+from ..policies.registry import DEFAULT_SINKS, policy_type, token_entry
 from .memory import Breakdown, MemoryModel
 from .quality import QualityModel
+from .summaries import halvings_text, summary_entry
 
-__all__ = ["Candidate", "budget_grid", "frontier", "point", "score"]
+__all__ = ["Candidate", "budget_grid", "frontier", "knob_grid", "point", "score"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,8 @@ class Candidate:
     key_dim : int
         Stored key channels.
     token_budget : int or None
-        Tokens kept per layer, KV head and sequence; ``None`` keeps every token.
+        Tokens kept per layer, KV head and sequence; ``None`` keeps every token, or the token policy
+        is a block summary (:attr:`halvings`).
     prefill_chunk : int or None
         Tokens per prefill forward the point is planned with (``None``: the whole prompt at once).
     retained : float
@@ -46,6 +49,11 @@ class Candidate:
         ``recommended``, ``fits`` or ``does not fit`` (``frontier`` for :attr:`Plan.frontier` points).
     entries : tuple of dict
         The policy stack as :class:`~kvpress_aqua.presets.spec.PolicySpec` entries.
+    halvings : int or None
+        A block summary's (BalanceKV, uniform) halvings: it keeps ``1 / 2**halvings`` of the middle;
+        ``None`` for a budget, or when every token is kept.
+    held : int or None
+        With :attr:`halvings`: the tokens held per layer, KV head and sequence at the end.
 
     """
 
@@ -59,10 +67,20 @@ class Candidate:
     fits: bool
     verdict: str
     entries: tuple[dict[str, Any], ...]
+    halvings: int | None = None
+    held: int | None = None
+
+    @property
+    def knob(self) -> int | None:
+        """The token policy's knob: :attr:`halvings` for a block summary, else :attr:`token_budget`."""
+        return self.token_budget if self.halvings is None else self.halvings
 
     def label(self, seen: int) -> str:
-        """Short human label: ``"k 0.5, 1,024 tokens"``."""
-        tokens = f"all {seen:,} tokens" if self.token_budget is None else f"{self.token_budget:,} tokens"
+        """Short human label: ``"k_ratio 0.5 (32 key channels), 1,024 tokens"`` (or the halvings and tokens held)."""
+        if self.halvings is not None:
+            tokens = halvings_text(self.halvings, self.held, seen)
+        else:
+            tokens = f"all {seen:,} tokens" if self.token_budget is None else f"{self.token_budget:,} tokens"
         return f"k_ratio {self.k_ratio:g} ({self.key_dim} key channels), {tokens}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,7 +88,8 @@ class Candidate:
         m = self.memory
         return {
             "k_ratio": self.k_ratio, "key_dim": self.key_dim, "token_budget": self.token_budget,
-            "prefill_chunk": self.prefill_chunk, "retained": self.retained, "quality": self.quality,
+            "halvings": self.halvings, "tokens_held": self.held, "prefill_chunk": self.prefill_chunk,
+            "retained": self.retained, "quality": self.quality,
             "fits": self.fits, "verdict": self.verdict, "cache_bytes": m.cache_bytes,
             "cache_peak_bytes": m.cache_peak, "kv_bytes": m.kv, "projection_bytes": m.projections,
             "weights_bytes": m.weights, "peak_kv_bytes": m.peak_kv, "attention_bytes": m.attention,
@@ -87,47 +106,61 @@ def budget_grid(low: int, high: int, points: int) -> list[int]:
     return sorted({min(high, round(low * ratio**i)) for i in range(points)} | {high})
 
 
-def score(mm: MemoryModel, quality: QualityModel, key_dim: int, budget: int | None) -> float:
-    """Estimated quality of keeping ``key_dim`` key channels and ``budget`` tokens (``None``: all)."""
-    return quality(key_dim / mm.shape.info.head_dim, 1.0 if budget is None else budget / mm.seen, mm.token_policy)
+def knob_grid(mm: MemoryModel, min_tokens: int, top: int | None, points: int) -> list[int]:
+    """Knobs from the cheapest up to ``top`` (``None``: the dearest), cheapest first, for curves and the frontier.
+
+    About ``points`` token budgets spaced geometrically from ``min_tokens``, or every halvings of a
+    block summary (at most :data:`~kvpress_aqua.planner.summaries.MAX_HALVINGS`).
+    """
+    if mm.keeps_rate:
+        knobs = list(mm.knobs(min_tokens))
+        return knobs if top is None else knobs[:knobs.index(top) + 1]
+    return budget_grid(min_tokens, mm.seen - 2 if top is None else top, points)
 
 
-def point(mm: MemoryModel, quality: QualityModel, key_dim: int, budget: int | None, chunk: int | None, fits: bool,
+def score(mm: MemoryModel, quality: QualityModel, key_dim: int, knob: int | None) -> float:
+    """Estimated quality of keeping ``key_dim`` key channels and the tokens ``knob`` holds (``None``: all)."""
+    return quality(key_dim / mm.shape.info.head_dim, mm.held(knob) / mm.seen, mm.token_policy)
+
+
+def point(mm: MemoryModel, quality: QualityModel, key_dim: int, knob: int | None, chunk: int | None, fits: bool,
           verdict: str) -> Candidate:
-    """The plan point of ``key_dim`` channels, ``budget`` tokens and prefill ``chunk``: bytes, quality, stack."""
-    retained = 1.0 if budget is None else budget / mm.seen
+    """The plan point of ``key_dim`` channels, the token ``knob`` and prefill ``chunk``: bytes, quality, stack."""
+    summary = mm.keeps_rate and knob is not None
     return Candidate(
-        k_ratio=key_dim / mm.shape.info.head_dim, key_dim=key_dim, token_budget=budget, prefill_chunk=chunk,
-        retained=retained, memory=replace(mm, prefill_chunk=chunk).evaluate(key_dim, budget),
-        quality=score(mm, quality, key_dim, budget), fits=fits, verdict=verdict,
-        entries=_entries(mm, key_dim, budget),
+        k_ratio=key_dim / mm.shape.info.head_dim, key_dim=key_dim, token_budget=None if mm.keeps_rate else knob,
+        prefill_chunk=chunk, retained=mm.held(knob) / mm.seen,
+        memory=replace(mm, prefill_chunk=chunk).evaluate(key_dim, knob),
+        quality=score(mm, quality, key_dim, knob), fits=fits, verdict=verdict, entries=_entries(mm, key_dim, knob),
+        halvings=knob if summary else None, held=mm.held(knob) if summary else None,
     )
 
 
 def frontier(mm: MemoryModel, quality: QualityModel, fitting: Sequence[Candidate], min_tokens: int,
              points: int = 16) -> list[Candidate]:
-    """Pareto frontier (KV cache bytes vs quality) of every fitting key width over budgets up to its largest.
+    """Pareto frontier (KV cache bytes vs quality) of every fitting key width over knobs up to its largest.
 
     Each width keeps its chunk; cheapest first.
     """
     pool = []
     for c in fitting:
-        top = mm.seen - 2 if c.token_budget is None else c.token_budget
-        budgets = [b for b in budget_grid(min_tokens, top, points) if b != c.token_budget]
-        pool += [point(mm, quality, c.key_dim, b, c.prefill_chunk, fits=True, verdict="frontier") for b in budgets]
+        knobs = [k for k in knob_grid(mm, min_tokens, c.knob, points) if k != c.knob]
+        pool += [point(mm, quality, c.key_dim, k, c.prefill_chunk, fits=True, verdict="frontier") for k in knobs]
         pool.append(replace(c, verdict="frontier"))
     best = [c for c in pool if not any(_dominates(o, c) for o in pool)]
-    unique = {(c.key_dim, c.token_budget): c for c in best}
+    unique = {(c.key_dim, c.knob): c for c in best}
     return sorted(unique.values(), key=lambda c: (c.memory.cache_peak, -c.quality))
 
 
-def _entries(mm: MemoryModel, key_dim: int, budget: int | None) -> tuple[dict[str, Any], ...]:
+def _entries(mm: MemoryModel, key_dim: int, knob: int | None) -> tuple[dict[str, Any], ...]:
     info = mm.shape.info
     entries = []
-    if budget is not None:
+    if knob is not None and mm.keeps_rate:
+        entries.append(summary_entry(policy_type(mm.token_policy).name, knob))
+    elif knob is not None:
         windows = [w for w in mm.windows if w is not None]
         max_sinks = min(windows) - 1 if windows else DEFAULT_SINKS
-        entries.append(token_entry(mm.token_policy, budget, max_sinks))
+        entries.append(token_entry(mm.token_policy, knob, max_sinks))
     if key_dim < info.head_dim:
         entries.append({"type": "aqua", "k_ratio": key_dim / info.head_dim})
     return tuple(entries)

@@ -19,6 +19,8 @@ loss, always reported with their source (:attr:`QualityModel.source`, :attr:`Qua
    which is treated like H2O) get one exponent, those that rank by position only (the sliding
    window) another; which is which is the registry's ``needs_scores``
    (:mod:`kvpress_aqua.policies.registry`), so every registered token policy can be planned.
+   A block summary (BalanceKV, uniform sampling) ranks no token: it gets the position curve at the
+   fraction of tokens it holds, and its source says that no sweep measured it.
 
 Option 2 is a heuristic, not a measurement: the channel and token losses are assumed independent,
 and the token term is not fitted to any model.
@@ -32,7 +34,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +70,8 @@ def retention_exponent(token_policy: str) -> float:
     """The exponent ``x`` of ``q_tokens = 1 - (1 - retained)^x`` for a token policy name.
 
     ``RETENTION_EXPONENT["scores"]`` for the policies the registry says read attention scores (H2O,
-    TOVA), ``RETENTION_EXPONENT["position"]`` for the others (the sliding window).
+    TOVA, SnapKV), ``RETENTION_EXPONENT["position"]`` for the others (the sliding window, and the
+    block summaries, whose curve nothing measured: :func:`find_quality` says so).
 
     Raises
     ------
@@ -239,8 +242,18 @@ def find_quality(info: ModelInfo, artifact: str | Path | None, token_policy: str
         try:
             found = find_artifact(info, framework="np")
         except FileNotFoundError:
-            return QualityModel.default("no AQUA artifact for this model (`kvtool calibrate --sweep` makes one and "
-                                        "measures the sweep)")
+            return _unmeasured(QualityModel.default("no AQUA artifact for this model (`kvtool calibrate --sweep` "
+                                                    "makes one and measures the sweep)"), token_policy)
         where = f"AQUA artifact {found.path}"
     found.check_model(info)
-    return QualityModel.from_artifact(found, where, token_policy)
+    return _unmeasured(QualityModel.from_artifact(found, where, token_policy), token_policy)
+
+
+def _unmeasured(model: QualityModel, token_policy: str) -> QualityModel:
+    """``model``, its source saying so when it ranks a policy without a budget (a block summary) by the heuristic."""
+    row = policy_type(token_policy, "token")
+    if model.sweep or row.split:
+        return model
+    return replace(model, source=f"{model.source}; {row.name} is not measured by any sweep (they measure h2o): "
+                                 "it is ranked on the position-only token-retention curve (the sliding window's) at "
+                                 "the fraction of tokens it holds")

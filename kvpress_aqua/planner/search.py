@@ -21,8 +21,11 @@ The parts, each re-exported here:
 - :mod:`kvpress_aqua.planner.devices`: ``device_memory`` as a size or a GPU name;
 - this module: the search over key widths and budgets, the frontier and the answer (:class:`Plan`).
 
-Any token policy of :mod:`kvpress_aqua.policies.registry` can be planned (``token_policy=``): the
-registry says whether it keeps scores (charged per slot) and how a budget splits into its knobs.
+Any token policy of :mod:`kvpress_aqua.policies.registry` that splits a budget can be planned
+(``token_policy=``): the registry says whether it keeps scores (charged per slot) and how a budget
+splits into its knobs. So can the block summaries (BalanceKV, uniform sampling,
+:mod:`kvpress_aqua.planner.summaries`), which keep a rate rather than a budget: their knob is
+``halvings``, and each slot also holds a float32 log-weight.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ from .devices import GPU_MEMORY_MIB, parse_device_memory
 from .fit import CHUNK_CHOICES, MIN_K_RATIO, Limits, best_chunk, candidate_key_dims, chunk_choices, does_not_fit
 from .memory import ATTENTION_COPIES, DEFAULT_OVERHEAD, HIDDEN_COPIES, MLP_COPIES, Breakdown, MemoryModel, Term
 from .model_shape import ModelShape, count_parameters, offline_models, resolve_model
-from .points import Candidate, budget_grid, frontier, point, score
+from .points import Candidate, frontier, knob_grid, point, score
 from .quality import DEFAULT_ENERGY, ENERGY_BETA, ENERGY_GAMMA, RETENTION_EXPONENT, QualityModel, find_quality
+from .summaries import SUMMARY_KNOBS, SUMMARY_POLICIES
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -227,26 +231,16 @@ class Plan:
         return "\n".join(lines)
 
     def curves(self, points: int = 24) -> dict[float, list[tuple[int, float]]]:
-        """``k_ratio -> [(KV cache bytes, quality)]`` for budgets from ``min_tokens`` to every token (plots)."""
+        """``k_ratio -> [(KV cache bytes, quality)]`` for knobs from the cheapest to every token (plots)."""
         mm = self.memory_model
         out = {}
         for c in self.candidates:
             row = []
-            for b in budget_grid(self.min_tokens, mm.seen - 2, points) + [None]:
-                p = point(mm, self.quality_model, c.key_dim, b, c.prefill_chunk, fits=True, verdict="")
+            for knob in [*knob_grid(mm, self.min_tokens, None, points), None]:
+                p = point(mm, self.quality_model, c.key_dim, knob, c.prefill_chunk, fits=True, verdict="")
                 row.append((p.memory.cache_peak, p.quality))
             out[c.k_ratio] = sorted(row)
         return out
-
-
-
-
-
-
-
-
-
-
 
 
 def _check_int(name: str, value: Any, minimum: int, example: str) -> int:
@@ -303,9 +297,9 @@ def plan(
         Also check the whole run (weights + cache + working set + overhead) against this: bytes, a
         size string or a GPU name of :data:`GPU_MEMORY_MIB` (``"h100"``).
     token_policy : str, default "h2o"
-        Eviction policy of the plans: a token policy of :mod:`kvpress_aqua.policies.registry` that
-        takes a budget (:func:`plannable_token_policies`).
-
+        Eviction policy of the plans (:func:`plannable_token_policies`): a token policy of
+        :mod:`kvpress_aqua.policies.registry` that takes a budget, sized by its token budget, or a
+        block summary (``balancekv``, ``uniform``), sized by its ``halvings``.
     min_tokens : int, default 64
         Plans keeping fewer tokens per sequence count as not fitting.
     quality : QualityModel, optional
@@ -323,7 +317,8 @@ def plan(
     ------
     ValueError
         Bad input, naming the fix: neither budget nor device memory, non-positive budget or context,
-        malformed size, unknown GPU, dtype, model or token policy.
+        malformed size, unknown GPU, dtype, model or token policy, a block summary on a model
+        with sliding-window layers.
 
     """
     device, device_label = (None, None) if device_memory is None else parse_device_memory(device_memory)
@@ -377,6 +372,11 @@ def plan(
     if best is not None and limits.device is None:
         notes.append(f"device memory not checked: the run needs about {format_bytes(best.memory.total)} "
                      f"(weights {format_bytes(best.memory.weights)}); --device-memory h100 (or a size) checks it")
+    if mm.keeps_rate:
+        notes.append(f"{token_policy} keeps a rate, not a budget: {SUMMARY_KNOBS['sinks']} sinks, "
+                     f"{SUMMARY_KNOBS['recent']} recent tokens and 1/2^halvings of every full "
+                     f"{SUMMARY_KNOBS['block']}-token block of the middle, so its memory grows with the tokens seen "
+                     f"(planned for {mm.seen:,}; decoding more holds more)")
     if any(e["type"] == "aqua" for e in (best.entries if best else ())):
         notes.append("AQUA needs a calibration artifact for this model (kvtool calibrate) before the cache is built")
     return Plan(limits, shape, mm, quality_model, min_tokens, tuple(points), tuple(pareto), best, message,
@@ -384,19 +384,22 @@ def plan(
 
 
 def plannable_token_policies() -> tuple[str, ...]:
-    """The token policies :func:`plan` can size: the registry's token rows that split a budget into knobs, sorted.
+    """The token policies :func:`plan` can size, sorted: budget splits and block summaries.
 
-    Read from :data:`kvpress_aqua.policies.registry.POLICY_TYPES`, so a new row is planned without a
-    change here; a policy that keeps a rate rather than a budget (no ``split``) is not among them.
+    The registry's token rows that split a budget into knobs (read from
+    :data:`kvpress_aqua.policies.registry.POLICY_TYPES`, so a new row is planned without a change
+    here) and the block summaries of :data:`~kvpress_aqua.planner.summaries.SUMMARY_POLICIES`
+    (sized by ``halvings``). Another policy without a budget ``split`` is not among them.
     """
-    return tuple(sorted(row.name for row in POLICY_TYPES.values() if row.kind == "token" and row.split))
+    return tuple(sorted(row.name for row in POLICY_TYPES.values()
+                        if row.kind == "token" and (row.split or row.name in SUMMARY_POLICIES)))
 
 
 def _plannable(name: str) -> str:
     row = policy_type(name, "token")
-    if not row.split:
-        raise ValueError(f"token policy {name!r} keeps a rate, not a token budget, so there is no budget to plan; "
-                         f"use --token-policy {' or '.join(plannable_token_policies())}")
+    if row.name not in plannable_token_policies():
+        raise ValueError(f"token policy {name!r} keeps no token budget and is no block summary, so the planner "
+                         f"cannot size it; use --token-policy {' or '.join(plannable_token_policies())}")
     return row.name
 
 
@@ -418,9 +421,9 @@ def _search(mm: MemoryModel, quality: QualityModel, limits: Limits, min_tokens: 
 
 def _binding(mm: MemoryModel, limits: Limits, best: Candidate) -> str:
     """What stops the recommendation from keeping more tokens: the KV budget, the device memory, or nothing."""
-    if best.token_budget is None:
+    if best.knob is None:
         return "nothing binds: every token is kept"
-    more = replace(mm, prefill_chunk=best.prefill_chunk).evaluate(best.key_dim, best.token_budget + 1)
+    more = replace(mm, prefill_chunk=best.prefill_chunk).evaluate(best.key_dim, mm.dearer(best.knob))
     over = limits.exceeded(more)
     if over == ("device memory",):
         m = best.memory

@@ -6,7 +6,7 @@ from tiny_models import make_tiny_model
 from transformers import DynamicCache
 
 from kvpress_aqua import CompressedCache
-from kvpress_aqua.policies import H2O, SlidingWindow
+from kvpress_aqua.policies import H2O, Retrieval, SlidingWindow
 from kvpress_aqua.policies.aqua import Aqua
 from kvpress_aqua.util.compat import cache_kwargs
 
@@ -107,3 +107,17 @@ def test_cuda_compiled_static_decode_with_cuda_graphs_gives_the_same_tokens():
     step = compiled_step()  # inductor + CUDA graphs
     got = generate_static(model, CompressedCache(model, policy, prefill_chunk=16), ids, 12, step=step)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("offload", ["cpu", None])
+def test_cuda_retrieval_covering_every_token_equals_dynamic_cache(offload):
+    model = make_tiny_model("llama").cuda()
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(5)).cuda()
+    ref, ref_seq = _generate(model, ids, DynamicCache(), steps=8)
+    cache = CompressedCache(model, Retrieval(top_k=64, recent=4, sinks=2, rank=4, offload=offload), prefill_chunk=16)
+    got, seq = _generate(model, ids, cache, steps=8)
+    assert torch.equal(seq, ref_seq) and (got - ref).abs().max().item() < 1e-4
+    layer = cache.layers[0]
+    assert layer.tier.keys.is_pinned() == (offload == "cpu") and layer.tier.proxy.is_cuda
+    assert cache.nbytes("host") == (sum(t.keys.nbytes + t.values.nbytes for t in (layer.tier for layer in cache.layers))
+                                    if offload else 0)

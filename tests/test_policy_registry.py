@@ -11,7 +11,18 @@ import sys
 import pytest
 
 from kvpress_aqua.core.accounting import kv_fraction_budget
-from kvpress_aqua.policies import H2O, TOVA, Aqua, BalanceKV, ChannelPolicy, SlidingWindow, SnapKV, TokenPolicy, Uniform
+from kvpress_aqua.policies import (
+    H2O,
+    TOVA,
+    Aqua,
+    BalanceKV,
+    ChannelPolicy,
+    Retrieval,
+    SlidingWindow,
+    SnapKV,
+    TokenPolicy,
+    Uniform,
+)
 from kvpress_aqua.policies.registry import (
     DEFAULT_SINKS,
     POLICY_TYPES,
@@ -22,7 +33,7 @@ from kvpress_aqua.policies.registry import (
 )
 
 CLASSES = {"h2o": H2O, "tova": TOVA, "sliding": SlidingWindow, "snapkv": SnapKV, "balancekv": BalanceKV,
-           "uniform": Uniform, "aqua": Aqua}
+           "uniform": Uniform, "retrieval": Retrieval, "aqua": Aqua}
 """Canonical name -> the class its registry row must load."""
 BASES = {"token": TokenPolicy, "channel": ChannelPolicy}
 
@@ -72,8 +83,10 @@ def test_the_split_is_half_and_half_or_a_window():
 
 
 def test_names_and_kinds():
-    assert policy_names() == ("aqua", "balancekv", "h2o", "sliding", "snapkv", "streaming", "tova", "uniform")
-    assert policy_names("token") == ("balancekv", "h2o", "sliding", "snapkv", "streaming", "tova", "uniform")
+    assert policy_names() == ("aqua", "balancekv", "h2o", "retrieval", "sliding", "snapkv", "streaming", "tova",
+                              "uniform")
+    assert policy_names("token") == ("balancekv", "h2o", "retrieval", "sliding", "snapkv", "streaming", "tova",
+                                     "uniform")
     assert token_policy_names() == ("h2o", "sliding", "snapkv", "tova")  # those with a budget
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..ops import reference
+from ..ops import reference, retrieval
 from ..ops.inputs import AttentionInputs
 
 __all__ = ["ATTENTION_NAME", "compressed_attention", "hand_off"]
@@ -111,13 +111,17 @@ def compressed_attention(
     n = query.shape[-2]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     new_mask = reference.new_block_mask(attention_mask, n, query.device)
+    held = inputs.past_keys.shape[-2]
+    # a retrieval layer: its held slots plus the rows retrieved from its tier, as plain inputs
+    attended = inputs if inputs.retrieval is None else retrieval.retrieve(inputs, query, scale)
     result = None
     wanted = BACKEND == "triton" or (BACKEND == "auto" and query.is_cuda)
     if wanted and (kernel := _fused_kernel()) is not None:
-        result = kernel(inputs, query, new_mask, scale, softcap)
+        result = kernel(attended, query, new_mask, scale, softcap)
     if result is None:
-        result = reference.reference_attention(inputs, query, new_mask, scale, softcap)
-    out, inputs.mass_past, inputs.mass_new = result
+        result = reference.reference_attention(attended, query, new_mask, scale, softcap)
+    out, mass_past, inputs.mass_new = result
+    inputs.mass_past = mass_past[..., :held]
     if inputs.score_out is not None:  # a static decode step: the scores are folded in here, in place
         if inputs.score_decay != 1.0:
             inputs.score_out.mul_(inputs.score_decay)

@@ -1,13 +1,14 @@
 """``kvtool demo``: the main job in one command, a short needle comparison on the default model.
 
-Full cache vs the best presets at 25% and 50% of dense KV bytes, chosen from the full stored run in
-``benchmarks/results/needle`` (1,980 cells): the sliding window with attention sinks (mean needle
-score 0.24 at 25% and 0.42 at 50%, against H2O's 0.12 and 0.31 and TOVA's 0.12 and 0.27; the H2O x AQUA presets
-scored 0.11-0.12 and 0.22-0.26 on SmolLM2). Passkey needles at a few depths of 512 and 1k-token Paul Graham haystacks,
-both protocols; ends with the rich table and writes the heatmap
-PNGs. ``--policy`` swaps in other presets; if one needs AQUA and the model's calibration is
-missing, it is made first (what ``kvtool calibrate`` does). Arguments are checked before the model
-loads, and Ctrl-C stops it as it stops ``kvtool needle`` (resumable).
+Full cache vs ``retrieval-25`` (every token kept in a host tier, each decode step attending to the
+tokens an 8-channel proxy picks, 25% of dense KV bytes on the accelerator) vs the best eviction
+preset at the same bytes, chosen from the full stored run in ``benchmarks/results/needle`` (1,980
+cells): the sliding window with attention sinks (mean needle score 0.24 at 25%, against H2O's
+0.12 and TOVA's 0.12; the H2O x AQUA presets scored 0.11-0.12). Passkey needles at a few depths of
+512 and 1k-token Paul Graham haystacks, both protocols; ends with the rich table and writes the
+heatmap PNGs. ``--policy`` swaps in other presets; if one needs AQUA and the model's calibration
+is missing, it is made first (what ``kvtool calibrate`` does). Arguments are checked before the
+model loads, and Ctrl-C stops it as it stops ``kvtool needle`` (resumable).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
     from ..presets.spec import PolicySpec
 
-DEMO_POLICIES = ("full", "streaming-25", "streaming-50")
+DEMO_POLICIES = ("full", "retrieval-25", "streaming-25")
 DEMO_LENGTHS = (512, 1024)
 DEMO_DEPTHS = (0.0, 50.0, 100.0)
 DEMO_TASK = "passkey"
@@ -36,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``demo`` sub-command."""
     p = sub.add_parser(
         "demo",
-        help="short needle comparison on the default model: full vs the best presets at 25%% and 50%% of KV bytes",
+        help="short needle comparison on the default model: full vs retrieval and the best eviction at 25%% of "
+        "KV bytes",
         description=f"Passkey needles at depths {', '.join(f'{d:g}%' for d in DEMO_DEPTHS)} of "
         f"{' and '.join(str(n) for n in DEMO_LENGTHS)}-token haystacks, both protocols. Ends with a table and "
         "writes heatmap PNGs; resumable like `kvtool needle`.",
@@ -53,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def ensure_calibration(model: Any, tokenizer: Any, specs: dict[str, PolicySpec], name: str, console: Console) -> None:
     """Run the AQUA calibration for ``model`` if a policy needs it and no artifact exists yet."""
-    if not any(entry["type"] == "aqua" for spec in specs.values() for entry in spec.entries):
+    if not any(entry["type"] == "aqua" or (entry["type"] == "retrieval" and entry.get("proxy", "lrqk") == "aqua")
+               for spec in specs.values() for entry in spec.entries):
         return
     from ..artifacts.aqua import default_artifact_path, find_artifact
     from ..calibration import calibrate

@@ -78,8 +78,14 @@ class CompressedCache(Cache):
             self.token_policy.check(self.info)
         _check_sinks(self.token_policy, self.info)
         param = next(model.parameters())
-        if self.channel_policy is not None:
-            self.channel_policy.bind(self.info, param.device, param.dtype)
+        channels = self.channel_policy
+        if channels is not None:
+            channels.bind(self.info, param.device, param.dtype)
+        if self.token_policy is not None:
+            key_dims = [channels.key_dim(i) if channels is not None else self.info.head_dim
+                        for i in range(self.info.num_layers)]
+            exact = channels.exact_sinks + channels.exact_recent if channels is not None else 0
+            self.token_policy.prepare(self.info, param.device, param.dtype, key_dims, exact)
         super().__init__(layers=[self._make_layer(i) for i in range(self.info.num_layers)])
         self._token = next(_TOKENS)
         self._attached = False
@@ -257,10 +263,45 @@ class CompressedCache(Cache):
         batch = layer.keys.shape[0] if layer.is_initialized else 1
         return torch.full((batch,), self.get_seq_length(), dtype=torch.long)
 
+    def retrieval_stats(self) -> dict[str, float] | None:
+        """What a retrieval cache's decode steps read: hit rate, rows and bytes copied from the tier per step.
+
+        Returns ``None`` for a cache without a retrieval tier. Keys: ``decode_steps`` (per layer),
+        ``hit_rate`` (retrieved rows the working set already held), ``rows_per_step`` and
+        ``bytes_per_step`` (copied from the tier at a decode step, all layers), ``chunk_bytes`` (copied
+        for chunks' attention, all of it).
+        """
+        tiers = [layer.tier for layer in self.layers if isinstance(layer, CompressedLayer) and layer.tier is not None
+                 and layer.is_initialized]
+        if not tiers:
+            return None
+        steps = tiers[0].steps
+        retrieved = sum(t.retrieved for t in tiers)
+        fetched = sum(t.fetched for t in tiers)
+        return {
+            "decode_steps": steps,
+            "hit_rate": sum(t.hits for t in tiers) / retrieved if retrieved else float("nan"),
+            "rows_per_step": fetched / steps if steps else 0.0,
+            "bytes_per_step": sum(t.fetched * t.row_nbytes() for t in tiers) / steps if steps else 0.0,
+            "chunk_bytes": sum(t.chunk_fetched * t.row_nbytes() for t in tiers),
+        }
+
     # --------------------------------------------------------------- accounting
-    def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds now: keys, values, slot metadata, projection matrices."""
-        return self.memory_report().total
+    def nbytes(self, tier: str = "device") -> int:
+        """Bytes of every tensor the cache holds now: keys, values, slot metadata, projection matrices.
+
+        Parameters
+        ----------
+        tier : {"device", "host", "all"}
+            ``device``: what the model's device holds (everything, unless a retrieval tier is
+            offloaded); ``host``: the offloaded tier; ``all``: both.
+
+        """
+        report = self.memory_report()
+        by_tier = {"device": report.total, "host": report.host, "all": report.total + report.host}
+        if tier not in by_tier:
+            raise ValueError(f"nbytes(tier={tier!r}): use 'device', 'host' or 'all'")
+        return by_tier[tier]
 
     def dense_nbytes(self) -> int:
         """Bytes a ``DynamicCache`` would hold after the same tokens (sliding layers keep their window)."""
@@ -279,10 +320,16 @@ class CompressedCache(Cache):
             elem = layer.values.element_size()
             dense = batch * heads * dense_layer_tokens(self.get_seq_length(i), window) * 2 * self.info.head_dim * elem
             if isinstance(layer, CompressedLayer):
-                kind = "sliding" if window else "compressed"
+                kind = "sliding" if window else ("retrieval" if layer.tier is not None else "compressed")
                 keys = layer.keys.nbytes + (layer.exact.keys.nbytes if layer.exact is not None else 0)
-                meta = layer.nbytes() - keys - layer.values.nbytes
-                rows.append(MemoryRow(i, kind, slots, layer.held_tokens(), keys, layer.values.nbytes, meta, dense))
+                values = layer.values.nbytes
+                if layer.tier is not None:
+                    on_device = layer.tier.device_tensors()
+                    keys += sum(on_device[n].nbytes for n in ("proxy", "ws_keys", "tier_keys") if n in on_device)
+                    values += sum(on_device[n].nbytes for n in ("ws_values", "tier_values") if n in on_device)
+                meta = layer.nbytes() - keys - values
+                rows.append(MemoryRow(i, kind, slots, layer.held_tokens(), keys, values, meta, dense,
+                                      layer.host_nbytes()))
             else:
                 rows.append(MemoryRow(i, "dense", slots, batch * heads * slots, layer.keys.nbytes,
                                       layer.values.nbytes, 0, dense))

@@ -15,6 +15,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .exact import ExactRows
 from .slots import SlotStore
+from .tier import RetrievalTier
 
 __all__ = ["LayerContract"]
 
@@ -29,6 +30,7 @@ class LayerContract(CacheLayerMixin):
     slots: SlotStore
     exact: ExactRows | None
     stash: ExactRows | None
+    tier: RetrievalTier | None
     seen: int | torch.Tensor
     left_pad: torch.Tensor | None
 
@@ -44,7 +46,8 @@ class LayerContract(CacheLayerMixin):
             exact = self.exact.tensors()
             if self.stash is not None:
                 exact.update({f"stash_{k}": v for k, v in self.stash.tensors().items()})
-        return {**self.slots.tensors(), **exact, "left_pad": self.left_pad}
+        tier = self.tier.device_tensors() if self.tier is not None else {}
+        return {**self.slots.tensors(), **exact, **tier, "left_pad": self.left_pad}
 
     def get_seq_length(self) -> int:
         """Tokens seen (not held): ``generate`` derives positions from it."""
@@ -70,6 +73,8 @@ class LayerContract(CacheLayerMixin):
         if self.exact is not None:
             self.exact = ExactRows(self.exact.sinks, self.exact.recent)
         self.stash = None
+        if self.tier is not None:
+            self.tier = RetrievalTier(self.tier.top_k, self.tier.offload)
         self.left_pad = None
         self.seen, self.static = 0, False
         self._pending = self._pending_slots = None
@@ -87,6 +92,8 @@ class LayerContract(CacheLayerMixin):
         for rows in (self.exact, self.stash):
             if rows is not None:
                 rows.keys, rows.slot = fn(rows.keys), fn(rows.slot)
+        if self.tier is not None:
+            self.tier.apply_rows(fn)
         self.left_pad = fn(self.left_pad)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -112,6 +119,12 @@ class LayerContract(CacheLayerMixin):
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds, metadata included."""
         return sum(t.nbytes for t in self._tensors().values())
+
+    def host_nbytes(self) -> int:
+        """Bytes this layer keeps off the accelerator (a retrieval tier's offloaded rows)."""
+        if self.tier is None or not self.is_initialized:
+            return 0
+        return sum(t.nbytes for t in self.tier.host_tensors().values())
 
     def held_tokens(self) -> int:
         """Valid tokens held, summed over sequences and KV heads."""

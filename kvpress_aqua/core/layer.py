@@ -30,6 +30,7 @@ from .contract import LayerContract
 from .exact import ExactRows
 from .slots import SlotStore
 from .static import StaticDecoding
+from .tier import RetrievalTier
 
 __all__ = ["CompressedLayer"]
 
@@ -86,6 +87,9 @@ class CompressedLayer(StaticDecoding, LayerContract):
         sinks, recent = (channel_policy.exact_sinks, channel_policy.exact_recent) if pruned else (0, 0)
         self.exact = ExactRows(sinks, recent) if sinks + recent else None
         self.stash: ExactRows | None = None
+        retrieves = token_policy is not None and token_policy.retrieves
+        self.tier = RetrievalTier(token_policy.layer_top_k(layer_idx), token_policy.offload is not None) \
+            if retrieves else None
         self.seen: int | torch.Tensor = 0
         self.static = False
         self.left_pad: torch.Tensor | None = None
@@ -109,6 +113,8 @@ class CompressedLayer(StaticDecoding, LayerContract):
         self.left_pad = torch.zeros(batch, 1, 1, dtype=torch.int32, device=key_states.device)
         if self.exact is not None:
             self.exact.allocate(key_states, batch, self.num_kv_heads, self.head_dim - self.key_dim)
+        if self.tier is not None:
+            self.tier.allocate(key_states, self.num_kv_heads, self.key_dim, v_dim, self.token_policy.rank)
         self.is_initialized = True
 
     def _check_new(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -154,6 +160,8 @@ class CompressedLayer(StaticDecoding, LayerContract):
         stored = policy.project_keys(self.layer_idx, key_states) if policy is not None else key_states
         if self.static:
             return self._static_step(stored, key_states, value_states)
+        if self.tier is not None:
+            self._to_tier(stored, key_states, value_states)
         if self.budget is not None and n == 1:
             past, visible, new_slots = self._write_one(stored, value_states)
         else:
@@ -169,6 +177,19 @@ class CompressedLayer(StaticDecoding, LayerContract):
         self._pending, self._pending_slots = inputs, new_slots
         dispatch.hand_off(inputs)
         return self.keys, self.values
+
+    def _to_tier(self, stored: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write the new tokens to the retrieval tier with their proxy keys.
+
+        A per-prompt basis is fit when the first call is folded (its padding is known then), and
+        that call's proxy keys are written then: its chunk attends to every token, not by proxy.
+        """
+        tier, policy = self.tier, self.token_policy
+        if tier.basis is None and not policy.per_prompt:
+            tier.basis = policy.proxy_basis(self.layer_idx)
+        proxy = key_states.new_zeros(*key_states.shape[:-1], policy.rank) if tier.basis is None else \
+            key_states @ (tier.basis if tier.basis.ndim == 4 else tier.basis[None])
+        tier.append(stored, value_states, proxy)
 
     def _attention_inputs(
         self, past: int, visible: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
@@ -194,6 +215,7 @@ class CompressedLayer(StaticDecoding, LayerContract):
             exact_slot=self.exact.slot if exact else None,
             want_mass=self.needs_scores,
             mass_rows=self.token_policy.score_rows if self.needs_scores else None,
+            retrieval=self.tier.inputs(store.index[..., :past]) if self.tier is not None else None,
         )
 
     def finalize(self) -> None:
@@ -222,6 +244,12 @@ class CompressedLayer(StaticDecoding, LayerContract):
         """Record what the attention call learnt: padding among the new tokens, attention mass, exact keys."""
         new_valid, store = inputs.new_valid, self.slots
         store.valid.scatter_(2, new_slots, new_valid[:, None, :].expand(-1, self.num_kv_heads, -1))
+        if self.tier is not None:
+            first = self.seen - new_valid.shape[-1]
+            if self.tier.basis is None:  # a per-prompt basis: fit on this first call's real keys
+                self.tier.fit(self.token_policy.proxy_basis(self.layer_idx, inputs.keys_new, new_valid),
+                              inputs.keys_new, first)
+            self.tier.fold(inputs.retrieval, new_valid, first)
         self.left_pad += (~new_valid).sum(-1, dtype=torch.int32)[:, None, None]
         if self.exact is not None:
             dropped = self.channel_policy.residual_keys(self.layer_idx, inputs.keys_new)

@@ -24,10 +24,11 @@ class MemoryRow:
     value_bytes: int
     meta_bytes: int
     dense_bytes: int
+    host_bytes: int = 0
 
     @property
     def total(self) -> int:
-        """All bytes the layer holds."""
+        """All bytes the layer holds on its device (a retrieval tier's offloaded rows are :attr:`host_bytes`)."""
         return self.key_bytes + self.value_bytes + self.meta_bytes
 
 
@@ -43,6 +44,11 @@ class MemoryReport:
     def total(self) -> int:
         """Every byte the cache holds, projection matrices included."""
         return sum(r.total for r in self.rows) + self.policy_bytes
+
+    @property
+    def host(self) -> int:
+        """Bytes kept off the device (offloaded retrieval tiers)."""
+        return sum(r.host_bytes for r in self.rows)
 
     @property
     def dense(self) -> int:
@@ -92,7 +98,9 @@ class MemoryReport:
                  f"dense ({ratio:.1%}); bytes in {unit}")
         caption = "held = valid tokens (sum over sequences and KV heads); meta = per-slot index, validity, scores"
         if self.policy_bytes:
-            caption += f"; total includes {format_bytes(self.policy_bytes)} of AQUA projection matrices"
+            caption += f"; total includes {format_bytes(self.policy_bytes)} of projection matrices"
+        if self.host:
+            caption += f"; a host tier holds {format_bytes(self.host)} more (every token's keys and values)"
         out = []
         for n, group in enumerate(groups):
             table = Table(title=title if n == 0 else None, caption=caption if n == len(groups) - 1 else None)
@@ -110,5 +118,6 @@ class MemoryReport:
 
     def __str__(self) -> str:
         kinds = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.by_kind().items())
-        return (f"KV cache: {format_bytes(self.total)} held ({kinds}) vs {format_bytes(self.dense)} dense after "
-                f"{self.seen} tokens")
+        host = f", {format_bytes(self.host)} in the host tier" if self.host else ""
+        return (f"KV cache: {format_bytes(self.total)} held ({kinds}){host} vs {format_bytes(self.dense)} dense "
+                f"after {self.seen} tokens")

@@ -33,6 +33,9 @@ class StaticDecoding:
         if self.chooses:
             raise ValueError(f"{type(self.token_policy).__name__} summarizes blocks as they fill, which changes the "
                              "buffer's shape: decode it with the growing cache (model.generate), not a static one")
+        if self.tier is not None:
+            raise ValueError("Retrieval gathers a different set of rows at every step: decode it with the growing "
+                             "cache (model.generate), not a static one")
         self.finalize()
         store = self.slots
         if store.used < store.capacity:

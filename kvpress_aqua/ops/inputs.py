@@ -6,7 +6,60 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionInputs"]
+__all__ = ["AttentionInputs", "RetrievalInputs"]
+
+
+@dataclass
+class RetrievalInputs:
+    """A retrieval layer's second tier and working set, read by one attention call (shapes as below).
+
+    ``T`` tokens seen (the tier holds every one, row ``t`` for cache index ``t``), ``k`` the
+    working set, ``p`` proxy channels.
+
+    Attributes
+    ----------
+    tier_keys, tier_values : torch.Tensor
+        ``(B, H_kv, T, r)`` keys in their stored form and ``(B, H_kv, T, d_v)`` values of every token,
+        on the tier's device (host memory when offloaded).
+    tier_valid : torch.Tensor
+        bool ``(B, H_kv, T)`` on the accelerator: False for padding.
+    proxy_keys : torch.Tensor
+        ``(B, H_kv, T, p)`` on the accelerator: every token's key projected on the proxy basis.
+    proxy_basis : torch.Tensor
+        ``(H_kv, d, p)`` (calibrated) or ``(B, H_kv, d, p)`` (per prompt): queries meet proxy keys as
+        ``q @ basis``.
+    held_index : torch.Tensor
+        int32 ``(B, H_kv, S)``: the cache index of each held slot (-1 empty); held tokens are not retrieved.
+    top_k : int
+        Tokens retrieved per sequence and KV head at a decode step (a chunk of several queries
+        attends to every earlier token).
+    ws_index : torch.Tensor or None
+        int64 ``(B, H_kv, k)``: the tokens of the working set, ascending (-1: none), from the last step.
+    ws_keys, ws_values : torch.Tensor or None
+        ``(B, H_kv, k, r)`` and ``(B, H_kv, k, d_v)`` on the accelerator: the working set's rows.
+    selected, sel_keys, sel_values : torch.Tensor or None
+        Written by the attention at a decode step: the new working set (int64 ``(B, H_kv, k)``, ascending,
+        -1 where fewer than ``k`` tokens could be retrieved) and its rows on the accelerator.
+    hits, fetched : int
+        Written by the attention: retrieved rows found in the old working set, and rows copied from the tier.
+
+    """
+
+    tier_keys: torch.Tensor
+    tier_values: torch.Tensor
+    tier_valid: torch.Tensor
+    proxy_keys: torch.Tensor
+    proxy_basis: torch.Tensor
+    held_index: torch.Tensor
+    top_k: int
+    ws_index: torch.Tensor | None = None
+    ws_keys: torch.Tensor | None = None
+    ws_values: torch.Tensor | None = None
+    selected: torch.Tensor | None = None
+    sel_keys: torch.Tensor | None = None
+    sel_values: torch.Tensor | None = None
+    hits: int = 0
+    fetched: int = 0
 
 
 @dataclass
@@ -61,6 +114,8 @@ class AttentionInputs:
         query heads of each KV group (zeros when ``want_mass`` is False).
     new_valid : torch.Tensor or None
         Written by the attention: bool ``(B, n)``, False for new tokens that are padding.
+    retrieval : RetrievalInputs or None
+        A retrieval layer's tier: the attention adds the tokens it retrieves to the past block.
 
     """
 
@@ -87,6 +142,7 @@ class AttentionInputs:
     mass_past: torch.Tensor | None = None
     mass_new: torch.Tensor | None = None
     new_valid: torch.Tensor | None = None
+    retrieval: RetrievalInputs | None = None
 
     @property
     def done(self) -> bool:

@@ -16,6 +16,7 @@ _EXPORTS = {
     "BlockSummary": "blocks",
     "ChannelPolicy": "base",
     "H2O": "h2o",
+    "Retrieval": "retrieval",
     "SlidingWindow": "sliding_window",
     "SlotView": "base",
     "SnapKV": "snapkv",
@@ -26,8 +27,8 @@ _EXPORTS = {
 """Public name -> the module defining it."""
 
 __all__ = [
-    "H2O", "TOVA", "Aqua", "BalanceKV", "BlockSummary", "ChannelPolicy", "SlidingWindow", "SlotView", "SnapKV",
-    "TokenPolicy", "Uniform",
+    "H2O", "TOVA", "Aqua", "BalanceKV", "BlockSummary", "ChannelPolicy", "Retrieval", "SlidingWindow", "SlotView",
+    "SnapKV", "TokenPolicy", "Uniform",
 ]
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from .base import ChannelPolicy, SlotView, TokenPolicy
     from .blocks import BlockSummary
     from .h2o import H2O
+    from .retrieval import Retrieval
     from .sliding_window import SlidingWindow
     from .snapkv import SnapKV
     from .tova import TOVA

@@ -14,6 +14,7 @@ A cache holds at most one policy of each kind, so the two never need to know abo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,10 @@ class TokenPolicy(ABC):
     """Only the last ``score_rows`` queries of each attention call give scores (an observation window);
     ``None``: every query does."""
 
+    retrieves: bool = False
+    """Whether the layer also keeps every token in a second tier that its attention retrieves from
+    (:class:`~kvpress_aqua.policies.retrieval.Retrieval`): the cache then builds the tier."""
+
     @property
     @abstractmethod
     def budget(self) -> int | None:
@@ -137,6 +142,23 @@ class TokenPolicy(ABC):
 
     def check(self, info: ModelInfo) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` if the policy cannot work on this model; called when a cache is built."""
+
+    def prepare(self, info: ModelInfo, device: torch.device, dtype: torch.dtype,  # noqa: B027 - optional hook
+                key_dims: Sequence[int], exact_tokens: int = 0) -> None:
+        """Bind per-model state once the cache knows each layer's stored key width; called when a cache is built.
+
+        Parameters
+        ----------
+        info : ModelInfo
+            The model's attention shapes.
+        device, dtype : torch.device, torch.dtype
+            Where and in what the model's parameters are.
+        key_dims : sequence of int
+            The stored key width of each layer (the channel policy's; ``head_dim`` without one).
+        exact_tokens : int
+            The channel policy's exact tokens per layer and KV head (0 without pruning).
+
+        """
 
 
 class ChannelPolicy(ABC):

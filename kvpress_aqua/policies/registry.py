@@ -71,6 +71,10 @@ class PolicyType:
         evenly, the remainder to the first (:meth:`split_budget`); these are the knobs
         ``kv_fraction`` computes. Empty for a policy that keeps a rate rather than a budget
         (block summaries: BalanceKV, uniform sampling) and for channel policies.
+    sizes_itself : bool
+        The policy turns ``kv_fraction`` into its knobs itself once the cache knows the model (the
+        spec passes it the fraction and the context): retrieval, whose bytes include a proxy of
+        every token and depend on the head width.
     defaults : Mapping
         Knob defaults that torch-free code reads (AQUA's ``k_ratio`` and exact tokens); equal to the
         dataclass defaults (the contract test checks).
@@ -84,6 +88,7 @@ class PolicyType:
     needs_scores: bool = False
     aliases: tuple[str, ...] = ()
     split: tuple[str, ...] = ()
+    sizes_itself: bool = False
     defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
     def __post_init__(self) -> None:
@@ -146,6 +151,7 @@ POLICY_TYPES: dict[str, PolicyType] = {
         PolicyType("snapkv", "snapkv", "SnapKV", "token", needs_scores=True, split=("window", "heavy")),
         PolicyType("balancekv", "balancekv", "BalanceKV", "token"),
         PolicyType("uniform", "uniform", "Uniform", "token"),
+        PolicyType("retrieval", "retrieval", "Retrieval", "token", sizes_itself=True),
         PolicyType("aqua", "aqua", "Aqua", "channel", defaults=MappingProxyType({
             "k_ratio": AQUA_K_RATIO, "exact_sinks": AQUA_EXACT_SINKS, "exact_recent": AQUA_EXACT_RECENT})),
     )

@@ -203,6 +203,8 @@ def _resolve_relative(row: PolicyType, knobs: dict[str, Any], context: int, k_ra
     fraction = float(knobs.pop(RELATIVE_KNOB))
     if not 0 < fraction <= 1:
         raise ValueError(f"{RELATIVE_KNOB}={fraction}: the fraction of dense KV bytes must be in (0, 1]")
+    if row.sizes_itself:  # its bytes depend on the model's head width: the policy sizes itself when built
+        return {**knobs, RELATIVE_KNOB: fraction, "context": context}
     tokens = kv_fraction_budget(fraction, context, k_ratio, exact)
     return {**row.split_budget(tokens, int(knobs.pop("sinks", DEFAULT_SINKS))), **knobs}
 

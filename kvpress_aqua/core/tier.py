@@ -1,0 +1,177 @@
+"""The second tier of a retrieval layer: every token's keys and values, their proxy keys and the working set.
+
+A layer whose token policy retrieves (:class:`~kvpress_aqua.policies.retrieval.Retrieval`) keeps
+its held slots (sinks and recent tokens) as any layer does, and also writes every token it sees
+into a :class:`RetrievalTier`:
+
+- on the tier's device (pinned host memory when the policy offloads and the model is on a GPU;
+  on a CPU-only machine a separate store on the same device, accounted apart): the keys in their
+  stored form (pruned under AQUA) and the values, row ``t`` for cache index ``t``;
+- on the accelerator: the proxy key of every token, its validity, and the working set (the rows
+  the last decode step retrieved, with their token indices), so that the next step copies only
+  the rows it does not already hold.
+
+The tier only moves tensors; which rows a step reads is decided by the attention call
+(:func:`kvpress_aqua.ops.retrieval.retrieve`) from the proxy scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..ops.inputs import RetrievalInputs
+from .accounting import GROWTH_DIVISOR, GROWTH_MIN
+
+__all__ = ["RetrievalTier"]
+
+
+class RetrievalTier:
+    """Every token of one layer, in a second tier, with its proxy keys and the working set.
+
+    Parameters
+    ----------
+    top_k : int
+        Rows retrieved per sequence and KV head at each decode step (the working set's size).
+    offload : bool
+        Keep the full keys and values off the accelerator (host memory when the model is on a GPU).
+
+    Attributes
+    ----------
+    keys, values : torch.Tensor
+        ``(batch, kv_heads, capacity, key_dim)`` stored keys and ``(..., value_dim)`` values, on the tier's device.
+    valid : torch.Tensor
+        bool ``(batch, kv_heads, capacity)`` on the accelerator.
+    proxy : torch.Tensor
+        ``(batch, kv_heads, capacity, rank)`` proxy keys on the accelerator.
+    basis : torch.Tensor or None
+        The proxy basis, ``(kv_heads, head_dim, rank)`` (the policy's, not counted here) or
+        ``(batch, kv_heads, head_dim, rank)`` (fit on this prompt, counted here).
+    ws_index, ws_keys, ws_values : torch.Tensor or None
+        The working set: int64 ``(batch, kv_heads, k)`` token indices (ascending, -1: none) and their rows.
+    used : int
+        Tokens written (rows ``[0, used)``).
+    steps, hits, fetched, retrieved, chunk_fetched : int
+        Decode steps served, rows they found in the working set, rows they copied from the tier and
+        rows they retrieved (the hit rate is ``hits / retrieved``); rows copied for chunks.
+
+    """
+
+    def __init__(self, top_k: int, offload: bool) -> None:
+        self.top_k, self.offload = top_k, offload
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self.proxy: torch.Tensor | None = None
+        self.basis: torch.Tensor | None = None
+        self.ws_index: torch.Tensor | None = None
+        self.ws_keys: torch.Tensor | None = None
+        self.ws_values: torch.Tensor | None = None
+        self.used = 0
+        self.steps = self.hits = self.fetched = self.retrieved = self.chunk_fetched = 0
+
+    @property
+    def capacity(self) -> int:
+        """Rows allocated."""
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the tier sits in pinned host memory (an offloaded tier of a model on a GPU)."""
+        return self.offload and self.proxy is not None and self.proxy.is_cuda
+
+    def allocate(self, like: torch.Tensor, heads: int, key_dim: int, value_dim: int, rank: int) -> None:
+        """Empty tensors for a batch like ``like`` (the first new keys): tier rows on the host when offloaded."""
+        batch, dev = like.shape[0], like.device
+        tier_dev = torch.device("cpu") if self.offload else dev
+        pin = self.offload and dev.type == "cuda"
+        self.keys = torch.empty(batch, heads, 0, key_dim, dtype=like.dtype, device=tier_dev, pin_memory=pin)
+        self.values = torch.empty(batch, heads, 0, value_dim, dtype=like.dtype, device=tier_dev, pin_memory=pin)
+        self.valid = torch.empty(batch, heads, 0, dtype=torch.bool, device=dev)
+        self.proxy = like.new_empty(batch, heads, 0, rank)
+        self.used = 0
+
+    def _grow(self, needed: int, step: bool) -> None:
+        """Room for ``needed`` rows: exactly that for a chunk, in steps of 1/16 (at least 16) for a decode step."""
+        capacity = self.capacity
+        if needed <= capacity:
+            return
+        total = max(needed, capacity + max(GROWTH_MIN, capacity // GROWTH_DIVISOR)) if step else needed
+        for name in ("keys", "values", "valid", "proxy"):
+            old = getattr(self, name)
+            new = torch.zeros((*old.shape[:2], total, *old.shape[3:]), dtype=old.dtype, device=old.device,
+                              pin_memory=self.pinned and name in ("keys", "values"))
+            new[:, :, :self.used] = old[:, :, :self.used]
+            setattr(self, name, new)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, proxy: torch.Tensor) -> None:
+        """Write ``n`` new tokens (rows ``used .. used + n``): stored keys, values, proxy keys; valid until folded."""
+        n = keys.shape[-2]
+        self._grow(self.used + n, step=n == 1)
+        at = slice(self.used, self.used + n)
+        self.keys[:, :, at] = keys.to(self.keys.device)  # to the host: a blocking copy (the host reads it next)
+        self.values[:, :, at] = values.to(self.values.device)
+        self.proxy[:, :, at] = proxy
+        self.valid[:, :, at] = True
+        self.used += n
+
+    def fit(self, basis: torch.Tensor, keys: torch.Tensor, first: int) -> None:
+        """Adopt a per-prompt proxy basis fit on the first call's keys ``(B, H_kv, n, d)`` and write their proxies."""
+        self.basis = basis
+        self.proxy[:, :, first:first + keys.shape[-2]] = keys @ basis
+
+    def inputs(self, held_index: torch.Tensor) -> RetrievalInputs:
+        """What the attention call reads: the written rows, the proxy, the working set."""
+        used = self.used
+        return RetrievalInputs(
+            tier_keys=self.keys[:, :, :used], tier_values=self.values[:, :, :used],
+            tier_valid=self.valid[..., :used], proxy_keys=self.proxy[:, :, :used], proxy_basis=self.basis,
+            held_index=held_index, top_k=self.top_k,
+            ws_index=self.ws_index, ws_keys=self.ws_keys, ws_values=self.ws_values,
+        )
+
+    def fold(self, retrieval: RetrievalInputs, new_valid: torch.Tensor, first: int) -> None:
+        """Record the attention call's results: padding among the new rows, the new working set, the counts."""
+        n = new_valid.shape[-1]
+        self.valid[:, :, first:first + n] &= new_valid[:, None, :]
+        if retrieval.selected is None:
+            self.chunk_fetched += retrieval.fetched
+            return
+        self.fetched += retrieval.fetched
+        self.ws_index, self.ws_keys, self.ws_values = retrieval.selected, retrieval.sel_keys, retrieval.sel_values
+        self.steps += 1
+        self.hits += retrieval.hits
+        self.retrieved += int((retrieval.selected >= 0).sum())
+
+    def row_nbytes(self) -> int:
+        """Bytes of one row (one token's stored key and value for one KV head)."""
+        return (self.keys.shape[-1] + self.values.shape[-1]) * self.keys.element_size()
+
+    def device_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors on the accelerator, by name (the tier's rows too unless offloaded)."""
+        named = {"tier_valid": self.valid, "proxy": self.proxy, "ws_index": self.ws_index,
+                 "ws_keys": self.ws_keys, "ws_values": self.ws_values}
+        if self.basis is not None and self.basis.ndim == 4:
+            named["proxy_basis"] = self.basis
+        if not self.offload:
+            named.update(tier_keys=self.keys, tier_values=self.values)
+        return {k: v for k, v in named.items() if v is not None}
+
+    def host_tensors(self) -> dict[str, torch.Tensor]:
+        """The offloaded tensors (the tier's rows), by name; empty unless offloaded."""
+        if not self.offload or self.keys is None:
+            return {}
+        return {"tier_keys": self.keys, "tier_values": self.values}
+
+    def apply_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a per-sequence operation (reorder, repeat, select) to every per-sequence tensor."""
+        for name in ("keys", "values", "valid", "proxy", "ws_index", "ws_keys", "ws_values"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                moved = fn(tensor)
+                if self.pinned and name in ("keys", "values"):
+                    moved = moved.pin_memory()
+                setattr(self, name, moved)
+        if self.basis is not None and self.basis.ndim == 4:
+            self.basis = fn(self.basis)

@@ -1,0 +1,159 @@
+"""Query-time retrieval from a second tier: proxy scores, top-k, hit/miss against the working set, gather.
+
+A retrieval layer holds every token in a tier (host memory when offloaded) and, on the
+accelerator, a few held slots (sinks and the most recent tokens), a low-rank *proxy* key of every
+token and a *working set*: the rows the last decode step retrieved. :func:`retrieve` turns such a
+layer's :class:`~kvpress_aqua.ops.inputs.AttentionInputs` into plain ones whose past block is the
+held slots followed by the retrieved rows, so that any attention op (the reference, the fused
+kernel) attends exactly over that set:
+
+- a decode step (one query per sequence) scores every earlier token that is not held with the
+  proxy: each query head's proxy logits ``scale * (q @ basis) · proxy_key``, normalized by their
+  log-sum-exp, pooled over the KV group by the maximum (a token that one query head needs is
+  kept for the group; :func:`proxy_scores`), takes the ``top_k`` per
+  sequence and KV head, finds which of them the working set already holds (a sorted search) and
+  copies only the others from the tier;
+- a chunk of several queries (a prefill chunk, a question) attends to every earlier token: the
+  tier rows before the chunk are copied for that call (exact prefill, as in LRQK, Quest and
+  ShadowKV, which all prefill densely).
+
+Shapes: ``B`` sequences, ``H_kv`` KV heads, ``G`` query heads per KV head, ``T`` tokens seen, ``p``
+proxy channels, ``k`` = ``top_k``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .inputs import AttentionInputs, RetrievalInputs
+
+__all__ = ["candidates", "proxy_scores", "retrieve", "select"]
+
+
+def proxy_scores(query: torch.Tensor, basis: torch.Tensor, proxy_keys: torch.Tensor, valid: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """Proxy score of every token for each KV head, float32 ``(B, H_kv, T)``.
+
+    Each query head's proxy logits ``scale * (q @ basis) · proxy_key`` are normalized by their
+    log-sum-exp over the valid tokens (padding left out): an estimate of the log attention weight,
+    comparable across heads. The KV head takes the maximum over its group's query heads, so a
+    token that one head needs is kept.
+
+    Parameters
+    ----------
+    query : torch.Tensor
+        Post-RoPE queries ``(B, H, n, d)``.
+    basis : torch.Tensor
+        ``(H_kv, d, p)`` or ``(B, H_kv, d, p)``.
+    proxy_keys : torch.Tensor
+        ``(B, H_kv, T, p)``.
+    valid : torch.Tensor
+        bool ``(B, H_kv, T)``: False for padding.
+    scale : float
+        The attention's score scale.
+
+    """
+    batch, heads, n, d = query.shape
+    kv_heads = proxy_keys.shape[1]
+    grouped = query.view(batch, kv_heads, heads // kv_heads * n, d)
+    projected = grouped @ (basis if basis.ndim == 4 else basis[None])
+    logits = (projected @ proxy_keys.transpose(-1, -2)).float().mul_(scale)
+    return logits.masked_fill_(~valid[:, :, None], float("-inf")).log_softmax(-1).amax(2)
+
+
+def candidates(retrieval: RetrievalInputs, first_index: int, window: int | None) -> torch.Tensor:
+    """Tokens a query at cache index ``first_index`` may retrieve: valid, earlier, not held, in the window.
+
+    Returns bool ``(B, H_kv, first_index)``.
+    """
+    valid = retrieval.tier_valid[..., :first_index]
+    batch, heads, _ = valid.shape
+    held = retrieval.held_index.long()
+    held = held.where((held >= 0) & (held < first_index), first_index)
+    mask = valid.new_zeros(batch, heads, first_index + 1).scatter_(2, held, True)[..., :first_index]
+    allowed = valid & ~mask
+    if window is not None:
+        allowed &= torch.arange(first_index, device=valid.device) > first_index - window
+    return allowed
+
+
+def select(scores: torch.Tensor, allowed: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The ``top_k`` allowed tokens by score per row, ascending, -1 where fewer are allowed: int64 ``(B, H_kv, k)``.
+
+    ``k`` is ``min(top_k, T)``.
+    """
+    k = min(top_k, scores.shape[-1])
+    best = scores.masked_fill(~allowed, float("-inf")).topk(k, dim=-1)
+    chosen = best.indices.where(best.values > float("-inf"), -1)
+    return chosen.sort(dim=-1).values
+
+
+def _gather_rows(retrieval: RetrievalInputs, selected: torch.Tensor, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The selected rows on ``device``: from the working set where it has them, else copied from the tier."""
+    tier_k, tier_v = retrieval.tier_keys, retrieval.tier_values
+    batch, heads, k = selected.shape
+    old = retrieval.ws_index
+    if old is not None and old.shape[-1]:
+        pos = torch.searchsorted(old, selected).clamp_max(old.shape[-1] - 1)
+        hit = (old.gather(2, pos) == selected) & (selected >= 0)
+        keys = retrieval.ws_keys.gather(2, pos[..., None].expand(-1, -1, -1, tier_k.shape[-1]))
+        values = retrieval.ws_values.gather(2, pos[..., None].expand(-1, -1, -1, tier_v.shape[-1]))
+    else:
+        hit = torch.zeros_like(selected, dtype=torch.bool)
+        keys = tier_k.new_zeros(batch, heads, k, tier_k.shape[-1], device=device)
+        values = tier_v.new_zeros(batch, heads, k, tier_v.shape[-1], device=device)
+    miss = (selected >= 0) & ~hit
+    b, h, _ = (i.to(tier_k.device) for i in miss.nonzero(as_tuple=True))
+    t = selected[miss].to(tier_k.device)
+    keys[miss] = tier_k[b, h, t].to(device, non_blocking=True)
+    values[miss] = tier_v[b, h, t].to(device, non_blocking=True)
+    return keys, values, int(hit.sum()), int(t.numel())
+
+
+def retrieve(inputs: AttentionInputs, query: torch.Tensor, scale: float) -> AttentionInputs:
+    """The attention inputs of a retrieval layer with the retrieved rows appended to the past block.
+
+    Writes the new working set (``selected``, ``sel_keys``, ``sel_values``) and the counts
+    (``hits``, ``fetched``) into ``inputs.retrieval`` at a decode step, and the count of rows copied
+    for a chunk; the returned inputs have no tier (``retrieval`` is ``None``).
+
+    Parameters
+    ----------
+    inputs : AttentionInputs
+        A retrieval layer's inputs: past block = its held slots, ``retrieval`` its tier.
+    query : torch.Tensor
+        Post-RoPE queries ``(B, H, n, d)``.
+    scale : float
+        The attention's score scale (the proxy's logits use it too).
+
+    """
+    tier = inputs.retrieval
+    first = int(inputs.first_index)
+    device = inputs.past_keys.device
+    allowed = candidates(tier, first, inputs.window)
+    if query.shape[-2] == 1 and first:
+        scores = proxy_scores(query, tier.proxy_basis, tier.proxy_keys[..., :first, :], tier.tier_valid[..., :first],
+                              scale)
+        selected = select(scores, allowed, tier.top_k)
+        keys, values, tier.hits, tier.fetched = _gather_rows(tier, selected, device)
+        tier.selected, tier.sel_keys, tier.sel_values = selected, keys, values
+        visible, index = selected >= 0, selected
+    else:  # a chunk (or a first token) attends to every earlier token
+        keys = tier.tier_keys[..., :first, :].to(device, non_blocking=True)
+        values = tier.tier_values[..., :first, :].to(device, non_blocking=True)
+        tier.hits, tier.fetched = 0, int(allowed.shape[0] * allowed.shape[1] * first)
+        visible = allowed
+        index = torch.arange(first, device=device).expand_as(allowed)
+    log_weight = inputs.past_log_weight
+    return dataclasses.replace(
+        inputs,
+        past_keys=torch.cat([inputs.past_keys, keys], dim=-2),
+        past_values=torch.cat([inputs.past_values, values], dim=-2),
+        past_visible=torch.cat([inputs.past_visible, visible], dim=-1),
+        past_index=None if inputs.past_index is None else torch.cat([inputs.past_index, index.int()], dim=-1),
+        past_log_weight=None if log_weight is None else torch.cat([log_weight, visible.float() * 0], dim=-1),
+        retrieval=None,
+    )

@@ -1,0 +1,227 @@
+"""Retrieval: a second tier of every token, proxy top-k at each decode step, exact attention over what it picks."""
+
+import pytest
+import torch
+from tiny_models import ARCHS, byte_tokenizer, make_tiny_model
+from transformers import AttentionInterface, DynamicCache
+
+from kvpress_aqua import CompressedCache
+from kvpress_aqua.calibration import calibrate
+from kvpress_aqua.ops.inputs import AttentionInputs, RetrievalInputs
+from kvpress_aqua.ops.reference import reference_attention
+from kvpress_aqua.ops.retrieval import retrieve
+from kvpress_aqua.policies import Aqua, Retrieval
+from kvpress_aqua.presets.spec import parse_policy
+from kvpress_aqua.util.compat import cache_kwargs
+
+TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire. " * 8
+
+
+def _artifact(model):
+    return calibrate(model, byte_tokenizer(model.config.vocab_size), TEXT, tokens=256, chunk=128, progress=False)
+
+
+def _run(model, cache, ids, prompt, chunk=None):
+    """Logits of the last prompt token, then of each later token fed one at a time."""
+    kw = cache_kwargs(model, cache)
+    out = []
+    with torch.no_grad():
+        for lo in range(0, prompt, chunk or prompt):
+            logits = model(ids[:, lo:min(prompt, lo + (chunk or prompt))], **kw).logits[:, -1]
+        out.append(logits)
+        for t in range(prompt, ids.shape[1]):
+            out.append(model(ids[:, t:t + 1], **kw).logits[:, -1])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_top_k_covering_every_token_equals_dynamic_cache(arch):
+    overrides = {"sliding_window": 12} if arch == "mistral" else {}
+    model = make_tiny_model(arch, **overrides)
+    ids = torch.randint(3, 128, (2, 44), generator=torch.Generator().manual_seed(1))
+    want = _run(model, DynamicCache(), ids, 30, chunk=8)
+    policy = Retrieval(top_k=64, recent=4, sinks=2, proxy="lrqk", rank=4)
+    got = _run(model, CompressedCache(model, policy), ids, 30, chunk=8)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_the_aqua_proxy_and_stacking_with_aqua():
+    model = make_tiny_model("llama")
+    artifact = _artifact(model)
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+    want = _run(model, DynamicCache(), ids, 28, chunk=10)
+    aqua_proxy = Retrieval(top_k=64, recent=4, sinks=2, proxy="aqua", rank=4, artifact=artifact)
+    torch.testing.assert_close(_run(model, CompressedCache(model, aqua_proxy), ids, 28, chunk=10), want,
+                               atol=1e-4, rtol=0)
+    stacked = CompressedCache(model, Retrieval(top_k=64, recent=4, sinks=2, proxy="lrqk", rank=4),
+                              Aqua(k_ratio=1.0, artifact=artifact))
+    torch.testing.assert_close(_run(model, stacked, ids, 28, chunk=10), want, atol=1e-4, rtol=0)
+    pruned = CompressedCache(model, Retrieval(top_k=64, recent=4, sinks=2, proxy="lrqk", rank=4),
+                             Aqua(k_ratio=0.5, artifact=artifact))
+    _run(model, pruned, ids, 28, chunk=10)
+    layer = pruned.layers[0]
+    assert layer.tier.keys.shape[-1] == layer.key_dim == 8  # the tier holds the pruned keys
+
+
+def _masked_attention(masks):
+    """Eager causal attention; the last query of layer ``l``, row ``b``, KV head ``h`` sees only ``masks[l][b, h]``."""
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        batch, heads, n, d = query.shape
+        group = heads // key.shape[1]
+        allowed = torch.ones(n, n, dtype=torch.bool).tril().expand(batch, heads, n, n).clone()
+        allowed[:, :, -1] = masks[module.layer_idx].repeat_interleave(group, dim=1)
+        scores = (query @ key.repeat_interleave(group, 1).transpose(-1, -2)) * (scaling or d ** -0.5)
+        scores = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        return (scores @ value.repeat_interleave(group, 1)).transpose(1, 2).contiguous(), None
+
+    return attend
+
+
+def test_a_small_top_k_equals_full_attention_masked_to_the_selected_slots():
+    model = make_tiny_model("qwen2")
+    ids = torch.randint(3, 128, (2, 33), generator=torch.Generator().manual_seed(3))
+    cache = CompressedCache(model, Retrieval(top_k=3, recent=4, sinks=2, proxy="lrqk", rank=4))
+    cache.prefill(ids[:, :32])  # one chunk: it attends to every token, so the history is exact
+    cache.finalize()
+    held = [(layer.slots.index.long(), layer.slots.valid) for layer in cache.layers]
+    got = model(ids[:, 32:33], **cache_kwargs(model, cache)).logits[:, -1]
+    masks = []
+    for layer, (index, valid) in zip(cache.layers, held, strict=True):
+        layer.finalize()
+        mask = torch.zeros(2, 2, 33, dtype=torch.bool)
+        mask.scatter_(2, index.where(valid, 32), True)  # the held slots (sinks + recent)
+        chosen = layer.tier.ws_index
+        assert chosen.shape[-1] == 3 and bool((chosen >= 0).all()) and not mask.gather(2, chosen).any()
+        mask.scatter_(2, chosen, True)
+        mask[..., 32] = True  # the new token itself
+        assert int(mask.sum(-1).min()) == 6 + 3 + 1
+        masks.append(mask)
+    AttentionInterface.register("retrieval_masked_test", _masked_attention(masks))
+    reference = make_tiny_model("qwen2")
+    reference.set_attn_implementation("retrieval_masked_test")
+    want = reference(ids[:, :33]).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    full = model(ids[:, :33]).logits[:, -1]
+    assert (full - got).abs().max() > 1e-3  # the selection matters: attending everything differs
+
+
+def test_retrieve_picks_the_proxy_top_k_and_fetches_only_misses():
+    torch.manual_seed(0)
+    batch, kv_heads, group, d, seen = 1, 2, 2, 8, 20
+    tier_k, tier_v = torch.randn(batch, kv_heads, seen + 1, d), torch.randn(batch, kv_heads, seen + 1, d)
+    basis = torch.linalg.qr(torch.randn(kv_heads, d, d)).Q[..., :3]
+    proxy = tier_k @ basis[None]
+    held = torch.tensor([0, 1, 18, 19]).expand(batch, kv_heads, 4).int()
+    query = torch.randn(batch, kv_heads * group, 1, d)
+    old = torch.tensor([[[2, 5, 7], [3, 4, 6]]])
+    tier = RetrievalInputs(tier_keys=tier_k, tier_values=tier_v, tier_valid=torch.ones(batch, kv_heads, seen + 1,
+                           dtype=torch.bool), proxy_keys=proxy, proxy_basis=basis, held_index=held, top_k=3,
+                           ws_index=old, ws_keys=tier_k.gather(2, old[..., None].expand(-1, -1, -1, d)),
+                           ws_values=tier_v.gather(2, old[..., None].expand(-1, -1, -1, d)))
+    held_at = [0, 1, 18, 19]
+    inputs = AttentionInputs(layer_idx=0, past_keys=tier_k[:, :, held_at], past_values=tier_v[:, :, held_at],
+                             past_visible=torch.ones(batch, kv_heads, 4, dtype=torch.bool),
+                             keys_new=tier_k[:, :, seen:], values_new=tier_v[:, :, seen:], first_index=seen,
+                             retrieval=tier)
+    attended = retrieve(inputs, query, d ** -0.5)
+    logits = (query.view(batch, kv_heads, group, d) @ basis) @ proxy[:, :, :seen].transpose(-1, -2) * d ** -0.5
+    scores = logits.log_softmax(-1).amax(2)
+    scores[..., [0, 1, 18, 19]] = float("-inf")
+    want = scores.topk(3, -1).indices.sort(-1).values
+    assert torch.equal(tier.selected, want)
+    assert tier.hits == int(torch.isin(want[0, 0], old[0, 0]).sum() + torch.isin(want[0, 1], old[0, 1]).sum())
+    assert tier.fetched == 6 - tier.hits
+    torch.testing.assert_close(attended.past_keys[:, :, 4:], tier_k.gather(2, want[..., None].expand(-1, -1, -1, d)))
+    out, _, _ = reference_attention(attended, query, torch.ones(1, 1, 1, 1, dtype=torch.bool), d ** -0.5)
+    keep = torch.cat([torch.tensor(held_at).expand(batch, kv_heads, 4), want, torch.full_like(want[..., :1], seen)], -1)
+    k = tier_k.gather(2, keep[..., None].expand(-1, -1, -1, d)).repeat_interleave(group, 1)
+    v = tier_v.gather(2, keep[..., None].expand(-1, -1, -1, d)).repeat_interleave(group, 1)
+    expect = ((query @ k.transpose(-1, -2)) * d ** -0.5).softmax(-1) @ v
+    torch.testing.assert_close(out, expect, atol=1e-5, rtol=0)
+
+
+def test_tier_bytes_are_exact_and_split_by_tier():
+    model = make_tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(4))
+    cache = CompressedCache(model, Retrieval(top_k=5, recent=4, sinks=2, proxy="lrqk", rank=4), prefill_chunk=16)
+    cache.prefill(ids[:, :32])
+    for t in range(32, 40):
+        model(ids[:, t:t + 1], **cache_kwargs(model, cache))
+    report = cache.memory_report()
+    batch, heads, d, layers = 2, 2, 16, 2
+    capacity = 32 + 16  # the prompt exactly, then one growth step of 16 rows for the decode steps
+    host = layers * batch * heads * capacity * 2 * d * 4
+    assert cache.nbytes("host") == report.host == host
+    held = 7  # sinks + recent + the decode step's new token
+    slots = batch * heads * held * (2 * d * 4 + 4 + 1)
+    proxy = batch * heads * capacity * (4 * 4 + 1)  # rank-4 float32 proxy + validity
+    working = batch * heads * 5 * (2 * d * 4 + 8)  # rows + int64 token index
+    basis = batch * heads * d * 4 * 4
+    assert cache.nbytes() == layers * (slots + proxy + working + basis + batch * 4)
+    assert cache.nbytes("all") == cache.nbytes() + host
+    assert "host tier holds" in report.tables()[-1].caption
+    stats = cache.retrieval_stats()
+    assert stats["decode_steps"] == 8 and 0 <= stats["hit_rate"] <= 1
+    assert stats["bytes_per_step"] == stats["rows_per_step"] * 2 * d * 4
+    with pytest.raises(ValueError, match="'device', 'host' or 'all'"):
+        cache.nbytes("gpu")
+
+
+def test_left_padded_batch_equals_rows_alone_and_generate_runs_beams_and_sampling():
+    model = make_tiny_model("llama")
+    policy = Retrieval(top_k=3, recent=4, sinks=2, proxy="lrqk", rank=4)
+    a = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(5))
+    b = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(6))
+    batch = torch.cat([torch.cat([torch.zeros(1, 6, dtype=torch.long), b], 1), a])
+    mask = torch.ones_like(batch)
+    mask[0, :6] = 0
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, attention_mask=mask, **cache_kwargs(model, CompressedCache(model, policy)), **gen)
+    alone_b = model.generate(b, **cache_kwargs(model, CompressedCache(model, policy)), **gen)
+    alone_a = model.generate(a, **cache_kwargs(model, CompressedCache(model, policy)), **gen)
+    assert torch.equal(together[0, 6:], alone_b[0]) and torch.equal(together[1], alone_a[0])
+    beams = model.generate(a, num_beams=2, num_return_sequences=2,
+                           **cache_kwargs(model, CompressedCache(model, policy)), **gen)
+    sampled = model.generate(a, do_sample=True, max_new_tokens=4, pad_token_id=0,
+                             **cache_kwargs(model, CompressedCache(model, policy)))
+    assert beams.shape == (2, 36) and sampled.shape == (1, 34)
+
+
+def test_kv_fraction_sizes_top_k_by_device_bytes():
+    model = make_tiny_model("llama")
+    d = 16
+    policy = Retrieval(kv_fraction=0.25, context=512, rank=2, sinks=2, recent=4, proxy="lrqk")
+    cache = CompressedCache(model, policy)
+    # (0.25 * 512 * 2d - 512 * rank) / 2d rows of keys and values, less the sinks and recent tokens held
+    assert cache.layers[0].tier.top_k == (0.25 * 512 * 2 * d - 512 * 2) // (2 * d) - 6 == 90
+    (preset,) = parse_policy("retrieval-25").build(context=512)
+    assert (preset.kv_fraction, preset.context, preset.rank, preset.recent, preset.proxy) == (0.25, 512, 8, 32, "lrqk")
+    # an 8-channel proxy is a quarter of dense on 16-channel heads: no room left
+    with pytest.raises(ValueError, match="the proxy alone takes 25.0% of dense"):
+        CompressedCache(model, preset)
+
+
+@pytest.mark.parametrize("knobs, match", [
+    ({"top_k": 0}, "positive"), ({"proxy": "pca"}, "proxy"), ({"offload": "disk"}, "offload"),
+    ({"kv_fraction": 0.25}, "go together"), ({"rank": 99, "proxy": "lrqk"}, "wider than"),
+])
+def test_bad_knobs_are_refused(knobs, match):
+    with pytest.raises(ValueError, match=match):
+        CompressedCache(make_tiny_model("llama"), Retrieval(**knobs))
+
+
+def test_a_one_token_prompt_then_decoding():
+    model = make_tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(7))
+    want = _run(model, DynamicCache(), ids, 1)
+    got = _run(model, CompressedCache(model, Retrieval(top_k=32, recent=2, sinks=1, proxy="lrqk", rank=2)), ids, 1)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_static_decoding_is_refused():
+    model = make_tiny_model("llama")
+    cache = CompressedCache(model, Retrieval(top_k=3, recent=4, sinks=2, proxy="lrqk", rank=4))
+    cache.prefill(torch.randint(3, 128, (1, 12)))
+    with pytest.raises(ValueError, match="growing cache"):
+        cache.make_static(4)

@@ -138,6 +138,18 @@ def test_rate_one_equals_dynamic_cache(arch, cls):
     assert torch.equal(seq, ref_seq) and (got - ref).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("cls", [BalanceKV, Uniform])
+def test_the_models_sliding_window_evicts_the_oldest_under_a_choosing_policy(cls):
+    model = make_tiny_model("mistral", sliding_window=12)
+    ids = torch.randint(0, model.config.vocab_size, (2, 60), generator=torch.Generator().manual_seed(8))
+    ref, ref_seq = _generate(model, ids, DynamicCache())
+    cache = CompressedCache(model, cls(halvings=0, sinks=2, recent=2, block=8), prefill_chunk=16)
+    got, seq = _generate(model, ids, cache)
+    cache.detach()
+    assert torch.equal(seq, ref_seq) and (got - ref).abs().max().item() < TOL
+    assert all(layer.slots.used <= 12 for layer in cache.layers)
+
+
 @pytest.mark.parametrize("chunk", [None, 12])
 def test_bytes_are_exact_log_weights_included(chunk):
     model = make_tiny_model("llama")

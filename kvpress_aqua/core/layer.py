@@ -308,7 +308,9 @@ class CompressedLayer(StaticDecoding, LayerContract):
 
     def _priority(self) -> torch.Tensor:
         store = self.slots
-        rank = self.token_policy.priority(self.view()) if self.token_policy is not None else store.index.float()
+        # a choosing policy ranks nothing: on the model's sliding layers the oldest tokens go first
+        ranks = self.token_policy is not None and not self.chooses
+        rank = self.token_policy.priority(self.view()) if ranks else store.index.float()
         if self.window is not None:
             rank = rank.masked_fill(store.index <= self.seen - self.window, float("-inf"))
         return rank.masked_fill(~store.valid, float("-inf"))

@@ -141,10 +141,12 @@ def test_retrieve_picks_the_proxy_top_k_and_fetches_only_misses():
     torch.testing.assert_close(out, expect, atol=1e-5, rtol=0)
 
 
-def test_tier_bytes_are_exact_and_split_by_tier():
+@pytest.mark.parametrize("proxy_dtype, proxy_bytes", [("model", 4 * 4), ("int8", 4 + 4)])
+def test_tier_bytes_are_exact_and_split_by_tier(proxy_dtype, proxy_bytes):
     model = make_tiny_model("llama")
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(4))
-    cache = CompressedCache(model, Retrieval(top_k=5, recent=4, sinks=2, proxy="lrqk", rank=4), prefill_chunk=16)
+    policy = Retrieval(top_k=5, recent=4, sinks=2, proxy="lrqk", rank=4, proxy_dtype=proxy_dtype)
+    cache = CompressedCache(model, policy, prefill_chunk=16)
     cache.prefill(ids[:, :32])
     for t in range(32, 40):
         model(ids[:, t:t + 1], **cache_kwargs(model, cache))
@@ -155,7 +157,7 @@ def test_tier_bytes_are_exact_and_split_by_tier():
     assert cache.nbytes("host") == report.host == host
     held = 7  # sinks + recent + the decode step's new token
     slots = batch * heads * held * (2 * d * 4 + 4 + 1)
-    proxy = batch * heads * capacity * (4 * 4 + 1)  # rank-4 float32 proxy + validity
+    proxy = batch * heads * capacity * (proxy_bytes + 1)  # rank-4 proxy (fp32, or int8 + fp32 scale) + validity
     working = batch * heads * 5 * (2 * d * 4 + 8)  # rows + int64 token index
     basis = batch * heads * d * 4 * 4
     assert cache.nbytes() == layers * (slots + proxy + working + basis + batch * 4)
@@ -188,6 +190,21 @@ def test_left_padded_batch_equals_rows_alone_and_generate_runs_beams_and_samplin
     assert beams.shape == (2, 36) and sampled.shape == (1, 34)
 
 
+def test_int8_proxy_scores_are_the_float_ones_within_rounding():
+    model = make_tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(9))
+    caches = {dt: CompressedCache(model, Retrieval(top_k=4, recent=4, sinks=2, rank=8, proxy_dtype=dt))
+              for dt in ("model", "int8")}
+    for cache in caches.values():
+        cache.prefill(ids)
+        cache.finalize()
+    exact, quantized = caches["model"].layers[1].tier, caches["int8"].layers[1].tier
+    assert quantized.proxy.dtype == torch.int8
+    restored = quantized.proxy.float() * quantized.proxy_scale[..., None]
+    error = (restored - exact.proxy).abs().amax(-1) / exact.proxy.abs().amax(-1)
+    assert 0 < error.max() <= 0.5 / 127 + 1e-6  # half a step of the row's scale, at most
+
+
 def test_kv_fraction_sizes_top_k_by_device_bytes():
     model = make_tiny_model("llama")
     d = 16
@@ -196,15 +213,18 @@ def test_kv_fraction_sizes_top_k_by_device_bytes():
     # (0.25 * 512 * 2d - 512 * rank) / 2d rows of keys and values, less the sinks and recent tokens held
     assert cache.layers[0].tier.top_k == (0.25 * 512 * 2 * d - 512 * 2) // (2 * d) - 6 == 90
     (preset,) = parse_policy("retrieval-25").build(context=512)
-    assert (preset.kv_fraction, preset.context, preset.rank, preset.recent, preset.proxy) == (0.25, 512, 8, 32, "lrqk")
-    # an 8-channel proxy is a quarter of dense on 16-channel heads: no room left
-    with pytest.raises(ValueError, match="the proxy alone takes 25.0% of dense"):
+    assert (preset.kv_fraction, preset.rank, preset.recent, preset.proxy_dtype) == (0.25, 512 // 16, 32, "int8")
+    with pytest.raises(ValueError, match="wider than llama's 16-channel heads; use rank <= 16"):
         CompressedCache(model, preset)
+    # a 16-channel int8 proxy (20 bytes) is 15.6% of dense on 16-channel float32 heads (128 bytes): no room left
+    with pytest.raises(ValueError, match="the proxy alone takes 15.6% of dense"):
+        CompressedCache(model, Retrieval(kv_fraction=0.1, context=512, rank=16, proxy_dtype="int8"))
 
 
 @pytest.mark.parametrize("knobs, match", [
     ({"top_k": 0}, "positive"), ({"proxy": "pca"}, "proxy"), ({"offload": "disk"}, "offload"),
     ({"kv_fraction": 0.25}, "go together"), ({"rank": 99, "proxy": "lrqk"}, "wider than"),
+    ({"proxy_dtype": "int4"}, "proxy_dtype"),
 ])
 def test_bad_knobs_are_refused(knobs, match):
     with pytest.raises(ValueError, match=match):

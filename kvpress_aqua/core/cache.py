@@ -325,7 +325,8 @@ class CompressedCache(Cache):
                 values = layer.values.nbytes
                 if layer.tier is not None:
                     on_device = layer.tier.device_tensors()
-                    keys += sum(on_device[n].nbytes for n in ("proxy", "ws_keys", "tier_keys") if n in on_device)
+                    keys += sum(on_device[n].nbytes for n in ("proxy", "proxy_scale", "ws_keys", "tier_keys")
+                                if n in on_device)
                     values += sum(on_device[n].nbytes for n in ("ws_values", "tier_values") if n in on_device)
                 meta = layer.nbytes() - keys - values
                 rows.append(MemoryRow(i, kind, slots, layer.held_tokens(), keys, values, meta, dense,

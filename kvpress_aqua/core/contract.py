@@ -74,7 +74,7 @@ class LayerContract(CacheLayerMixin):
             self.exact = ExactRows(self.exact.sinks, self.exact.recent)
         self.stash = None
         if self.tier is not None:
-            self.tier = RetrievalTier(self.tier.top_k, self.tier.offload)
+            self.tier = RetrievalTier(self.tier.top_k, self.tier.offload, self.tier.int8)
         self.left_pad = None
         self.seen, self.static = 0, False
         self._pending = self._pending_slots = None

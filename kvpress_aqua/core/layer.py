@@ -88,8 +88,8 @@ class CompressedLayer(StaticDecoding, LayerContract):
         self.exact = ExactRows(sinks, recent) if sinks + recent else None
         self.stash: ExactRows | None = None
         retrieves = token_policy is not None and token_policy.retrieves
-        self.tier = RetrievalTier(token_policy.layer_top_k(layer_idx), token_policy.offload is not None) \
-            if retrieves else None
+        self.tier = RetrievalTier(token_policy.layer_top_k(layer_idx), token_policy.offload is not None,
+                                  token_policy.proxy_dtype == "int8") if retrieves else None
         self.seen: int | torch.Tensor = 0
         self.static = False
         self.left_pad: torch.Tensor | None = None

@@ -36,6 +36,9 @@ class RetrievalTier:
         Rows retrieved per sequence and KV head at each decode step (the working set's size).
     offload : bool
         Keep the full keys and values off the accelerator (host memory when the model is on a GPU).
+    int8 : bool
+        Store the proxy keys as int8 with a float32 scale per token (symmetric, by the row's largest
+        magnitude) instead of in the model dtype.
 
     Attributes
     ----------
@@ -44,7 +47,9 @@ class RetrievalTier:
     valid : torch.Tensor
         bool ``(batch, kv_heads, capacity)`` on the accelerator.
     proxy : torch.Tensor
-        ``(batch, kv_heads, capacity, rank)`` proxy keys on the accelerator.
+        ``(batch, kv_heads, capacity, rank)`` proxy keys on the accelerator (int8 when quantized).
+    proxy_scale : torch.Tensor or None
+        float32 ``(batch, kv_heads, capacity)``: each int8 proxy key's scale (quantized only).
     basis : torch.Tensor or None
         The proxy basis, ``(kv_heads, head_dim, rank)`` (the policy's, not counted here) or
         ``(batch, kv_heads, head_dim, rank)`` (fit on this prompt, counted here).
@@ -58,12 +63,13 @@ class RetrievalTier:
 
     """
 
-    def __init__(self, top_k: int, offload: bool) -> None:
-        self.top_k, self.offload = top_k, offload
+    def __init__(self, top_k: int, offload: bool, int8: bool = False) -> None:
+        self.top_k, self.offload, self.int8 = top_k, offload, int8
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.proxy: torch.Tensor | None = None
+        self.proxy_scale: torch.Tensor | None = None
         self.basis: torch.Tensor | None = None
         self.ws_index: torch.Tensor | None = None
         self.ws_keys: torch.Tensor | None = None
@@ -89,7 +95,8 @@ class RetrievalTier:
         self.keys = torch.empty(batch, heads, 0, key_dim, dtype=like.dtype, device=tier_dev, pin_memory=pin)
         self.values = torch.empty(batch, heads, 0, value_dim, dtype=like.dtype, device=tier_dev, pin_memory=pin)
         self.valid = torch.empty(batch, heads, 0, dtype=torch.bool, device=dev)
-        self.proxy = like.new_empty(batch, heads, 0, rank)
+        self.proxy = like.new_empty(batch, heads, 0, rank, dtype=torch.int8 if self.int8 else like.dtype)
+        self.proxy_scale = torch.empty(batch, heads, 0, device=dev) if self.int8 else None
         self.used = 0
 
     def _grow(self, needed: int, step: bool) -> None:
@@ -98,8 +105,10 @@ class RetrievalTier:
         if needed <= capacity:
             return
         total = max(needed, capacity + max(GROWTH_MIN, capacity // GROWTH_DIVISOR)) if step else needed
-        for name in ("keys", "values", "valid", "proxy"):
+        for name in ("keys", "values", "valid", "proxy", "proxy_scale"):
             old = getattr(self, name)
+            if old is None:
+                continue
             new = torch.zeros((*old.shape[:2], total, *old.shape[3:]), dtype=old.dtype, device=old.device,
                               pin_memory=self.pinned and name in ("keys", "values"))
             new[:, :, :self.used] = old[:, :, :self.used]
@@ -112,14 +121,22 @@ class RetrievalTier:
         at = slice(self.used, self.used + n)
         self.keys[:, :, at] = keys.to(self.keys.device)  # to the host: a blocking copy (the host reads it next)
         self.values[:, :, at] = values.to(self.values.device)
-        self.proxy[:, :, at] = proxy
+        self._write_proxy(at, proxy)
         self.valid[:, :, at] = True
         self.used += n
 
     def fit(self, basis: torch.Tensor, keys: torch.Tensor, first: int) -> None:
         """Adopt a per-prompt proxy basis fit on the first call's keys ``(B, H_kv, n, d)`` and write their proxies."""
         self.basis = basis
-        self.proxy[:, :, first:first + keys.shape[-2]] = keys @ basis
+        self._write_proxy(slice(first, first + keys.shape[-2]), keys @ basis)
+
+    def _write_proxy(self, at: slice, proxy: torch.Tensor) -> None:
+        if not self.int8:
+            self.proxy[:, :, at] = proxy
+            return
+        scale = proxy.float().abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        self.proxy[:, :, at] = (proxy.float() / scale[..., None]).round_().to(torch.int8)
+        self.proxy_scale[:, :, at] = scale
 
     def inputs(self, held_index: torch.Tensor) -> RetrievalInputs:
         """What the attention call reads: the written rows, the proxy, the working set."""
@@ -127,6 +144,7 @@ class RetrievalTier:
         return RetrievalInputs(
             tier_keys=self.keys[:, :, :used], tier_values=self.values[:, :, :used],
             tier_valid=self.valid[..., :used], proxy_keys=self.proxy[:, :, :used], proxy_basis=self.basis,
+            proxy_scale=None if self.proxy_scale is None else self.proxy_scale[..., :used],
             held_index=held_index, top_k=self.top_k,
             ws_index=self.ws_index, ws_keys=self.ws_keys, ws_values=self.ws_values,
         )
@@ -150,7 +168,8 @@ class RetrievalTier:
 
     def device_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors on the accelerator, by name (the tier's rows too unless offloaded)."""
-        named = {"tier_valid": self.valid, "proxy": self.proxy, "ws_index": self.ws_index,
+        named = {"tier_valid": self.valid, "proxy": self.proxy, "proxy_scale": self.proxy_scale,
+                 "ws_index": self.ws_index,
                  "ws_keys": self.ws_keys, "ws_values": self.ws_values}
         if self.basis is not None and self.basis.ndim == 4:
             named["proxy_basis"] = self.basis
@@ -166,7 +185,7 @@ class RetrievalTier:
 
     def apply_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a per-sequence operation (reorder, repeat, select) to every per-sequence tensor."""
-        for name in ("keys", "values", "valid", "proxy", "ws_index", "ws_keys", "ws_values"):
+        for name in ("keys", "values", "valid", "proxy", "proxy_scale", "ws_index", "ws_keys", "ws_values"):
             tensor = getattr(self, name)
             if tensor is not None:
                 moved = fn(tensor)

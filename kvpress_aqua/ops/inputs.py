@@ -28,6 +28,8 @@ class RetrievalInputs:
     proxy_basis : torch.Tensor
         ``(H_kv, d, p)`` (calibrated) or ``(B, H_kv, d, p)`` (per prompt): queries meet proxy keys as
         ``q @ basis``.
+    proxy_scale : torch.Tensor or None
+        float32 ``(B, H_kv, T)``: the scale of each int8 proxy key (``None``: proxy keys in the model dtype).
     held_index : torch.Tensor
         int32 ``(B, H_kv, S)``: the cache index of each held slot (-1 empty); held tokens are not retrieved.
     top_k : int
@@ -52,6 +54,7 @@ class RetrievalInputs:
     proxy_basis: torch.Tensor
     held_index: torch.Tensor
     top_k: int
+    proxy_scale: torch.Tensor | None = None
     ws_index: torch.Tensor | None = None
     ws_keys: torch.Tensor | None = None
     ws_values: torch.Tensor | None = None

@@ -33,7 +33,7 @@ __all__ = ["candidates", "proxy_scores", "retrieve", "select"]
 
 
 def proxy_scores(query: torch.Tensor, basis: torch.Tensor, proxy_keys: torch.Tensor, valid: torch.Tensor,
-                 scale: float) -> torch.Tensor:
+                 scale: float, proxy_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Proxy score of every token for each KV head, float32 ``(B, H_kv, T)``.
 
     Each query head's proxy logits ``scale * (q @ basis) · proxy_key`` are normalized by their
@@ -53,13 +53,18 @@ def proxy_scores(query: torch.Tensor, basis: torch.Tensor, proxy_keys: torch.Ten
         bool ``(B, H_kv, T)``: False for padding.
     scale : float
         The attention's score scale.
+    proxy_scale : torch.Tensor, optional
+        float32 ``(B, H_kv, T)``: the scales of int8 ``proxy_keys``.
 
     """
     batch, heads, n, d = query.shape
     kv_heads = proxy_keys.shape[1]
     grouped = query.view(batch, kv_heads, heads // kv_heads * n, d)
     projected = grouped @ (basis if basis.ndim == 4 else basis[None])
-    logits = (projected @ proxy_keys.transpose(-1, -2)).float().mul_(scale)
+    if proxy_scale is None:
+        logits = (projected @ proxy_keys.transpose(-1, -2)).float().mul_(scale)
+    else:
+        logits = (projected.float() @ proxy_keys.float().transpose(-1, -2)).mul_(proxy_scale[:, :, None] * scale)
     return logits.masked_fill_(~valid[:, :, None], float("-inf")).log_softmax(-1).amax(2)
 
 
@@ -135,8 +140,9 @@ def retrieve(inputs: AttentionInputs, query: torch.Tensor, scale: float) -> Atte
     device = inputs.past_keys.device
     allowed = candidates(tier, first, inputs.window)
     if query.shape[-2] == 1 and first:
+        scale_rows = None if tier.proxy_scale is None else tier.proxy_scale[..., :first]
         scores = proxy_scores(query, tier.proxy_basis, tier.proxy_keys[..., :first, :], tier.tier_valid[..., :first],
-                              scale)
+                              scale, scale_rows)
         selected = select(scores, allowed, tier.top_k)
         keys, values, tier.hits, tier.fetched = _gather_rows(tier, selected, device)
         tier.selected, tier.sel_keys, tier.sel_values = selected, keys, values

@@ -15,6 +15,9 @@ from .base import SlotView, TokenPolicy
 
 _PROXIES = ("aqua", "lrqk")
 _OFFLOADS = ("cpu", None)
+_PROXY_DTYPES = ("model", "int8")
+INT8_SCALE_BYTES = 4
+"""Bytes of the float32 scale an int8 proxy key carries per token."""
 
 
 @dataclass
@@ -53,6 +56,10 @@ class Retrieval(TokenPolicy):
         head (the subspace LRQK's alternating least squares converge to; fit once, not updated per step).
     rank : int, default 16
         Proxy channels per KV head.
+    proxy_dtype : {"model", "int8"}
+        How proxy keys are stored: in the model dtype, or as int8 with a float32 scale per token
+        (symmetric rounding by the row's largest magnitude): four times more channels for the bytes
+        of an fp32 model, twice for bf16.
     offload : {"cpu", None}
         ``"cpu"``: the tier in host memory (accounted apart from the accelerator); ``None``: the tier
         stays on the accelerator and each step still reads only the proxy and the selected rows
@@ -81,6 +88,7 @@ class Retrieval(TokenPolicy):
     sinks: int = 4
     proxy: str = "lrqk"
     rank: int = 16
+    proxy_dtype: str = "model"
     offload: str | None = "cpu"
     artifact: str | Path | AquaArtifact | None = None
     kv_fraction: float | None = None
@@ -97,6 +105,8 @@ class Retrieval(TokenPolicy):
             raise ValueError(f"Retrieval(sinks={self.sinks}): sinks must be >= 0")
         if self.proxy not in _PROXIES:
             raise ValueError(f"Retrieval(proxy={self.proxy!r}): use one of {_PROXIES}")
+        if self.proxy_dtype not in _PROXY_DTYPES:
+            raise ValueError(f"Retrieval(proxy_dtype={self.proxy_dtype!r}): use one of {_PROXY_DTYPES}")
         if self.offload not in _OFFLOADS:
             raise ValueError(f"Retrieval(offload={self.offload!r}): use 'cpu' (host tier) or None (all on device)")
         if (self.kv_fraction is None) != (self.context is None):
@@ -140,19 +150,26 @@ class Retrieval(TokenPolicy):
             artifact.check_model(info)
             self._bases = [p[:, :, :self.rank].to(device=device, dtype=dtype).contiguous()
                            for p in artifact.projections]
-        self._top_k = [self._sized(info, r, exact_tokens) for r in key_dims]
+        elem = torch.empty(0, dtype=dtype).element_size()
+        self._top_k = [self._sized(info, r, exact_tokens, elem) for r in key_dims]
 
-    def _sized(self, info: ModelInfo, key_dim: int, exact_tokens: int) -> int:
+    def proxy_nbytes(self, elem: int) -> int:
+        """Bytes of one token's proxy key for one KV head (``elem``: the model dtype's size)."""
+        return self.rank + INT8_SCALE_BYTES if self.proxy_dtype == "int8" else self.rank * elem
+
+    def _sized(self, info: ModelInfo, key_dim: int, exact_tokens: int, elem: int) -> int:
         if self.kv_fraction is None:
             return self.top_k
         d, context = info.head_dim, self.context
         # keys + values of held and retrieved rows, the proxy of every token, AQUA's dropped channels
-        spare = self.kv_fraction * context * 2 * d - context * self.rank - exact_tokens * (d - key_dim)
+        spare = (self.kv_fraction * context * 2 * d - context * self.proxy_nbytes(elem) / elem
+                 - exact_tokens * (d - key_dim))
         top_k = math.floor(spare / (key_dim + d)) - self.budget
         if top_k < 1:
             raise ValueError(
                 f"Retrieval(kv_fraction={self.kv_fraction}, context={context}, rank={self.rank}) leaves no room to "
-                f"retrieve on {info.name}: the proxy alone takes {self.rank / (2 * d):.1%} of dense and the "
+                f"retrieve on {info.name}: the proxy alone takes {self.proxy_nbytes(elem) / (2 * d * elem):.1%} of "
+                "dense and the "
                 f"{self.budget} held tokens the rest; raise kv_fraction or lower rank, sinks or recent"
             )
         return top_k

@@ -47,9 +47,11 @@ __all__ = [
 RESULT_FIELDS = (
     "model", "haystack", "seed", "policy", "policy_key", "protocol", "task", "length", "depth", "kv_bytes",
     "dense_kv_bytes", "kv_fraction", "expected", "answer", "score", "needle_at", "prefill_chunk", "seconds",
-    "shared_with", "device",
+    "shared_with", "device", "host_kv_bytes", "hit_rate", "h2d_bytes_per_step",
 )
-"""Columns of a results row (JSONL keys, CSV header)."""
+"""Columns of a results row (JSONL keys, CSV header). The last three are a retrieval cache's, per sequence:
+its host tier at the end, the share of retrieved rows its working set already held, and the bytes it
+copied from the tier per decode step (empty for other caches and in rows written before they existed)."""
 
 _KEY_FIELDS = ("model", "haystack", "seed", "prefill_chunk", "protocol", "task", "length", "depth")
 

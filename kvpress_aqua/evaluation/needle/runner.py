@@ -116,6 +116,9 @@ def run_cells(
             finally:
                 cache.detach()
             seconds = (time.perf_counter() - start) / len(chunk)
+            stats = cache.retrieval_stats() or {}
+            retrieval = {"host_kv_bytes": cache.nbytes("host") // len(chunk), "hit_rate": stats.get("hit_rate"),
+                         "h2d_bytes_per_step": stats["bytes_per_step"] / len(chunk)} if stats else {}
             held, dense = out.kv_bytes, out.dense_kv_bytes
             for depth, prompt, tokens in zip(chunk, prompts, out.tokens, strict=True):
                 answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -129,7 +132,7 @@ def run_cells(
                         "score": score_answer(answer, prompt.task.expected), "needle_at": prompt.needle_at,
                         "prefill_chunk": config.prefill_chunk, "seconds": round(seconds, 2),
                         "shared_with": run_protocol if run_protocol != protocol else "",
-                        "device": ids.device.type,
+                        "device": ids.device.type, **retrieval,
                     })
 
 

@@ -6,6 +6,7 @@ These models differ from :mod:`tiny_models`: three layers, head_dim 32, and the 
 layouts (Gemma-2 alternating, Gemma-3 5:1, Phi-3 all sliding) and an MQA model with biases.
 """
 
+import functools
 from typing import Any
 
 import pytest
@@ -58,13 +59,30 @@ def run_planned_cache(model: PreTrainedModel, candidate: Any, batch: int, contex
     cache held while any layer's attention ran or at the end; ``None`` for a plain cache (no policy). Aqua's
     identity basis stores exactly the bytes of the SVD basis and needs no calibration artifact.
     """
+    measured = run_planned(model, candidate, batch, context, new_tokens)
+    return measured["device"], measured["max_device"]
+
+
+def run_planned(model: PreTrainedModel, candidate: Any, batch: int, context: int, new_tokens: int) -> dict[str, Any]:
+    """:func:`run_planned_cache`'s run, with a retrieval tier's host bytes too.
+
+    Returns ``device`` and ``host`` (``cache.nbytes()`` and ``cache.nbytes("host")`` at the end), ``max_device``
+    (as :func:`run_planned_cache`) and ``host_peak``: the most the host tiers held, at the end or while one grew
+    (the tier replaces its tensors one at a time, so its old values, the largest, live beside the new ones).
+    """
     entries = tuple({**e, "basis": "identity"} if e["type"] == "aqua" else e for e in candidate.entries)
     cache = CompressedCache(model, *PolicySpec("plan", entries).build(), prefill_chunk=candidate.prefill_chunk)
-    held = []
+    held, hosts = [], []
 
     def kv() -> None:
         if cache.policies:
             held.append(sum(x.nbytes() for x in cache.layers))
+
+    def grow(needed: int, step: bool, _grow: Any, tier: Any) -> None:
+        before, old = tier.capacity, tier.host_tensors().get("tier_values")
+        _grow(needed, step)
+        if tier.capacity != before:
+            hosts.append(sum(x.host_nbytes() for x in cache.layers) + (0 if old is None else old.nbytes))
 
     for layer in cache.layers:  # a layer's update returns just before its attention runs
         def update(*args: Any, _update: Any = layer.update, **kwargs: Any) -> Any:
@@ -73,12 +91,15 @@ def run_planned_cache(model: PreTrainedModel, candidate: Any, batch: int, contex
             return out
 
         layer.update = update
+        if getattr(layer, "tier", None) is not None:
+            layer.tier._grow = functools.partial(grow, _grow=layer.tier._grow, tier=layer.tier)
     ids = torch.randint(2, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(model.device)
     with torch.no_grad():
         logits = cache.prefill(ids)
         for _ in range(new_tokens - 1):
             logits = model(logits.argmax(-1, keepdim=True), **cache_kwargs(model, cache)).logits[:, -1]
-    measured = cache.nbytes()
+    measured = {"device": cache.nbytes(), "host": cache.nbytes("host")}
     kv()
     cache.detach()
-    return measured, max(held, default=None)
+    return {**measured, "max_device": max(held, default=None), "host_peak": max([measured["host"], *hosts])}

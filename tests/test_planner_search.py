@@ -173,15 +173,15 @@ def test_tova_is_scored_like_h2o_by_the_heuristic():
         plan("8GB", "smollm2-135m", context=1024, token_policy="aqua")
 
 
-def test_the_plannable_policies_are_the_registrys_token_rows_with_a_budget_and_the_block_summaries():
+def test_the_plannable_policies_are_the_registrys_token_rows_with_a_budget_the_block_summaries_and_retrieval():
     rows = POLICY_TYPES.values()
     budgeted = {r.name for r in rows if r.kind == "token" and r.split}
-    assert plannable_token_policies() == tuple(sorted(budgeted | {"balancekv", "uniform"}))
+    assert plannable_token_policies() == tuple(sorted(budgeted | {"balancekv", "uniform", "retrieval"}))
     assert {"h2o", "tova", "sliding"} <= budgeted
     rate = dataclasses.replace(policy_type("h2o"), name="rate-only", split=())  # no budget, and no block summary
     with mock.patch.dict(POLICY_TYPES, {"rate-only": rate}), mock.patch.dict(registry._BY_NAME, {"rate-only": rate}):
         assert "rate-only" not in plannable_token_policies()
-        with pytest.raises(ValueError, match="keeps no token budget and is no block summary.*--token-policy"):
+        with pytest.raises(ValueError, match="is no block summary nor retrieval.*--token-policy"):
             plan("8GB", "smollm2-135m", context=1024, token_policy="rate-only")
 
 

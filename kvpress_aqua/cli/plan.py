@@ -55,8 +55,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overhead", default=None, help="runtime overhead, e.g. 1GiB or 0 (default 512MiB)")
     p.add_argument("--token-policy", default="h2o",
                    help=f"eviction policy of the plans: {', '.join(plannable_token_policies())} (default h2o); "
-                   "the block summaries balancekv and uniform are sized by their halvings, the others by a token "
-                   "budget")
+                   "the block summaries balancekv and uniform are sized by their halvings, retrieval by its top_k "
+                   "and proxy rank, the others by a token budget")
+    p.add_argument("--host-budget", default=None, metavar="SIZE",
+                   help="retrieval: the most its tier (every token's keys and values) may hold in host memory, "
+                   "e.g. 64GB or 32GiB (default: not checked)")
+    p.add_argument("--offload", default="cpu", choices=("cpu", "none"),
+                   help="retrieval: the tier in host memory (cpu, default) or on the device (none)")
+    p.add_argument("--proxy-dtype", default="model", choices=("model", "int8"),
+                   help="retrieval: proxy keys in the model dtype (default) or int8 with a float32 scale per token")
     p.add_argument("--min-tokens", default=str(DEFAULT_MIN_TOKENS),
                    help=f"plans keeping fewer tokens count as not fitting (default {DEFAULT_MIN_TOKENS})")
     p.add_argument("--artifact", default=None, help="AQUA artifact to read the quality model from")
@@ -73,11 +80,15 @@ def run(args: argparse.Namespace) -> int:
     if args.budget is None and args.device_memory is None:
         raise ValueError("give --budget (the KV-cache budget, e.g. --budget 8GB) or --device-memory (e.g. "
                          "--device-memory h100), or both")
+    if args.emit_preset is not None and args.offload == "none":
+        raise ValueError("--emit-preset cannot write --offload none: a preset's offload is 'cpu' (TOML has no null); "
+                         "drop --emit-preset and build Retrieval(..., offload=None) from the --json policies")
     result = plan(
         budget=args.budget, device_memory=args.device_memory, model=args.model, context=args.context,
         batch=args.batch, new_tokens=args.new_tokens,
         dtype=args.dtype, prefill_chunk=args.prefill_chunk, overhead=args.overhead, token_policy=args.token_policy,
-        min_tokens=args.min_tokens, artifact=args.artifact,
+        min_tokens=args.min_tokens, artifact=args.artifact, host_budget=args.host_budget,
+        offload=None if args.offload == "none" else args.offload, proxy_dtype=args.proxy_dtype,
     )
     preset = args.emit_preset or "plan.toml"
     if args.plot is not None:
@@ -103,6 +114,9 @@ def _print(result: Plan, args: argparse.Namespace, preset: str) -> None:
     if result.limits.device is not None:
         console.print(f"device memory {result.device_label} = {result.limits.device:,} bytes "
                       f"({format_bytes(result.limits.device)}): weights + cache + working set + overhead")
+    if result.limits.host is not None:
+        console.print(f"host budget {args.host_budget} = {result.limits.host:,} bytes "
+                      f"({format_bytes(result.limits.host)}): the retrieval tier in host memory at its most")
     layers = f"{info.num_layers} layers" + (f" ({sliding} sliding, window {info.sliding_window})" if sliding else "")
     console.print(f"model {info.name} ({result.model.source}): {layers}, {info.num_heads} heads, "
                   f"{info.num_kv_heads} KV heads, head_dim {info.head_dim}, {result.model.parameters:,} parameters")
@@ -133,38 +147,58 @@ _CAPTION = ("keys: key channels stored; tokens: held per full-attention layer, K
             "keep at most their window); chunk: prefill tokens per forward; KV max: keys, values, slot metadata and "
             "AQUA projections at the most the cache holds (what --budget bounds); total: predicted peak of the run")
 _HALVINGS = "halv: halvings, the block summary keeps 1/2^halvings of every full block of the middle (-: every token)"
+_RETRIEVAL = ("top_k: tokens retrieved per decode step, layer, KV head and sequence "
+              "(-: every token on the device, no retrieval); rank: proxy channels; chunk: prefill tokens per "
+              "forward; KV max: what the device holds at the most (held slots, proxy keys, working sets, AQUA "
+              "projections; the tier too with --offload none), what --budget bounds; host: the tier in host memory "
+              "at its most, what --host-budget bounds; total: predicted device peak of the run")
 
 
 def _headers(result: Plan) -> tuple[str, ...]:
-    """The columns: a block summary's plans have a ``halv.`` column after ``keys``."""
-    return (*_HEADERS[:2], "halv", *_HEADERS[2:]) if result.memory_model.keeps_rate else _HEADERS
+    """The columns: a block summary has a ``halv`` column after ``keys``; retrieval ``top_k``, ``rank`` and ``host``.
+
+    Retrieval's table leaves out ``keys`` (``k_ratio`` gives them) to keep 80 columns.
+    """
+    mm = result.memory_model
+    if mm.retrieves:
+        return (_HEADERS[0], "top_k", "rank", *_HEADERS[3:5], *(("host",) if mm.offload else ()), *_HEADERS[5:])
+    return (*_HEADERS[:2], "halv", *_HEADERS[2:]) if mm.keeps_rate else _HEADERS
 
 
 def _row(c: Candidate, result: Plan) -> list[str]:
     mm = result.memory_model
-    tokens = f"all {mm.seen:,}" if c.knob is None else f"{mm.held(c.knob):,}"
     chunk = "all" if c.prefill_chunk is None else f"{c.prefill_chunk:,}"
+    if mm.retrieves:
+        host = [format_bytes(c.memory.host_peak) if c.top_k is not None else "-"] if mm.offload else []
+        return [f"{c.k_ratio:g}", f"{c.top_k:,}" if c.top_k is not None else "-", str(c.rank or "-"),
+                chunk, format_bytes(c.memory.cache_peak), *host, format_bytes(c.memory.total), f"{c.quality:.3f}"]
+    tokens = f"all {mm.seen:,}" if c.knob is None else f"{mm.held(c.knob):,}"
     halvings = [str(c.halvings or "-")] if mm.keeps_rate else []
     return [f"{c.k_ratio:g}", str(c.key_dim), *halvings, tokens, chunk, format_bytes(c.memory.cache_peak),
             format_bytes(c.memory.total), f"{c.quality:.3f}"]
 
 
-def _table(title: str, headers: tuple[str, ...]) -> Table:
-    """A table without vertical rules whose cells never wrap or get cut (80 columns hold it)."""
-    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0), caption_justify="left")
+def _table(title: str, headers: tuple[str, ...], pad: int = 1) -> Table:
+    """A table without vertical rules whose cells never wrap or get cut (80 columns hold it).
+
+    ``pad`` spaces after each cell, on top of the one between columns (retrieval's ten columns take 0).
+    """
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, pad, 0, 0), caption_justify="left")
     for col in headers:
         table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True, overflow="fold")
     return table
 
 
 def _candidate_table(result: Plan) -> Table:
-    rate = result.memory_model.keeps_rate
-    title = "fewest halvings that fit, per k_ratio" if rate else "largest token budget that fits, per k_ratio"
-    table = _table(title, (*_headers(result), "verdict"))
+    mm = result.memory_model
+    rate, retrieves = mm.keeps_rate, mm.retrieves
+    title = ("fewest halvings that fit, per k_ratio" if rate else "largest top_k that fits, per k_ratio (best rank)"
+             if retrieves else "largest token budget that fits, per k_ratio")
+    table = _table(title, (*_headers(result), "verdict"), pad=0 if retrieves else 1)
     styles = {"recommended": "bold green", "does not fit": "red"}
     for c in result.candidates:
         table.add_row(*_row(c, result), c.verdict, style=styles.get(c.verdict))
-    table.caption = f"{_HALVINGS}; {_CAPTION}" if rate else _CAPTION
+    table.caption = f"{_HALVINGS}; {_CAPTION}" if rate else _RETRIEVAL if retrieves else _CAPTION
     return table
 
 
@@ -173,7 +207,8 @@ def _frontier_table(result: Plan) -> Table:
     if len(points) > _FRONTIER_ROWS:
         step = (len(points) - 1) / (_FRONTIER_ROWS - 1)
         points = tuple(points[round(i * step)] for i in range(_FRONTIER_ROWS))
-    table = _table(f"memory-quality frontier ({len(result.frontier)} points, {len(points)} shown)", _headers(result))
+    table = _table(f"memory-quality frontier ({len(result.frontier)} points, {len(points)} shown)", _headers(result),
+                   pad=0 if result.memory_model.retrieves else 1)
     for c in points:
         table.add_row(*_row(c, result))
     return table

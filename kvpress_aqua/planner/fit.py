@@ -1,13 +1,17 @@
 """Fitting the limits: the key widths and prefill chunks considered, the largest token budget that fits, and what would.
 
-A plan point fits :class:`Limits`: the KV-cache budget (the most the cache holds at once: keys,
-values, slot metadata and AQUA's projections, :attr:`~kvpress_aqua.planner.memory.Breakdown.cache_peak`)
-and, when given, the device memory (weights, cache, the prefill or decode working set and the
-overhead, :attr:`~kvpress_aqua.planner.memory.Breakdown.total`). :func:`largest_knob` bisects the
-token budget (or a block summary's halvings) of one key width and prefill chunk (memory grows with
-it); :func:`best_chunk` picks, for one key width, the prefill chunk of :data:`CHUNK_CHOICES` whose
-largest knob has the best estimated quality; :func:`does_not_fit` explains, when no point fits, what
-does: the cheapest point against the limit it exceeds, and the largest context and batch that would fit.
+A plan point fits :class:`Limits`: the KV-cache budget (the most the cache holds at once on the
+device: keys, values, slot metadata and AQUA's projections,
+:attr:`~kvpress_aqua.planner.breakdown.Breakdown.cache_peak`), when given the device memory
+(weights, cache, the prefill or decode working set and the overhead,
+:attr:`~kvpress_aqua.planner.breakdown.Breakdown.total`) and, for a retrieval cache whose tier is
+offloaded, the host budget (:attr:`~kvpress_aqua.planner.breakdown.Breakdown.host_peak`).
+:func:`largest_knob` bisects the token budget (or a block summary's halvings, or retrieval's
+``top_k``) of one key width and prefill chunk (memory grows with it); :func:`best_chunk` picks, for
+one key width, the prefill chunk of :data:`CHUNK_CHOICES` whose largest knob has the best estimated
+quality; :func:`does_not_fit` explains, when no point fits, what
+does: the cheapest point against the limit it exceeds, and the largest context and batch that would fit;
+:func:`binding` says which limit (and which tier) stops a recommendation from keeping more.
 :func:`kvpress_aqua.planner.search.plan` uses them.
 """
 
@@ -19,13 +23,17 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..util.sizes import format_bytes
-from .memory import Breakdown, MemoryModel
+from .breakdown import Breakdown
+from .memory import MemoryModel
+from .points import Candidate, run_of
+from .retrieval import proxy_ranks
 
 __all__ = [
     "CHUNK_CHOICES",
     "MIN_K_RATIO",
     "Limits",
     "best_chunk",
+    "binding",
     "candidate_key_dims",
     "chunk_choices",
     "does_not_fit",
@@ -40,21 +48,27 @@ CHUNK_CHOICES = (256, 512, 1024, 2048, 4096, 8192)
 
 @dataclass(frozen=True)
 class Limits:
-    """What a plan point must fit: a KV-cache budget, the device memory, or both (bytes; ``None``: not checked).
+    """What a plan point must fit: a KV budget, the device memory or both, and a host budget (``None``: unchecked).
+
+    All in bytes.
 
     Attributes
     ----------
     kv : int or None
-        Bound on :attr:`~kvpress_aqua.planner.memory.Breakdown.cache_peak` (keys, values, slot
-        metadata and AQUA projections at the most the cache holds).
+        Bound on :attr:`~kvpress_aqua.planner.breakdown.Breakdown.cache_peak` (keys, values, slot
+        metadata and AQUA projections at the most the cache holds on the device).
     device : int or None
-        Bound on :attr:`~kvpress_aqua.planner.memory.Breakdown.total` (weights + cache + working set
+        Bound on :attr:`~kvpress_aqua.planner.breakdown.Breakdown.total` (weights + cache + working set
         + overhead).
+    host : int or None
+        Bound on :attr:`~kvpress_aqua.planner.breakdown.Breakdown.host_peak` (a retrieval cache's
+        offloaded tier at its most).
 
     """
 
     kv: int | None
     device: int | None = None
+    host: int | None = None
 
     def __post_init__(self) -> None:
         if self.kv is None and self.device is None:
@@ -62,12 +76,14 @@ class Limits:
                              "or both")
 
     def exceeded(self, m: Breakdown) -> tuple[str, ...]:
-        """The limits ``m`` exceeds: ``"KV budget"`` and/or ``"device memory"`` (empty when it fits)."""
+        """The limits ``m`` exceeds: ``"KV budget"``, ``"device memory"``, ``"host budget"`` (empty when it fits)."""
         over = []
         if self.kv is not None and m.cache_peak > self.kv:
             over.append("KV budget")
         if self.device is not None and m.total > self.device:
             over.append("device memory")
+        if self.host is not None and m.host_peak > self.host:
+            over.append("host budget")
         return tuple(over)
 
     def fits(self, m: Breakdown) -> bool:
@@ -79,6 +95,8 @@ class Limits:
         ratios = [m.cache_peak / self.kv] if self.kv is not None else []
         if self.device is not None:
             ratios.append(m.total / self.device)
+        if self.host is not None:
+            ratios.append(m.host_peak / self.host)
         return max(ratios)
 
 
@@ -183,12 +201,19 @@ def does_not_fit(mm: MemoryModel, limits: Limits, min_tokens: int, given_chunk: 
     """Why nothing fits ``limits``, and what would: the largest context and batch.
 
     The point closest to fitting (any key width and searched chunk, every token or the cheapest
-    knob: ``min_tokens``, or a block summary's most halvings) is set against the limit it exceeds;
-    when the weights and overhead alone exceed the device memory, the message says so instead. A
-    block summary's memory has a floor (its sinks, recent and pending tokens, and a rate of the
-    middle), so its message also says whether a token budget (H2O) would fit.
+    knob: ``min_tokens``, a block summary's most halvings, retrieval's fewest ``top_k`` with its
+    smallest proxy) is set against the limit it exceeds; when the weights and overhead alone exceed
+    the device memory, the message says so instead. A block summary's memory has a floor (its
+    sinks, recent and pending tokens, and a rate of the middle), so its message also says whether a
+    token budget (H2O) would fit. A retrieval tier that exceeds the host budget at every key width
+    gets its own message (:func:`_host_does_not_fit`).
     """
     chunks = chunk_choices(mm.context, given_chunk)
+    if mm.retrieves:
+        mm = replace(mm, rank=min(proxy_ranks(mm.shape.info.head_dim)))
+        host = _host_does_not_fit(mm, limits, min_tokens, chunks)
+        if host:
+            return host
     key_dim, knob, chunk, need = _cheapest(mm, min_tokens, limits, chunks)
     k_ratio = key_dim / mm.shape.info.head_dim
     at = (f"k_ratio {k_ratio:g} keeping {mm.knob_text(knob)}, "
@@ -221,3 +246,65 @@ def does_not_fit(mm: MemoryModel, limits: Limits, min_tokens: int, given_chunk: 
         parts.append(f"a token budget goes lower than {mm.token_policy}'s rate: --token-policy h2o fits (at least "
                      f"--min-tokens {min_tokens} tokens)")
     return f"{head}; " + "; ".join(parts)
+
+
+def _host_need(mm: MemoryModel, min_tokens: int, chunks: Sequence[int | None]) -> tuple[int, int, int | None]:
+    """``(host peak, key width, chunk)`` of the retrieval point that needs the least host memory (0: no knob)."""
+    knobs = mm.knobs(min_tokens)
+    if not knobs:
+        return 0, mm.shape.info.head_dim, None
+    return min(((replace(mm, prefill_chunk=c).evaluate(k, knobs[0]).host_peak, k, c)
+                for k in candidate_key_dims(mm.shape.info.head_dim) for c in chunks), key=lambda p: p[0])
+
+
+def _host_does_not_fit(mm: MemoryModel, limits: Limits, min_tokens: int, chunks: Sequence[int | None]) -> str:
+    """The one-line message when a retrieval tier exceeds the host budget at every key width and chunk, else ``""``."""
+    need, key_dim, chunk = _host_need(mm, min_tokens, chunks)
+    if limits.host is None or need <= limits.host:
+        return ""
+
+    def fits(context: int) -> bool:
+        changed = replace(mm, context=context)
+        return _host_need(changed, min_tokens, chunk_choices(context, chunk if len(chunks) == 1 else None))[0] \
+            <= limits.host
+
+    context = _largest(fits, mm.context - 1)
+    shorter = (f"the largest context whose tier fits at batch {mm.batch} is {context:,} tokens" if context
+               else f"no context fits at batch {mm.batch}")
+    at = f"k_ratio {key_dim / mm.shape.info.head_dim:g} ({key_dim} key channels), " + (
+        f"prefill chunk {chunk:,}" if chunk else "prefill in one forward")
+    return (f"does not fit: the retrieval tier needs {format_bytes(need)} ({need:,} B) of host memory even at {at}; "
+            f"you have {format_bytes(limits.host)} ({limits.host:,} B) of --host-budget: raise --host-budget to at "
+            f"least {format_bytes(need)}, keep the tier on the device with --offload none, or plan a shorter "
+            f"context ({shorter})")
+
+
+def binding(mm: MemoryModel, limits: Limits, best: Candidate) -> tuple[str, str]:
+    """What stops the recommendation from keeping more, and the tier it is on: ``(text, tier)``.
+
+    ``tier`` is ``"device"`` (the KV budget or the device memory stop a larger knob), ``"host"``
+    (a retrieval cache's host budget stops a wider key width: the tier's rows grow with it, not
+    with ``top_k``), ``"device and host"``, or ``"none"``.
+    """
+    if best.knob is None:
+        return "nothing binds: every token is kept", "none"
+    run = run_of(mm, best)
+    over = tuple(o for o in limits.exceeded(run.evaluate(best.key_dim, run.dearer(best.knob))) if o != "host budget")
+    m, knob = best.memory, " top_k" if mm.retrieves else ""
+    parts = []
+    if over == ("device memory",):
+        parts.append(f"the device memory binds{knob} ({format_bytes(m.total)} of {format_bytes(limits.device)}: "
+                     f"weights {format_bytes(m.weights)}, cache {format_bytes(m.cache_peak)}, working set "
+                     f"{format_bytes(m.working_set)}, overhead {format_bytes(m.overhead)})")
+    elif over or not mm.retrieves:
+        parts.append(f"the {' and '.join(over)} bind{'s' if len(over) == 1 else ''}{knob} "
+                     f"({format_bytes(m.cache_peak)} of KV cache)")
+    wider = [k for k in candidate_key_dims(mm.shape.info.head_dim) if k > best.key_dim]
+    host = run.evaluate(min(wider), best.knob).host_peak if mm.retrieves and wider and limits.host else 0
+    if limits.host is not None and host > limits.host:
+        parts.append(f"the host budget binds the key width (k_ratio {min(wider) / mm.shape.info.head_dim:g}'s tier "
+                     f"needs {format_bytes(host)} of host memory, more than {format_bytes(limits.host)})")
+    if not parts:
+        parts.append("no limit binds top_k or the key width")
+    tiers = [t for t, hit in (("device", bool(over)), ("host", limits.host is not None and host > limits.host)) if hit]
+    return "; ".join(parts), " and ".join(tiers) or "none"

@@ -55,6 +55,12 @@ pending + full blocks x block / 2**halvings`` slots of ``t`` tokens
 per slot). ``h`` drops whenever a block is reduced, so the peak is searched over every chunk and
 decode step that can hold the most (:func:`~kvpress_aqua.planner.timeline.summary_steps`).
 
+Retrieval (:attr:`MemoryModel.retrieves`) holds ``sinks + recent`` slots as a budgeted layer does and
+every token in a tier: its knob is ``top_k``, with the proxy ``rank`` and the ``offload`` fields;
+:mod:`kvpress_aqua.planner.retrieval` has its layout. Its KV adds the tier's device part, its
+attention reads the rows it retrieves beyond its held slots, its copy is the larger of the slots'
+copy and the tier's transient, and ``Breakdown.host`` / ``host_peak`` count the host tier.
+
 The KV bytes the plan reports (``Breakdown.cache_bytes``: KV held at the end plus projections) are
 what ``CompressedCache.nbytes()`` measures after prefilling ``context`` tokens and feeding
 ``new_tokens - 1`` decode tokens (the last generated token is never fed back). The working-set
@@ -64,7 +70,7 @@ constants are estimates (``benchmarks/plan_rss.py`` measures them); the KV bytes
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..core.accounting import (
     EXACT_SLOT_BYTES,
@@ -78,7 +84,9 @@ from ..core.accounting import (
 from ..ops.limits import BLOCK_SCORE_BYTES
 from ..policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS, policy_type, token_policy_names
 from ..util.dtypes import dtype_bytes
+from .breakdown import Breakdown, Term
 from .model_shape import ModelShape
+from .retrieval import OFFLOADS, PROXY_DTYPES, RETRIEVAL, RETRIEVAL_KNOBS, TierLayout, TierMoment, planned_sinks
 from .summaries import MAX_HALVINGS, SUMMARY_POLICIES, halvings_text, summary_slots
 from .timeline import Step, budget_steps, summary_steps
 
@@ -97,72 +105,6 @@ MLP_COPIES = 3
 
 
 @dataclass(frozen=True)
-class Term:
-    """One line of the memory formula: symbols, the numbers substituted, and the bytes."""
-
-    name: str
-    formula: str
-    numbers: str
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class Breakdown:
-    """Predicted bytes of one plan point.
-
-    Attributes
-    ----------
-    weights, projections, overhead : int
-        Model weights, AQUA projection matrices, runtime overhead.
-    kv : int
-        KV held at the end (keys, values, slot metadata): ``cache.nbytes() - projections``.
-    peak_kv, attention, activations, copy : int
-        KV held, attention scores (0 when a layer's MLP step needs more than its attention step),
-        activations and one layer's copy in the peak phase.
-    max_kv : int
-        The most KV the cache holds at any moment checked (every phase, and the end): what a KV-cache
-        budget (``plan(budget=...)``) bounds, with the projections (:attr:`cache_peak`).
-    peak_phase : str
-        ``"prefill"`` or ``"decode"``.
-    terms : tuple of Term
-        The formula with numbers substituted (:meth:`Plan.explain`).
-
-    """
-
-    weights: int
-    kv: int
-    projections: int
-    peak_kv: int
-    attention: int
-    activations: int
-    copy: int
-    overhead: int
-    peak_phase: str
-    max_kv: int
-    terms: tuple[Term, ...] = field(repr=False)
-
-    @property
-    def cache_bytes(self) -> int:
-        """What ``CompressedCache.nbytes()`` measures at the end: KV plus projection matrices."""
-        return self.kv + self.projections
-
-    @property
-    def cache_peak(self) -> int:
-        """The most the cache holds at once: KV at its largest (:attr:`max_kv`) plus projection matrices."""
-        return self.max_kv + self.projections
-
-    @property
-    def working_set(self) -> int:
-        """Transient bytes of the peak phase: attention scores, activations, the layer copy."""
-        return self.attention + self.activations + self.copy
-
-    @property
-    def total(self) -> int:
-        """Peak bytes: weights + projections + overhead + KV held and working set at the peak."""
-        return self.weights + self.projections + self.overhead + self.peak_kv + self.working_set
-
-
-@dataclass(frozen=True)
 class _Phase:
     name: str
     chunk: int
@@ -176,6 +118,7 @@ class _Phase:
     copy_slots: int
     step: str
     scores: int
+    tier: TierMoment | None = None
 
     @property
     def peak(self) -> int:
@@ -202,15 +145,23 @@ class MemoryModel:
         The eviction policy, a token policy of :mod:`kvpress_aqua.policies.registry`: one with a
         budget (``h2o``, ``tova``, ``sliding``, ``snapkv``; those that read attention scores keep a
         float32 score per slot) or a block summary (``balancekv``, ``uniform``: its knob is
-        ``halvings``, and it keeps a float32 log-weight per slot).
+        ``halvings``, and it keeps a float32 log-weight per slot), or ``retrieval`` (its knob is
+        ``top_k``; :mod:`kvpress_aqua.planner.retrieval`).
     exact_tokens : int
         AQUA's exact tokens per sequence and KV head (``exact_sinks + exact_recent``, by default
         ``Aqua``'s): with AQUA each layer also holds their ``head_dim - key_dim`` dropped channels.
+    rank : int
+        Retrieval only: proxy channels per KV head (:func:`~kvpress_aqua.planner.search.plan` searches it).
+    offload : {"cpu", None}
+        Retrieval only: the tier in host memory (``"cpu"``) or on the device (``None``).
+    proxy_dtype : {"model", "int8"}
+        Retrieval only: proxy keys in the model dtype, or int8 with a float32 scale per token.
 
     Raises
     ------
     ValueError
-        For a block summary on a model with sliding-window layers, which the cache cannot run.
+        For a block summary on a model with sliding-window layers, which the cache cannot run; for
+        an ``offload`` other than ``"cpu"`` or ``None``, a ``proxy_dtype`` other than ``"model"`` or ``"int8"``.
 
     """
 
@@ -223,8 +174,15 @@ class MemoryModel:
     overhead: int
     token_policy: str = "h2o"
     exact_tokens: int = AQUA_EXACT_SINKS + AQUA_EXACT_RECENT
+    rank: int = 16
+    offload: str | None = "cpu"
+    proxy_dtype: str = "model"
 
     def __post_init__(self) -> None:
+        if self.offload not in OFFLOADS:
+            raise ValueError(f"offload {self.offload!r}: use 'cpu' (the tier in host memory) or None (on the device)")
+        if self.proxy_dtype not in PROXY_DTYPES:
+            raise ValueError(f"proxy dtype {self.proxy_dtype!r}: use one of {', '.join(PROXY_DTYPES)}")
         windows = {w for w in self.windows if w is not None}
         if self.keeps_rate and windows:
             budgeted = ", ".join(token_policy_names())
@@ -258,15 +216,35 @@ class MemoryModel:
         """Whether the token policy is a block summary (BalanceKV, uniform), sized by ``halvings``, not a budget."""
         return policy_type(self.token_policy, "token").name in SUMMARY_POLICIES
 
+    @property
+    def retrieves(self) -> bool:
+        """Whether the token policy is retrieval: every token in a tier, ``top_k`` of them read per decode step."""
+        return policy_type(self.token_policy, "token").name == RETRIEVAL
+
+    @property
+    def max_sinks(self) -> int | None:
+        """The most sinks a layer can hold here: the smallest sliding window minus one (``None``: no window)."""
+        windows = [w for w in self.windows if w is not None]
+        return min(windows) - 1 if windows else None
+
+    @property
+    def held_slots(self) -> int:
+        """A retrieval layer's held slots (its budget): its sinks and recent tokens."""
+        return planned_sinks(self.max_sinks) + RETRIEVAL_KNOBS["recent"]
+
     def knobs(self, lowest: int) -> Sequence[int]:
         """The token knobs a plan point may take keeping at least ``lowest`` tokens, cheapest first.
 
-        Memory grows along the sequence: token budgets ``lowest ... seen - 2``, or for a block summary
+        Memory grows along the sequence: token budgets ``lowest ... seen - 2``; for a block summary
         (:attr:`keeps_rate`) the halvings :data:`~kvpress_aqua.planner.summaries.MAX_HALVINGS` ... 1
-        that reduce something and hold at least ``lowest`` tokens.
+        that reduce something and hold at least ``lowest`` tokens; for retrieval the ``top_k`` from
+        the fewest that make a decode step attend ``lowest`` tokens to every token before the last
+        one that is not held.
         """
         if self.keeps_rate:
             return [h for h in range(MAX_HALVINGS, 0, -1) if lowest <= summary_slots(self.seen, h) < self.seen]
+        if self.retrieves:
+            return range(max(1, lowest - self.held_slots), self.seen - self.held_slots)
         return range(lowest, self.seen - 1)
 
     def dearer(self, knob: int) -> int | None:
@@ -278,16 +256,22 @@ class MemoryModel:
     def held(self, knob: int | None) -> int:
         """Tokens a point holds per layer, KV head and sequence at the end (full-attention layers).
 
-        ``seen`` for ``None`` (every token), the budget, or a block summary's slots for its halvings.
+        ``seen`` for ``None`` (every token), the budget, or a block summary's slots for its halvings;
+        for retrieval, which keeps every token in its tier, the tokens a decode step attends (held
+        slots and ``top_k``).
         """
         if knob is None:
             return self.seen
+        if self.retrieves:
+            return min(self.seen, self.held_slots + knob)
         return summary_slots(self.seen, knob) if self.keeps_rate else knob
 
     def knob_text(self, knob: int | None) -> str:
-        """``"all 4,096 tokens"``, ``"1,024 tokens"`` or a block summary's ``"halvings 2 (1/4 of the middle...)"``."""
+        """``"all 4,096 tokens"``, ``"1,024 tokens"``, ``"top_k 512, rank 8"`` or ``"halvings 2 (1/4 ...)"``."""
         if knob is None:
             return f"all {self.seen:,} tokens"
+        if self.retrieves:
+            return f"top_k {knob:,}, rank {self.rank}" + (" int8" if self.proxy_dtype == "int8" else "")
         return halvings_text(knob, self.held(knob), self.seen) if self.keeps_rate else f"{knob:,} tokens"
 
     def evaluate(self, key_dim: int, knob: int | None) -> Breakdown:
@@ -310,7 +294,8 @@ class MemoryModel:
         info, e, batch = self.shape.info, self.elem, self.batch
         d = info.head_dim
         summary = knob is not None and self.keeps_rate
-        budget = None if summary else knob
+        retrieval = knob is not None and self.retrieves
+        budget = None if summary else (self.held_slots if retrieval else knob)
         compressed = knob is not None or key_dim < d
         scores = budget is not None and self.needs_scores
 
@@ -324,8 +309,19 @@ class MemoryModel:
         else:
             steps, last = budget_steps(self.windows, self.context, self.prefill_chunk, self.new_tokens, budget,
                                        compressed, layer)
-        phases = [self._phase(s, layer, compressed) for s in steps]
-        end = self._phase(last, layer, compressed)
+        tier = None
+        if retrieval:
+            tier = TierLayout(batch, info.num_layers, info.num_heads, info.num_kv_heads, d, key_dim, e, self.rank,
+                              self.offload is not None, self.proxy_dtype == "int8")
+
+        def moment(step: Step, end: bool = False) -> TierMoment | None:
+            if tier is None:
+                return None
+            past = max(step.visible) if step.copy is None else step.copy
+            return tier.moment(self.context, self.prefill_chunk, knob, step.offset, step.chunk, past, end)
+
+        phases = [self._phase(s, layer, compressed, moment(s)) for s in steps]
+        end = self._phase(last, layer, compressed, moment(last, end=True))
         peak = max(phases, key=lambda p: p.peak)
         columns = d if self.exact_tokens else key_dim  # exact tokens need the dropped columns of P as well
         projections = info.num_layers * info.num_kv_heads * d * columns * e if key_dim < d else 0
@@ -341,7 +337,10 @@ class MemoryModel:
             overhead=self.overhead,
             peak_phase=peak.name,
             max_kv=max(end.kv, *(p.kv for p in phases)),
-            terms=self._terms(key_dim, compressed, scores, summary, weights, projections, columns, end, peak),
+            terms=self._terms(key_dim, compressed, scores, summary, weights, projections, columns, end, peak)
+            + (tier.terms(self.context, self.prefill_chunk, knob, self.seen) if tier is not None else ()),
+            host=end.tier.host if tier is not None else 0,
+            host_peak=max(p.tier.host_peak for p in (*phases, end)) if tier is not None else 0,
         )
 
     def _per_token(self) -> tuple[int, int]:
@@ -351,10 +350,10 @@ class MemoryModel:
         return (hidden + 2 * info.num_heads * info.head_dim + 2 * info.num_kv_heads * info.head_dim,
                 hidden + MLP_COPIES * s.intermediate_size)
 
-    def _phase(self, step: Step, layer: Callable[[int], int], compressed: bool) -> _Phase:
+    def _phase(self, step: Step, layer: Callable[[int], int], compressed: bool, tier: TierMoment | None) -> _Phase:
         info, b, e = self.shape.info, self.batch, self.elem
         name, lo, n = step.name, step.offset, step.chunk
-        held = max(step.visible)
+        held = max(step.visible) + (tier.read if tier is not None else 0)
         copy = max(step.visible) if step.copy is None else step.copy
         if compressed:
             blocks = 2 * min(BLOCK_SCORE_BYTES, b * info.num_heads * n * (held + n) * 4)
@@ -364,15 +363,17 @@ class MemoryModel:
             if _sdpa_masked(name, lo) and info.group_size > 1:
                 scores += 2 * b * info.num_heads * held * info.head_dim * e
         at_attention, at_mlp = self._per_token()
-        attention_step, mlp_step = scores + b * n * at_attention * e, b * n * at_mlp * e
+        transient = tier.transient if tier is not None else 0  # a retrieval tier's, alive at the attention step only
+        attention_step, mlp_step = scores + b * n * at_attention * e + transient, b * n * at_mlp * e
         larger = "attention" if attention_step >= mlp_step else "mlp"
         logits = b * self.shape.vocab_size * (e + 4)
         return _Phase(
             name=name, chunk=n, offset=lo, slots=step.slots, visible=step.visible,
-            kv=sum(layer(x) for x in step.slots),
+            kv=sum(layer(x) for x in step.slots) + (tier.device if tier is not None else 0),
             attention=scores if larger == "attention" else 0,
             activations=b * n * (at_attention if larger == "attention" else at_mlp) * e + logits,
-            copy=layer(copy), copy_slots=copy, step=larger, scores=scores,
+            copy=max(layer(copy), transient if larger == "attention" else 0), copy_slots=copy, step=larger,
+            scores=scores, tier=tier,
         )
 
     def _kv_text(self, slots: Sequence[int], key_dim: int, compressed: bool, scores: bool, weighted: bool) -> str:
@@ -402,8 +403,11 @@ class MemoryModel:
                  if key_dim < info.head_dim and self.exact_tokens else "")
         kv_formula = (f"Σ layers B·H_kv·slots·((d_k + d_v)·e + {meta}){exact} + B·4" if compressed
                       else "Σ layers B·H_kv·tokens·(d_k + d_v)·e  (DynamicCache)")
+        if end.tier is not None:
+            kv_formula += (" + the retrieval tier's device part (proxy keys and validity, working sets, bases; its "
+                           "rows too when not offloaded: below)")
         where = f"{peak.name} of {peak.chunk:,} token(s) at offset {peak.offset:,}"
-        held, n = max(peak.visible), peak.chunk
+        held, n = max(peak.visible) + (peak.tier.read if peak.tier is not None else 0), peak.chunk
         if compressed:
             attention = [f"{ATTENTION_COPIES}·B·n·H·d·e + 2·min(BLOCK_SCORE_BYTES, B·H·n·(held + n)·4) (query-sized "
                          "copies in the cache's attention; no score matrix: blocks of query rows in the reference)",
@@ -429,30 +433,43 @@ class MemoryModel:
             activations = (f"{attention_sym} + {logits_sym} (attention step; the MLP step, {mlp_sym} = "
                            f"{other:,} B, needs less)", f"{attention_num} + {logits_num}")
         else:
-            other = peak.scores + b * n * at_attention * e
-            activations = (f"{mlp_sym} + {logits_sym} (MLP step; the attention step, attention + {attention_sym} = "
-                           f"{other:,} B, needs less)", f"{mlp_num} + {logits_num}")
+            other = peak.scores + b * n * at_attention * e + (peak.tier.transient if peak.tier is not None else 0)
+            tier_part = "" if peak.tier is None else " + the tier's transient"
+            activations = (f"{mlp_sym} + {logits_sym} (MLP step; the attention step, attention + {attention_sym}"
+                           f"{tier_part} = {other:,} B, needs less)", f"{mlp_num} + {logits_num}")
             if peak.scores:
                 attention = [f"0 at the peak (MLP step); at the attention step {attention[0]}: {attention[1]} = "
                              f"{peak.scores:,} B", "0"]
+        copied = self._kv_text((peak.copy_slots,), key_dim, compressed, scores, weighted)
         terms = [
             Term("weights", "parameters·e", f"{s.parameters:,}·{e}", weights),
             Term(f"KV at the end ({end.name})", kv_formula,
-                 self._kv_text(end.slots, key_dim, compressed, scores, weighted), end.kv),
+                 self._kv_text(end.slots, key_dim, compressed, scores, weighted) + _tier_text(end), end.kv),
             Term("AQUA projections", "L·H_kv·d·d·e (exact tokens need every column of P), else L·H_kv·d·d_k·e",
                  f"{info.num_layers}·{info.num_kv_heads}·{info.head_dim}·{columns}·{e}" if projections else "no AQUA",
                  projections),
             Term(f"KV held at the peak ({where})", kv_formula,
-                 self._kv_text(peak.slots, key_dim, compressed, scores, weighted), peak.kv),
+                 self._kv_text(peak.slots, key_dim, compressed, scores, weighted) + _tier_text(peak), peak.kv),
             Term("attention", *attention, peak.attention),
             Term("activations", *activations, peak.activations),
             Term("layer copy", "one layer's KV held twice while torch.cat/gather builds its new tensors (a "
-                 "compressed layer's old slots, a DynamicCache layer at its visible slots)",
-                 self._kv_text((peak.copy_slots,), key_dim, compressed, scores, weighted), peak.copy),
+                 "compressed layer's old slots, a DynamicCache layer at its visible slots)"
+                 + ("" if peak.tier is None else _TIER_COPY),
+                 copied if peak.tier is None else f"max({copied}, {peak.tier.transient:,})", peak.copy),
             Term("overhead", "runtime constant (default DEFAULT_OVERHEAD = 512 MiB, --overhead)",
                  f"{self.overhead:,}", self.overhead),
         ]
         return tuple(terms)
+
+
+_TIER_COPY = ("; for retrieval, the larger of that and the tier's transient: a growing tier's largest old tensor, "
+              "a chunk's earlier rows copied to the device and concatenated with the held slots, or a decode step's "
+              "new working set, concatenation and float32 proxy scores")
+
+
+def _tier_text(phase: _Phase) -> str:
+    """`` + N`` (the retrieval tier's device bytes) after a KV term's numbers; empty without a tier."""
+    return "" if phase.tier is None else f" + {phase.tier.device:,}"
 
 
 def _sdpa_masked(phase: str, offset: int) -> bool:

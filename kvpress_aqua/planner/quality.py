@@ -20,7 +20,10 @@ loss, always reported with their source (:attr:`QualityModel.source`, :attr:`Qua
    window) another; which is which is the registry's ``needs_scores``
    (:mod:`kvpress_aqua.policies.registry`), so every registered token policy can be planned.
    A block summary (BalanceKV, uniform sampling) ranks no token: it gets the position curve at the
-   fraction of tokens it holds, and its source says that no sweep measured it.
+   fraction of tokens it holds, and its source says that no sweep measured it. Retrieval picks the
+   tokens a decode step attends by (proxy) attention: it gets the scores curve at the fraction of
+   tokens a step attends, its retrieved ones discounted by the key energy of its proxy's rank
+   (:func:`kvpress_aqua.planner.points.score`), and its source says no sweep measured it either.
 
 Option 2 is a heuristic, not a measurement: the channel and token losses are assumed independent,
 and the token term is not fitted to any model.
@@ -44,6 +47,7 @@ from ..artifacts.aqua import AquaArtifact, as_float64, find_artifact
 from ..artifacts.sweep import find_sweep
 from ..model_info import ModelInfo
 from ..policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS, policy_type
+from .retrieval import RETRIEVAL
 
 __all__ = [
     "DEFAULT_ENERGY",
@@ -70,8 +74,9 @@ def retention_exponent(token_policy: str) -> float:
     """The exponent ``x`` of ``q_tokens = 1 - (1 - retained)^x`` for a token policy name.
 
     ``RETENTION_EXPONENT["scores"]`` for the policies the registry says read attention scores (H2O,
-    TOVA, SnapKV), ``RETENTION_EXPONENT["position"]`` for the others (the sliding window, and the
-    block summaries, whose curve nothing measured: :func:`find_quality` says so).
+    TOVA, SnapKV) and for retrieval (it selects by proxy attention), ``RETENTION_EXPONENT["position"]``
+    for the others (the sliding window, and the block summaries); nothing measured the curves of
+    retrieval and the block summaries (:func:`find_quality` says so).
 
     Raises
     ------
@@ -79,7 +84,8 @@ def retention_exponent(token_policy: str) -> float:
         For a name that is not a registered token policy.
 
     """
-    return RETENTION_EXPONENT["scores" if policy_type(token_policy, "token").needs_scores else "position"]
+    row = policy_type(token_policy, "token")
+    return RETENTION_EXPONENT["scores" if row.needs_scores or row.name == RETRIEVAL else "position"]
 
 
 def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -250,10 +256,15 @@ def find_quality(info: ModelInfo, artifact: str | Path | None, token_policy: str
 
 
 def _unmeasured(model: QualityModel, token_policy: str) -> QualityModel:
-    """``model``, its source saying so when it ranks a policy without a budget (a block summary) by the heuristic."""
+    """``model``, its source saying so when it ranks a policy without a budget (block summary, retrieval) unmeasured."""
     row = policy_type(token_policy, "token")
     if model.sweep or row.split:
         return model
-    return replace(model, source=f"{model.source}; {row.name} is not measured by any sweep (they measure h2o): "
-                                 "it is ranked on the position-only token-retention curve (the sliding window's) at "
-                                 "the fraction of tokens it holds")
+    if row.name == RETRIEVAL:
+        how = ("it is ranked on the attention-score token-retention curve (H2O's) at the fraction of tokens a decode "
+               "step attends (sinks, recent and top_k, the top_k counted at the key energy its rank-channel proxy "
+               "keeps); neither the proxy's misses nor the needle task are measured")
+    else:
+        how = ("it is ranked on the position-only token-retention curve (the sliding window's) at the fraction of "
+               "tokens it holds")
+    return replace(model, source=f"{model.source}; {row.name} is not measured by any sweep (they measure h2o): {how}")

@@ -25,7 +25,9 @@ Any token policy of :mod:`kvpress_aqua.policies.registry` that splits a budget c
 (``token_policy=``): the registry says whether it keeps scores (charged per slot) and how a budget
 splits into its knobs. So can the block summaries (BalanceKV, uniform sampling,
 :mod:`kvpress_aqua.planner.summaries`), which keep a rate rather than a budget: their knob is
-``halvings``, and each slot also holds a float32 log-weight.
+``halvings``, and each slot also holds a float32 log-weight. So can retrieval
+(:mod:`kvpress_aqua.planner.retrieval`): every token in a tier (host memory, bounded by
+``host_budget``, or the device), its knobs ``top_k`` and the proxy rank, searched together.
 """
 
 from __future__ import annotations
@@ -39,12 +41,23 @@ from ..policies.registry import POLICY_TYPES, policy_type
 from ..presets.spec import PolicySpec
 from ..util.dtypes import short_name
 from ..util.sizes import format_bytes, parse_size, parse_tokens
+from .breakdown import Breakdown, Term
 from .devices import GPU_MEMORY_MIB, parse_device_memory
-from .fit import CHUNK_CHOICES, MIN_K_RATIO, Limits, best_chunk, candidate_key_dims, chunk_choices, does_not_fit
-from .memory import ATTENTION_COPIES, DEFAULT_OVERHEAD, HIDDEN_COPIES, MLP_COPIES, Breakdown, MemoryModel, Term
+from .fit import (
+    CHUNK_CHOICES,
+    MIN_K_RATIO,
+    Limits,
+    best_chunk,
+    binding,
+    candidate_key_dims,
+    chunk_choices,
+    does_not_fit,
+)
+from .memory import ATTENTION_COPIES, DEFAULT_OVERHEAD, HIDDEN_COPIES, MLP_COPIES, MemoryModel
 from .model_shape import ModelShape, count_parameters, offline_models, resolve_model
-from .points import Candidate, frontier, knob_grid, point, score
+from .points import Candidate, frontier, knob_grid, point, run_of, score
 from .quality import DEFAULT_ENERGY, ENERGY_BETA, ENERGY_GAMMA, RETENTION_EXPONENT, QualityModel, find_quality
+from .retrieval import RETRIEVAL, RETRIEVAL_KNOBS, proxy_ranks
 from .summaries import SUMMARY_KNOBS, SUMMARY_POLICIES
 
 if TYPE_CHECKING:
@@ -112,7 +125,10 @@ class Plan:
     device_label : str or None
         The device memory as given (``"h100 (81,559 MiB)"``); ``None`` when not checked.
     binding : str
-        What stops the recommendation from keeping more tokens (the KV budget, the device memory).
+        What stops the recommendation from keeping more tokens (the KV budget, the device memory;
+        for retrieval, what stops ``top_k`` and what stops the key width, the host budget).
+    binding_tier : str
+        The tier of the limits that bind: ``"device"``, ``"host"``, ``"device and host"`` or ``"none"``.
 
     """
 
@@ -128,6 +144,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     device_label: str | None = None
     binding: str = ""
+    binding_tier: str = "none"
 
     @property
     def budget(self) -> int | None:
@@ -152,6 +169,10 @@ class Plan:
         if self.recommendation is None:
             raise ValueError(f"nothing fits, so there is no preset to emit: {self.message}")
         r, mm = self.recommendation, self.memory_model
+        if any(e["type"] == RETRIEVAL and e["offload"] is None for e in r.entries):
+            raise ValueError("a retrieval plan with its tier on the device (--offload none) cannot be written as a "
+                             "preset: TOML has no null and Retrieval takes offload 'cpu' or None; build Retrieval("
+                             "..., offload=None) in Python from the plan's policies (--json)")
         chunk = f"prefill chunk {r.prefill_chunk:,}" if r.prefill_chunk else "prefill in one forward"
         description = (
             f"kvtool plan for {self.model.info.name}: {mm.context:,} context, batch {mm.batch}, "
@@ -164,6 +185,8 @@ class Plan:
         parts = [] if self.limits.kv is None else [f"KV budget {format_bytes(self.limits.kv)}"]
         if self.limits.device is not None:
             parts.append(f"device memory {self.device_label or format_bytes(self.limits.device)}")
+        if self.limits.host is not None:
+            parts.append(f"host budget {format_bytes(self.limits.host)}")
         return " and ".join(parts)
 
     def reproduce_command(self, preset: str | Path = "plan.toml") -> str:
@@ -186,7 +209,8 @@ class Plan:
         mm, info = self.memory_model, self.model.info
         return {
             "budget_bytes": self.budget, "device_memory_bytes": self.limits.device,
-            "device_memory": self.device_label, "binding": self.binding,
+            "host_budget_bytes": self.limits.host, "offload": mm.offload if mm.retrieves else None,
+            "device_memory": self.device_label, "binding": self.binding, "binding_tier": self.binding_tier,
             "model": {
                 "name": info.name, "source": self.model.source, "model_type": info.model_type,
                 "layers": info.num_layers, "heads": info.num_heads, "kv_heads": info.num_kv_heads,
@@ -206,7 +230,7 @@ class Plan:
     def explain(self) -> str:
         """The memory formula with this plan's numbers substituted (recommendation, else the cheapest point)."""
         point = self.recommendation or min(self.candidates, key=lambda c: self.limits.excess(c.memory))
-        m, mm = point.memory, replace(self.memory_model, prefill_chunk=point.prefill_chunk)
+        m, mm = point.memory, run_of(self.memory_model, point)
         chunk = f"prefill chunk {mm.prefill_chunk:,}" if mm.prefill_chunk else "prefill in one forward"
         lines = [
             f"Memory formula for {point.label(mm.seen)} ({mm.batch} × {mm.context:,}-token prompts, "
@@ -232,10 +256,9 @@ class Plan:
 
     def curves(self, points: int = 24) -> dict[float, list[tuple[int, float]]]:
         """``k_ratio -> [(KV cache bytes, quality)]`` for knobs from the cheapest to every token (plots)."""
-        mm = self.memory_model
         out = {}
         for c in self.candidates:
-            row = []
+            row, mm = [], run_of(self.memory_model, c)
             for knob in [*knob_grid(mm, self.min_tokens, None, points), None]:
                 p = point(mm, self.quality_model, c.key_dim, knob, c.prefill_chunk, fits=True, verdict="")
                 row.append((p.memory.cache_peak, p.quality))
@@ -269,6 +292,9 @@ def plan(
     min_tokens: int = DEFAULT_MIN_TOKENS,
     quality: QualityModel | None = None,
     artifact: str | Path | None = None,
+    host_budget: int | str | None = None,
+    offload: str | None = "cpu",
+    proxy_dtype: str = "model",
 ) -> Plan:
     """Pick ``k_ratio``, the token budget and the prefill chunk together under a KV-cache budget.
 
@@ -298,8 +324,9 @@ def plan(
         size string or a GPU name of :data:`GPU_MEMORY_MIB` (``"h100"``).
     token_policy : str, default "h2o"
         Eviction policy of the plans (:func:`plannable_token_policies`): a token policy of
-        :mod:`kvpress_aqua.policies.registry` that takes a budget, sized by its token budget, or a
-        block summary (``balancekv``, ``uniform``), sized by its ``halvings``.
+        :mod:`kvpress_aqua.policies.registry` that takes a budget, sized by its token budget, a
+        block summary (``balancekv``, ``uniform``), sized by its ``halvings``, or ``retrieval``,
+        sized by its ``top_k`` and proxy rank (:data:`~kvpress_aqua.planner.retrieval.RETRIEVAL_RANKS`).
     min_tokens : int, default 64
         Plans keeping fewer tokens per sequence count as not fitting.
     quality : QualityModel, optional
@@ -308,6 +335,13 @@ def plan(
         (:attr:`Plan.quality_source` says which and why).
     artifact : str or Path, optional
         The AQUA artifact to read the quality model from; default the one ``kvtool calibrate`` wrote.
+    host_budget : int or str, optional
+        Retrieval only: the most its tier may hold in host memory at once (bytes or a size string);
+        ``None`` does not check it. Not used when the tier is on the device (``offload=None``).
+    offload : {"cpu", "none", None}, default "cpu"
+        Retrieval only: where its tier lives, host memory (``"cpu"``) or the device.
+    proxy_dtype : {"model", "int8"}, default "model"
+        Retrieval only: its proxy keys in the model dtype, or int8 with a float32 scale per token.
 
     Returns
     -------
@@ -318,11 +352,17 @@ def plan(
     ValueError
         Bad input, naming the fix: neither budget nor device memory, non-positive budget or context,
         malformed size, unknown GPU, dtype, model or token policy, a block summary on a model
-        with sliding-window layers.
+        with sliding-window layers, a host budget, offload or proxy dtype for a policy other than retrieval.
 
     """
     device, device_label = (None, None) if device_memory is None else parse_device_memory(device_memory)
-    limits = Limits(None if budget is None else parse_size(budget, "budget"), device)
+    token_policy = _plannable(token_policy)
+    offload = None if offload is None or str(offload).strip().lower() == "none" else str(offload).strip().lower()
+    if token_policy != RETRIEVAL and (host_budget is not None or offload != "cpu" or proxy_dtype != "model"):
+        raise ValueError(f"--host-budget, --offload and --proxy-dtype size a retrieval tier; {token_policy} keeps none "
+                         "(plan it with --token-policy retrieval)")
+    host = None if host_budget is None or offload is None else parse_size(host_budget, "host budget")
+    limits = Limits(None if budget is None else parse_size(budget, "budget"), device, host)
     shape = resolve_model(model)
     if context is None:
         if shape.max_position_embeddings is None:
@@ -333,24 +373,26 @@ def plan(
     new_tokens = _check_int("new tokens", new_tokens, 0, "--new-tokens 256")
     chunk = None if prefill_chunk is None else parse_tokens(prefill_chunk, "prefill chunk")
     min_tokens = _check_int("min tokens", min_tokens, 1, "64")
-    token_policy = _plannable(token_policy)
     dtype_name = short_name(dtype or shape.dtype or "float32")
     overhead_bytes = DEFAULT_OVERHEAD if overhead is None else (
         0 if str(overhead).strip() == "0" else parse_size(overhead, "overhead")
     )
-    mm = MemoryModel(shape, batch, tokens, new_tokens, dtype_name, chunk, overhead_bytes, token_policy)
+    mm = MemoryModel(shape, batch, tokens, new_tokens, dtype_name, chunk, overhead_bytes, token_policy,
+                     offload=offload, proxy_dtype=proxy_dtype)
     quality_model = quality or find_quality(shape.info, artifact, token_policy)
     points = _search(mm, quality_model, limits, min_tokens, chunk_choices(tokens, chunk))
     fitting = [c for c in points if c.fits]
     best = next((c for c in points if c.verdict == "recommended"), None)
     pareto = frontier(mm, quality_model, fitting, min_tokens)
     notes = list(shape.notes)
-    binding = ""
+    binds, tier = "", "none"
     if best is not None:
-        binding = _binding(mm, limits, best)
+        binds, tier = binding(mm, limits, best)
+        host_text = (f", host tier {format_bytes(best.memory.host)} at the end (at most "
+                     f"{format_bytes(best.memory.host_peak)})" if best.top_k is not None and mm.offload else "")
         message = (f"fits: {best.label(mm.seen)}, {_chunk_text(best.prefill_chunk)}; KV cache at most "
-                   f"{format_bytes(best.memory.cache_peak)}, predicted peak {format_bytes(best.memory.total)}, "
-                   f"estimated quality {best.quality:.3f}; {binding}")
+                   f"{format_bytes(best.memory.cache_peak)}{host_text}, predicted peak "
+                   f"{format_bytes(best.memory.total)}, estimated quality {best.quality:.3f}; {binds}")
     else:
         message = does_not_fit(mm, limits, min_tokens, chunk)
     if chunk is not None:  # the user fixed the chunk: say which chunk would do better
@@ -377,29 +419,54 @@ def plan(
                      f"{SUMMARY_KNOBS['recent']} recent tokens and 1/2^halvings of every full "
                      f"{SUMMARY_KNOBS['block']}-token block of the middle, so its memory grows with the tokens seen "
                      f"(planned for {mm.seen:,}; decoding more holds more)")
+    if mm.retrieves:
+        notes += _retrieval_notes(mm, limits, best, host_budget)
     if any(e["type"] == "aqua" for e in (best.entries if best else ())):
         notes.append("AQUA needs a calibration artifact for this model (kvtool calibrate) before the cache is built")
     return Plan(limits, shape, mm, quality_model, min_tokens, tuple(points), tuple(pareto), best, message,
-                tuple(notes), device_label, binding)
+                tuple(notes), device_label, binds, tier)
+
+
+def _retrieval_notes(mm: MemoryModel, limits: Limits, best: Candidate | None, host_budget: Any) -> list[str]:
+    """What a retrieval plan leaves out or assumes: growth past the planned tokens, the unchecked host."""
+    notes = [f"retrieval keeps every token ({RETRIEVAL_KNOBS['sinks']} sinks and {RETRIEVAL_KNOBS['recent']} recent "
+             f"held, top_k retrieved per decode step by a {RETRIEVAL_KNOBS['proxy']} proxy fit on each prompt), so its "
+             f"tier and proxy keys grow with every token (planned for {mm.seen:,}; decoding more holds more)"]
+    if mm.proxy_dtype == "int8":
+        notes.append("int8 proxy keys: the quality heuristic does not model their rounding")
+    if mm.offload is None:
+        notes.append("the tier is on the device (--offload none): every token counts in the KV cache, with the proxy "
+                     "keys and working sets on top, so retrieval never holds less than a plain cache (it reads fewer "
+                     "rows per step, not fewer bytes)"
+                     + (f"; --host-budget {host_budget} is not used" if host_budget is not None else ""))
+    else:
+        if limits.host is None and best is not None and best.top_k is not None:
+            notes.append(f"host memory not checked: the tier needs at most {format_bytes(best.memory.host_peak)} "
+                         "(--host-budget SIZE checks it)")
+        notes.append("the host figures are the tier's tensors; on a GPU they are pinned memory, which PyTorch's "
+                     "caching host allocator rounds up and keeps when the tier grows (one H200 run pinned 956 MB for "
+                     "a 401 MB tier): leave the host that slack")
+    return notes
 
 
 def plannable_token_policies() -> tuple[str, ...]:
-    """The token policies :func:`plan` can size, sorted: budget splits and block summaries.
+    """The token policies :func:`plan` can size, sorted: budget splits, block summaries and retrieval.
 
     The registry's token rows that split a budget into knobs (read from
     :data:`kvpress_aqua.policies.registry.POLICY_TYPES`, so a new row is planned without a change
-    here) and the block summaries of :data:`~kvpress_aqua.planner.summaries.SUMMARY_POLICIES`
-    (sized by ``halvings``). Another policy without a budget ``split`` is not among them.
+    here), the block summaries of :data:`~kvpress_aqua.planner.summaries.SUMMARY_POLICIES` (sized
+    by ``halvings``) and retrieval (sized by ``top_k`` and its proxy rank). Another policy without
+    a budget ``split`` is not among them.
     """
     return tuple(sorted(row.name for row in POLICY_TYPES.values()
-                        if row.kind == "token" and (row.split or row.name in SUMMARY_POLICIES)))
+                        if row.kind == "token" and (row.split or row.name in (*SUMMARY_POLICIES, RETRIEVAL))))
 
 
 def _plannable(name: str) -> str:
     row = policy_type(name, "token")
     if row.name not in plannable_token_policies():
-        raise ValueError(f"token policy {name!r} keeps no token budget and is no block summary, so the planner "
-                         f"cannot size it; use --token-policy {' or '.join(plannable_token_policies())}")
+        raise ValueError(f"token policy {name!r} keeps no token budget, is no block summary nor retrieval, so the "
+                         f"planner cannot size it; use --token-policy {' or '.join(plannable_token_policies())}")
     return row.name
 
 
@@ -409,27 +476,17 @@ def _chunk_text(chunk: int | None) -> str:
 
 def _search(mm: MemoryModel, quality: QualityModel, limits: Limits, min_tokens: int,
             chunks: Sequence[int | None]) -> list[Candidate]:
-    """One point per key width (its best chunk and largest budget), the best that fits marked ``recommended``."""
+    """One point per key width (its best chunk, largest knob, retrieval's proxy rank); the best is ``recommended``."""
     points = []
+    runs = [replace(mm, rank=r) for r in proxy_ranks(mm.shape.info.head_dim)] if mm.retrieves else [mm]
     for key_dim in candidate_key_dims(mm.shape.info.head_dim):
-        fits, b, c = best_chunk(mm, key_dim, limits, min_tokens, chunks,
-                                lambda budget, k=key_dim: score(mm, quality, k, budget))
-        points.append(point(mm, quality, key_dim, b, c, fits, "fits" if fits else "does not fit"))
+        options = []
+        for run in runs:
+            fits, b, c = best_chunk(run, key_dim, limits, min_tokens, chunks,
+                                    lambda knob, k=key_dim, r=run: score(r, quality, k, knob))
+            options.append(point(run, quality, key_dim, b, c, fits, "fits" if fits else "does not fit"))
+        fitting = [c for c in options if c.fits]
+        points.append(max(fitting, key=lambda c: (round(c.quality, 9), -c.memory.total)) if fitting
+                      else min(options, key=lambda c: limits.excess(c.memory)))
     best = max((c for c in points if c.fits), key=lambda c: (round(c.quality, 9), -c.memory.total), default=None)
     return [replace(c, verdict="recommended") if c is best else c for c in points]
-
-
-def _binding(mm: MemoryModel, limits: Limits, best: Candidate) -> str:
-    """What stops the recommendation from keeping more tokens: the KV budget, the device memory, or nothing."""
-    if best.knob is None:
-        return "nothing binds: every token is kept"
-    more = replace(mm, prefill_chunk=best.prefill_chunk).evaluate(best.key_dim, mm.dearer(best.knob))
-    over = limits.exceeded(more)
-    if over == ("device memory",):
-        m = best.memory
-        return (f"the device memory binds ({format_bytes(m.total)} of {format_bytes(limits.device)}: weights "
-                f"{format_bytes(m.weights)}, cache {format_bytes(m.cache_peak)}, working set "
-                f"{format_bytes(m.working_set)}, overhead {format_bytes(m.overhead)})")
-    what = " and ".join(over)
-    return f"the {what} bind{'s' if len(over) == 1 else ''} ({format_bytes(best.memory.cache_peak)} of KV cache)"
-

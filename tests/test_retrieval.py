@@ -51,8 +51,11 @@ def test_the_aqua_proxy_and_stacking_with_aqua():
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(2))
     want = _run(model, DynamicCache(), ids, 28, chunk=10)
     aqua_proxy = Retrieval(top_k=64, recent=4, sinks=2, proxy="aqua", rank=4, artifact=artifact)
-    torch.testing.assert_close(_run(model, CompressedCache(model, aqua_proxy), ids, 28, chunk=10), want,
-                               atol=1e-4, rtol=0)
+    cache = CompressedCache(model, aqua_proxy)
+    torch.testing.assert_close(_run(model, cache, ids, 28, chunk=10), want, atol=1e-4, rtol=0)
+    bases = 2 * 2 * 16 * 4 * 4  # layers x (kv_heads, head_dim, rank) float32: the calibrated proxy bases
+    assert aqua_proxy.nbytes() == bases and cache.memory_report().policy_bytes == bases
+    assert cache.nbytes() == sum(layer.nbytes() for layer in cache.layers) + bases
     stacked = CompressedCache(model, Retrieval(top_k=64, recent=4, sinks=2, proxy="lrqk", rank=4),
                               Aqua(k_ratio=1.0, artifact=artifact))
     torch.testing.assert_close(_run(model, stacked, ids, 28, chunk=10), want, atol=1e-4, rtol=0)
@@ -224,7 +227,7 @@ def test_kv_fraction_sizes_top_k_by_device_bytes():
 @pytest.mark.parametrize("knobs, match", [
     ({"top_k": 0}, "positive"), ({"proxy": "pca"}, "proxy"), ({"offload": "disk"}, "offload"),
     ({"kv_fraction": 0.25}, "go together"), ({"rank": 99, "proxy": "lrqk"}, "wider than"),
-    ({"proxy_dtype": "int4"}, "proxy_dtype"),
+    ({"proxy_dtype": "int4"}, "proxy_dtype"), ({"offload": "gpu"}, "offload"),
 ])
 def test_bad_knobs_are_refused(knobs, match):
     with pytest.raises(ValueError, match=match):
@@ -237,6 +240,11 @@ def test_a_one_token_prompt_then_decoding():
     want = _run(model, DynamicCache(), ids, 1)
     got = _run(model, CompressedCache(model, Retrieval(top_k=32, recent=2, sinks=1, proxy="lrqk", rank=2)), ids, 1)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_offload_none_in_toml_is_the_resident_tier():
+    (policy,) = parse_policy("retrieval:top_k=8,recent=4,sinks=2,rank=4,offload=none").build()
+    assert policy.offload is None
 
 
 def test_static_decoding_is_refused():

@@ -334,7 +334,7 @@ class CompressedCache(Cache):
             else:
                 rows.append(MemoryRow(i, "dense", slots, batch * heads * slots, layer.keys.nbytes,
                                       layer.values.nbytes, 0, dense))
-        policy_bytes = self.channel_policy.nbytes() if self.channel_policy is not None else 0
+        policy_bytes = sum(p.nbytes() for p in (self.token_policy, self.channel_policy) if p is not None)
         return MemoryReport(tuple(rows), policy_bytes, self.get_seq_length())
 
 

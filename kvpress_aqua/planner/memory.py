@@ -160,7 +160,7 @@ class MemoryModel:
     Raises
     ------
     ValueError
-        For a block summary on a model with sliding-window layers, which the cache cannot run; for
+        For a block summary on a model with sliding-window layers (not modelled there); for
         an ``offload`` other than ``"cpu"`` or ``None``, a ``proxy_dtype`` other than ``"model"`` or ``"int8"``.
 
     """
@@ -186,9 +186,10 @@ class MemoryModel:
         windows = {w for w in self.windows if w is not None}
         if self.keeps_rate and windows:
             budgeted = ", ".join(token_policy_names())
-            raise ValueError(f"{self.token_policy} keeps block summaries, which the cache cannot run on the sliding-"
-                             f"window layers of {self.shape.info.name} (window {min(windows):,}: they evict by rank, "
-                             f"and a block summary ranks no token); plan it with --token-policy {budgeted}")
+            raise ValueError(f"{self.token_policy} keeps block summaries, which the planner does not model on the "
+                             f"sliding-window layers of {self.shape.info.name} (window {min(windows):,}: there the "
+                             f"cache drops the oldest tokens as the window passes); plan it with --token-policy "
+                             f"{budgeted}")
 
     @property
     def needs_scores(self) -> bool:

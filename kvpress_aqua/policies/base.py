@@ -143,6 +143,10 @@ class TokenPolicy(ABC):
     def check(self, info: ModelInfo) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` if the policy cannot work on this model; called when a cache is built."""
 
+    def nbytes(self) -> int:
+        """Bytes of the policy's own tensors held on the device (retrieval's calibrated proxy bases); 0 by default."""
+        return 0
+
     def prepare(self, info: ModelInfo, device: torch.device, dtype: torch.dtype,  # noqa: B027 - optional hook
                 key_dims: Sequence[int], exact_tokens: int = 0) -> None:
         """Bind per-model state once the cache knows each layer's stored key width; called when a cache is built.

@@ -61,7 +61,8 @@ class Retrieval(TokenPolicy):
         (symmetric rounding by the row's largest magnitude): four times more channels for the bytes
         of an fp32 model, twice for bf16.
     offload : {"cpu", None}
-        ``"cpu"``: the tier in host memory (accounted apart from the accelerator); ``None``: the tier
+        ``"cpu"``: the tier in host memory (accounted apart from the accelerator); ``None`` (or
+        ``"none"``, for TOML, which has no null): the tier
         stays on the accelerator and each step still reads only the proxy and the selected rows
         (Quest's trade: speed, no memory saving).
     artifact : path or AquaArtifact, optional
@@ -107,6 +108,8 @@ class Retrieval(TokenPolicy):
             raise ValueError(f"Retrieval(proxy={self.proxy!r}): use one of {_PROXIES}")
         if self.proxy_dtype not in _PROXY_DTYPES:
             raise ValueError(f"Retrieval(proxy_dtype={self.proxy_dtype!r}): use one of {_PROXY_DTYPES}")
+        if self.offload == "none":
+            self.offload = None
         if self.offload not in _OFFLOADS:
             raise ValueError(f"Retrieval(offload={self.offload!r}): use 'cpu' (host tier) or None (all on device)")
         if (self.kv_fraction is None) != (self.context is None):

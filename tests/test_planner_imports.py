@@ -24,6 +24,18 @@ def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
                           cwd=tmp_path)
 
 
+def run_kvtool(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """``kvtool ARGV`` in a fresh interpreter that reports, on stderr, which of :data:`HEAVY` it loaded."""
+    code = f"""
+import sys
+from kvpress_aqua.cli import main
+code = main({argv!r})
+print("loaded:", [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)
+sys.exit(code)
+"""
+    return run_python(code, tmp_path)
+
+
 def smollm2_artifact(path: Path) -> Path:
     """An artifact keyed to SmolLM2-135M (identity bases), made with numpy only."""
     info = resolve_model("smollm2-135m").info
@@ -69,14 +81,7 @@ def test_kvtool_plan_json_completes_in_a_fresh_process(tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["fits"] and data["model"]["layers"] == 30 and data["context"] == 4096
-    code = f"""
-import sys
-from kvpress_aqua.cli import main
-code = main({argv!r})
-print("loaded:", [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)
-sys.exit(code)
-"""
-    inline = run_python(code, tmp_path)
+    inline = run_kvtool(argv, tmp_path)
     assert inline.returncode == 0 and "loaded: []" in inline.stderr, inline.stderr
     assert json.loads(inline.stdout) == data
 
@@ -101,14 +106,7 @@ def test_kvtool_plan_emits_a_tova_preset_without_torch(tmp_path):
     preset = tmp_path / "plan.toml"
     argv = ["plan", "--budget", "1.2GB", "--model", "smollm2-135m", "--context", "32k", "--dtype", "fp32",
             "--prefill-chunk", "512", "--token-policy", "tova", "--emit-preset", str(preset), "--json"]
-    code = f"""
-import json, sys
-from kvpress_aqua.cli import main
-code = main({argv!r})
-print("loaded:", [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)
-sys.exit(code)
-"""
-    result = run_python(code, tmp_path)
+    result = run_kvtool(argv, tmp_path)
     assert result.returncode == 0 and "loaded: []" in result.stderr, result.stderr
     data = json.loads(result.stdout)
     assert data["token_policy"] == "tova"
@@ -124,14 +122,7 @@ def test_kvtool_plan_emits_a_balancekv_preset_without_torch(tmp_path):
     preset = tmp_path / "plan.toml"
     argv = ["plan", "--budget", "40MB", "--model", "smollm2-135m", "--context", "4k", "--dtype", "fp32",
             "--token-policy", "balancekv", "--emit-preset", str(preset), "--json"]
-    code = f"""
-import sys
-from kvpress_aqua.cli import main
-code = main({argv!r})
-print("loaded:", [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)
-sys.exit(code)
-"""
-    result = run_python(code, tmp_path)
+    result = run_kvtool(argv, tmp_path)
     assert result.returncode == 0 and "loaded: []" in result.stderr, result.stderr
     best = json.loads(result.stdout)["recommendation"]
     assert best["policies"][0]["type"] == "balancekv" and best["policies"][0]["halvings"] == best["halvings"] >= 1

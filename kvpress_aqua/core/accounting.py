@@ -41,6 +41,7 @@ __all__ = [
     "capped_budget",
     "decode_slots",
     "dense_layer_tokens",
+    "grown",
     "grown_capacity",
     "kv_fraction_budget",
     "layer_nbytes",
@@ -77,6 +78,14 @@ def capped_budget(budget: int | None, window: int | None = None) -> int | None:
     return window - 1 if budget is None else min(budget, window - 1)
 
 
+def grown(capacity: int) -> int:
+    """Rows of a full, growing buffer after one growth: ``max(GROWTH_MIN, capacity // GROWTH_DIVISOR)`` more.
+
+    Decode buffers (capped by :func:`grown_capacity`) and retrieval tiers (uncapped) grow this way.
+    """
+    return capacity + max(GROWTH_MIN, capacity // GROWTH_DIVISOR)
+
+
 def grown_capacity(capacity: int, budget: int) -> int:
     """Slots of a full decode buffer after it grows.
 
@@ -85,7 +94,7 @@ def grown_capacity(capacity: int, budget: int) -> int:
     A layer decoding with fewer tokens than its budget never holds a buffer larger than the tokens
     it has seen plus this step, so a budget larger than the sequence costs no more than the tokens.
     """
-    return min(budget + 1, capacity + max(GROWTH_MIN, capacity // GROWTH_DIVISOR))
+    return min(budget + 1, grown(capacity))
 
 
 def _appended(prompt: int, chunk: int | None) -> int:

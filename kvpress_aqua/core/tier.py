@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from ..ops.inputs import RetrievalInputs
-from .accounting import GROWTH_DIVISOR, GROWTH_MIN
+from .accounting import grown
 
 __all__ = ["RetrievalTier"]
 
@@ -90,13 +90,13 @@ class RetrievalTier:
     def allocate(self, like: torch.Tensor, heads: int, key_dim: int, value_dim: int, rank: int) -> None:
         """Empty tensors for a batch like ``like`` (the first new keys): tier rows on the host when offloaded."""
         batch, dev = like.shape[0], like.device
-        tier_dev = torch.device("cpu") if self.offload else dev
-        pin = self.offload and dev.type == "cuda"
-        self.keys = torch.empty(batch, heads, 0, key_dim, dtype=like.dtype, device=tier_dev, pin_memory=pin)
-        self.values = torch.empty(batch, heads, 0, value_dim, dtype=like.dtype, device=tier_dev, pin_memory=pin)
-        self.valid = torch.empty(batch, heads, 0, dtype=torch.bool, device=dev)
         self.proxy = like.new_empty(batch, heads, 0, rank, dtype=torch.int8 if self.int8 else like.dtype)
         self.proxy_scale = torch.empty(batch, heads, 0, device=dev) if self.int8 else None
+        self.valid = torch.empty(batch, heads, 0, dtype=torch.bool, device=dev)
+        tier_dev = torch.device("cpu") if self.offload else dev
+        self.keys = torch.empty(batch, heads, 0, key_dim, dtype=like.dtype, device=tier_dev, pin_memory=self.pinned)
+        self.values = torch.empty(batch, heads, 0, value_dim, dtype=like.dtype, device=tier_dev,
+                                  pin_memory=self.pinned)
         self.used = 0
 
     def _grow(self, needed: int, step: bool) -> None:
@@ -104,7 +104,7 @@ class RetrievalTier:
         capacity = self.capacity
         if needed <= capacity:
             return
-        total = max(needed, capacity + max(GROWTH_MIN, capacity // GROWTH_DIVISOR)) if step else needed
+        total = max(needed, grown(capacity)) if step else needed
         for name in ("keys", "values", "valid", "proxy", "proxy_scale"):
             old = getattr(self, name)
             if old is None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from ..core.accounting import GROWTH_DIVISOR, GROWTH_MIN, SCORE_BYTES, VALID_BYTES
+from ..core.accounting import SCORE_BYTES, VALID_BYTES, grown
 from .breakdown import Term
 
 __all__ = [
@@ -109,7 +109,7 @@ def tier_growth(context: int, chunk: int | None, tokens: int) -> tuple[int, int]
     The prompt goes in forwards of ``chunk`` tokens (``None``: one forward), then one token per
     decode step; ``tokens`` is a forward's end. A forward of ``n >= 2`` tokens grows the tier to
     exactly the rows needed; a one-token forward (a decode step, or a last prefill chunk of one
-    token) grows a full tier by ``max(GROWTH_MIN, capacity // GROWTH_DIVISOR)`` rows.
+    token) grows a full tier by :func:`~kvpress_aqua.core.accounting.grown`.
     """
     chunk, appended = _chunked(context, chunk)
     if tokens <= appended:
@@ -119,7 +119,7 @@ def tier_growth(context: int, chunk: int | None, tokens: int) -> tuple[int, int]
     steps = tokens - appended
     while steps:
         if used == rows:
-            old, rows = rows, rows + max(GROWTH_MIN, rows // GROWTH_DIVISOR)
+            old, rows = rows, grown(rows)
         taken = min(steps, rows - used)
         used, steps = used + taken, steps - taken
     return old, rows

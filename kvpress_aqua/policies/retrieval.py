@@ -12,6 +12,7 @@ import torch
 from ..artifacts.aqua import AquaArtifact, find_artifact
 from ..model_info import ModelInfo
 from .base import SlotView, TokenPolicy
+from .sliding_window import recency_priority
 
 _PROXIES = ("aqua", "lrqk")
 _OFFLOADS = ("cpu", None)
@@ -125,8 +126,7 @@ class Retrieval(TokenPolicy):
 
     def priority(self, view: SlotView) -> torch.Tensor:
         """Newer is kept first; sinks always (evicted tokens stay in the tier)."""
-        is_sink = (view.index - view.left_pad) < self.sinks
-        return view.index.float().masked_fill(is_sink, float("inf"))
+        return recency_priority(view, self.sinks)
 
     def check(self, info: ModelInfo) -> None:
         """Refuse a proxy wider than the head."""

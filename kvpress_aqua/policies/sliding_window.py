@@ -8,6 +8,14 @@ import torch
 
 from .base import SlotView, TokenPolicy
 
+__all__ = ["SlidingWindow", "recency_priority"]
+
+
+def recency_priority(view: SlotView, sinks: int) -> torch.Tensor:
+    """Newer is kept first, the first ``sinks`` real tokens always (``+inf``): ``(batch, kv_heads, slots)``."""
+    is_sink = (view.index - view.left_pad) < sinks
+    return view.index.float().masked_fill(is_sink, float("inf"))
+
 
 @dataclass
 class SlidingWindow(TokenPolicy):
@@ -49,5 +57,4 @@ class SlidingWindow(TokenPolicy):
 
     def priority(self, view: SlotView) -> torch.Tensor:
         """Newer is kept first; sinks always."""
-        is_sink = (view.index - view.left_pad) < self.sinks
-        return view.index.float().masked_fill(is_sink, float("inf"))
+        return recency_priority(view, self.sinks)

@@ -10,7 +10,11 @@ the offload rows are a worst case for host-to-device traffic (their hit rate is 
   ``torch.compile(mode="reduce-overhead")`` holding the full context (the issue's anchors);
 - ``dynamic-offload``: ``DynamicCache(offloading=True)`` (layers' K/V on the host, prefetched);
 - ``retrieval-resident``: :class:`~kvpress_aqua.policies.Retrieval` with ``offload=None``;
-- ``retrieval-offload``: the same with the tier in pinned host memory.
+- ``retrieval-offload``: the same with the tier in pinned host memory;
+- ``retrieval-resident-compiled`` / ``retrieval-offload-compiled``: the same caches made static
+  (``CompressedCache.make_static``) and decoded by the compiled step under CUDA graphs
+  (:func:`kvpress_aqua.evaluation.static_decode.compiled_step`): each step reads its chosen rows
+  straight from the tier (an offloaded one through a device view of its pinned memory, over PCIe).
 
 ``--cap-gb`` caps the process's GPU memory (``torch.cuda.set_per_process_memory_fraction``), as
 on a smaller accelerator. Output: one JSON row per cache (ms/step, tokens/s, device and host
@@ -39,6 +43,9 @@ import gpu_engine as engine  # noqa: E402 - the shared model, fill and timing he
 from kvpress_aqua import CompressedCache  # noqa: E402
 from kvpress_aqua.policies import Retrieval  # noqa: E402
 from kvpress_aqua.util.compat import cache_kwargs  # noqa: E402
+
+PCIE = 64e9
+"""Bytes per second of one direction of PCIe 5.0 x16 (the H200's host link, datasheet)."""
 
 
 def eager_step(model, cache, token, positions, _mask):
@@ -87,18 +94,39 @@ def run(model, name: str, batch: int, context: int, steps: int, warmup: int, top
             ms, _, row["fullgraph"] = engine._time_compiled(model, cache, token, positions, masks.__getitem__, steps,
                                                             warmup)
         else:
-            offload = "cpu" if name == "retrieval-offload" else None
+            offload = "cpu" if name.startswith("retrieval-offload") else None
             cache = CompressedCache(model, Retrieval(top_k=top_k, recent=64, sinks=4, rank=rank, offload=offload))
             fill_retrieval(cache, batch, context, total + 16)
-            ms, _ = engine._time_steps(eager_step, model, cache, token, positions, lambda i: None, steps, warmup)
+            if name.endswith("-compiled"):
+                cache.make_static(total)
+                ones = [torch.ones(batch, 1, 1, 1, dtype=torch.bool, device=engine.DEVICE)] * total
+                ms, _, row["fullgraph"] = engine._time_compiled(model, cache, token, positions, ones.__getitem__,
+                                                                steps, warmup)
+            else:
+                ms, _ = engine._time_steps(eager_step, model, cache, token, positions, lambda i: None, steps, warmup)
+            stats = cache.retrieval_stats()
             row.update(kv_device_bytes=cache.nbytes(), kv_host_bytes=cache.nbytes("host"),
                        dense_kv_bytes=cache.dense_nbytes(), top_k=top_k, rank=rank,
-                       **{k: round(v, 4) for k, v in cache.retrieval_stats().items()})
+                       **{k: round(v, 4) for k, v in stats.items()})
+            row.update(_rooflines(model, cache, stats["bytes_per_step"], ms, offload is not None))
             cache.detach()
     row.update(ms_per_step=round(ms, 3), tokens_per_s=round(batch * 1e3 / ms, 2))
     if cuda:
         row["peak_allocated"] = torch.cuda.max_memory_allocated()
     del cache
+    return row
+
+
+def _rooflines(model, cache: CompressedCache, tier_bytes: float, ms: float, offloaded: bool) -> dict:
+    """Bytes a step reads from HBM (weights, held slots, proxy keys, resident tier rows chosen) and over PCIe."""
+    weights = sum(p.nbytes for p in model.parameters())
+    held = sum(layer.slots.keys.nbytes + layer.slots.values.nbytes for layer in cache.layers)
+    proxy = sum(layer.tier.proxy.nbytes + (0 if layer.tier.proxy_scale is None else layer.tier.proxy_scale.nbytes)
+                for layer in cache.layers)
+    hbm = weights + held + proxy + (0 if offloaded else tier_bytes)
+    row = {"hbm_bytes_per_step": int(hbm), "x_hbm_roofline": round(ms / (hbm / engine.HBM * 1e3), 2)}
+    if offloaded:
+        row["x_pcie_roofline"] = round(ms / (tier_bytes / PCIE * 1e3), 2) if tier_bytes else None
     return row
 
 

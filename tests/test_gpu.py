@@ -110,6 +110,26 @@ def test_cuda_compiled_static_decode_with_cuda_graphs_gives_the_same_tokens():
 
 
 @pytest.mark.parametrize("offload", ["cpu", None])
+def test_cuda_compiled_static_retrieval_reads_the_host_tier_in_a_cuda_graph(offload):
+    """The static step reads an offloaded tier through a device view of its pinned memory, inside a CUDA graph."""
+    from kvpress_aqua.evaluation.static_decode import compiled_step, generate_static
+
+    model = make_tiny_model("llama").cuda()
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(5)).cuda()
+    policy = Retrieval(top_k=6, recent=4, sinks=2, rank=4, offload=offload)
+    eager = CompressedCache(model, policy, prefill_chunk=16)
+    want = generate_static(model, eager, ids, 12)
+    cache = CompressedCache(model, policy, prefill_chunk=16)
+    got = generate_static(model, cache, ids, 12, step=compiled_step())
+    assert torch.equal(got, want)
+    tier = cache.layers[0].tier
+    assert tier.keys.is_pinned() == (offload == "cpu") and tier.key_view.is_cuda
+    assert tier.key_view.data_ptr() == tier.keys.data_ptr()  # the view reads the host rows themselves
+    stats = cache.retrieval_stats()
+    assert stats["decode_steps"] == 11 and stats["rows_per_step"] == len(cache.layers) * 2 * 2 * 6
+
+
+@pytest.mark.parametrize("offload", ["cpu", None])
 def test_cuda_retrieval_covering_every_token_equals_dynamic_cache(offload):
     model = make_tiny_model("llama").cuda()
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(5)).cuda()

@@ -7,6 +7,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from kvpress_aqua import CompressedCache
 from kvpress_aqua.calibration import calibrate
+from kvpress_aqua.evaluation.static_decode import compiled_step, generate_static
 from kvpress_aqua.ops.inputs import AttentionInputs, RetrievalInputs
 from kvpress_aqua.ops.reference import reference_attention
 from kvpress_aqua.ops.retrieval import retrieve
@@ -247,9 +248,19 @@ def test_offload_none_in_toml_is_the_resident_tier():
     assert policy.offload is None
 
 
-def test_static_decoding_is_refused():
+def test_static_decoding_is_one_graph_and_counts_the_rows_it_reads():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     model = make_tiny_model("llama")
-    cache = CompressedCache(model, Retrieval(top_k=3, recent=4, sinks=2, proxy="lrqk", rank=4))
-    cache.prefill(torch.randint(3, 128, (1, 12)))
-    with pytest.raises(ValueError, match="growing cache"):
-        cache.make_static(4)
+    cache = CompressedCache(model, Retrieval(top_k=3, recent=4, sinks=2, proxy="lrqk", rank=4), prefill_chunk=8)
+    ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(3))
+    generate_static(model, cache, ids, 6, step=compiled_step(mode=None, backend="eager"))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    stats = cache.retrieval_stats()
+    heads = model.config.num_key_value_heads
+    # every step has more than 3 candidates (20+ tokens seen, 6 held): each reads 3 rows per sequence and KV head
+    assert stats["decode_steps"] == 5 and stats["hit_rate"] == 0
+    assert stats["rows_per_step"] == len(cache.layers) * 2 * heads * 3
+    assert all(layer.tier.capacity == 25 for layer in cache.layers)  # every step's row allocated once

@@ -7,7 +7,7 @@ from tiny_models import byte_tokenizer, make_tiny_model
 from kvpress_aqua import CompressedCache
 from kvpress_aqua.calibration.calibrate import calibrate
 from kvpress_aqua.evaluation.static_decode import compiled_step, generate_static
-from kvpress_aqua.policies import H2O, TOVA, Aqua, SlidingWindow
+from kvpress_aqua.policies import H2O, TOVA, Aqua, Retrieval, SlidingWindow
 from kvpress_aqua.util.compat import cache_kwargs
 
 STEPS = 10
@@ -37,8 +37,14 @@ def _aqua(model):
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("make", [lambda m: (H2O(heavy=8, recent=4, sinks=1),), lambda m: (SlidingWindow(2, 10),),
                                   lambda m: (TOVA(heavy=8, recent=4),), lambda m: (H2O(heavy=8, recent=4), _aqua(m)),
-                                  lambda m: (_aqua(m),)],
-                         ids=["h2o", "sliding", "tova", "h2o-aqua", "aqua"])
+                                  lambda m: (_aqua(m),),
+                                  lambda m: (Retrieval(top_k=4, recent=4, sinks=1, proxy="lrqk", rank=4,
+                                                       offload=None),),
+                                  lambda m: (Retrieval(top_k=5, recent=3, sinks=2, proxy="lrqk", rank=8,
+                                                       proxy_dtype="int8"),),
+                                  lambda m: (Retrieval(top_k=4, recent=4, sinks=1, proxy="lrqk", rank=4), _aqua(m))],
+                         ids=["h2o", "sliding", "tova", "h2o-aqua", "aqua", "retrieval-resident", "retrieval-int8",
+                              "retrieval-aqua"])
 def test_static_decoding_gives_the_same_tokens(arch, make):
     model = make_tiny_model(arch)
     policies = make(model)

@@ -179,7 +179,7 @@ class CompressedLayer(StaticDecoding, LayerContract):
         return self.keys, self.values
 
     def _to_tier(self, stored: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Write the new tokens to the retrieval tier with their proxy keys.
+        """Write the new tokens to the retrieval tier with their proxy keys (a static tier: in place, at ``seen``).
 
         A per-prompt basis is fit when the first call is folded (its padding is known then), and
         that call's proxy keys are written then: its chunk attends to every token, not by proxy.
@@ -189,7 +189,10 @@ class CompressedLayer(StaticDecoding, LayerContract):
             tier.basis = policy.proxy_basis(self.layer_idx)
         proxy = key_states.new_zeros(*key_states.shape[:-1], policy.rank) if tier.basis is None else \
             key_states @ (tier.basis if tier.basis.ndim == 4 else tier.basis[None])
-        tier.append(stored, value_states, proxy)
+        if tier.static:
+            tier.write(self.seen, stored, value_states, proxy)
+        else:
+            tier.append(stored, value_states, proxy)
 
     def _attention_inputs(
         self, past: int, visible: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,

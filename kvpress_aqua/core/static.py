@@ -2,7 +2,8 @@
 
 After :meth:`StaticDecoding.make_static` a decode step is a fixed sequence of tensor operations on
 buffers that keep their addresses (the seen count is a device tensor, eviction overwrites the
-lowest-ranked slot, the attention call folds its mass into the score buffer), so ``torch.compile``
+lowest-ranked slot, the attention call folds its mass into the score buffer, a retrieval tier is
+written at the seen index and read by the step's choice), so ``torch.compile``
 captures the whole step and ``mode="reduce-overhead"`` replays it as a CUDA graph
 (:mod:`kvpress_aqua.evaluation.static_decode`).
 """
@@ -33,9 +34,6 @@ class StaticDecoding:
         if self.chooses:
             raise ValueError(f"{type(self.token_policy).__name__} summarizes blocks as they fill, which changes the "
                              "buffer's shape: decode it with the growing cache (model.generate), not a static one")
-        if self.tier is not None:
-            raise ValueError("Retrieval gathers a different set of rows at every step: decode it with the growing "
-                             "cache (model.generate), not a static one")
         self.finalize()
         store = self.slots
         if store.used < store.capacity:
@@ -49,6 +47,8 @@ class StaticDecoding:
             self.stash = ExactRows(0, 1)
             self.stash.allocate(self.exact.keys, store.keys.shape[0], self.num_kv_heads, self.exact.keys.shape[-1])
         store.mark_static()
+        if self.tier is not None:  # every step's rows allocated now, read and written in place
+            self.tier.make_static(new_tokens)
         for tensor in (self.seen, self.left_pad, *(t for rows in (self.exact, self.stash) if rows is not None
                                                    for t in rows.tensors().values())):
             torch._dynamo.mark_static_address(tensor)
@@ -62,6 +62,8 @@ class StaticDecoding:
         store, first = self.slots, self.seen.clone()
         if self.exact is not None:  # the previous token's row first, as the fold of a growing cache does
             self.exact.store_one(self.stash.keys, self.stash.slot, first - 1, self.left_pad[:, 0].long())
+        if self.tier is not None:
+            self._to_tier(stored, key_states, value_states)
         victim = self._priority().argmin(dim=-1, keepdim=True)  # empty slots rank lowest: filled first
         store.overwrite(victim, stored, value_states, first)
         if self.exact is not None:

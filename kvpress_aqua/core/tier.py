@@ -13,6 +13,12 @@ into a :class:`RetrievalTier`:
 
 The tier only moves tensors; which rows a step reads is decided by the attention call
 (:func:`kvpress_aqua.ops.retrieval.retrieve`) from the proxy scores.
+
+A static tier (:meth:`RetrievalTier.make_static`, for compiled decoding) has its rows allocated
+for every step to come and keeps no working set: each step reads its selected rows straight from
+the tier, an offloaded one included, through a device view of its pinned host memory (a GPU reads
+mapped host memory over PCIe), so a step is a fixed sequence of device operations that a CUDA
+graph can replay.
 """
 
 from __future__ import annotations
@@ -59,7 +65,9 @@ class RetrievalTier:
         Tokens written (rows ``[0, used)``).
     steps, hits, fetched, retrieved, chunk_fetched : int
         Decode steps served, rows they found in the working set, rows they copied from the tier and
-        rows they retrieved (the hit rate is ``hits / retrieved``); rows copied for chunks.
+        rows they retrieved (the hit rate is ``hits / retrieved``); rows copied for chunks. A static
+        tier's steps (counted on the device, read here) read every retrieved row from the tier:
+        rows fetched, none hit.
 
     """
 
@@ -75,7 +83,11 @@ class RetrievalTier:
         self.ws_keys: torch.Tensor | None = None
         self.ws_values: torch.Tensor | None = None
         self.used = 0
-        self.steps = self.hits = self.fetched = self.retrieved = self.chunk_fetched = 0
+        self._steps = self.hits = self._fetched = self._retrieved = self.chunk_fetched = 0
+        self.static = False
+        self.key_view: torch.Tensor | None = None
+        self.value_view: torch.Tensor | None = None
+        self.static_counts: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -134,12 +146,48 @@ class RetrievalTier:
         if not self.int8:
             self.proxy[:, :, at] = proxy
             return
-        scale = proxy.float().abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-        self.proxy[:, :, at] = (proxy.float() / scale[..., None]).round_().to(torch.int8)
-        self.proxy_scale[:, :, at] = scale
+        self.proxy[:, :, at], self.proxy_scale[:, :, at] = _quantized(proxy)
+
+    def make_static(self, new_tokens: int) -> None:
+        """Fix the tier for ``new_tokens`` more decode steps: rows allocated now, no working set, counts on the device.
+
+        Every later write is in place (:meth:`write`); an offloaded tier on a GPU is read and written
+        through a device view of its pinned memory.
+        """
+        self._grow(self.used + new_tokens, step=False)
+        self.ws_index = self.ws_keys = self.ws_values = None
+        device = self.valid.device
+        if self.pinned:
+            self.key_view, self.value_view = _device_view(self.keys, device), _device_view(self.values, device)
+        else:
+            self.key_view, self.value_view = self.keys, self.values
+        self.static_counts = torch.zeros(2, dtype=torch.int64, device=device)  # decode steps, rows read
+        for tensor in (self.key_view, self.value_view, self.valid, self.proxy, self.proxy_scale, self.static_counts):
+            if tensor is not None:
+                torch._dynamo.mark_static_address(tensor)
+        self.static = True
+
+    def write(self, at: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, proxy: torch.Tensor) -> None:
+        """A static tier's write of one decoded token at cache index ``at`` (a 0-d device tensor), in place."""
+        at = at.view(1)
+        self.key_view.index_copy_(2, at, keys)
+        self.value_view.index_copy_(2, at, values)
+        if self.int8:
+            quantized, scale = _quantized(proxy)
+            self.proxy.index_copy_(2, at, quantized)
+            self.proxy_scale.index_copy_(2, at, scale)
+        else:
+            self.proxy.index_copy_(2, at, proxy)
+        self.valid.index_fill_(2, at, True)
 
     def inputs(self, held_index: torch.Tensor) -> RetrievalInputs:
-        """What the attention call reads: the written rows, the proxy, the working set."""
+        """What the attention call reads: the written rows (all rows of a static tier), the proxy, the working set."""
+        if self.static:
+            return RetrievalInputs(
+                tier_keys=self.key_view, tier_values=self.value_view, tier_valid=self.valid, proxy_keys=self.proxy,
+                proxy_basis=self.basis, proxy_scale=self.proxy_scale, held_index=held_index, top_k=self.top_k,
+                counts=self.static_counts,
+            )
         used = self.used
         return RetrievalInputs(
             tier_keys=self.keys[:, :, :used], tier_values=self.values[:, :, :used],
@@ -156,11 +204,18 @@ class RetrievalTier:
         if retrieval.selected is None:
             self.chunk_fetched += retrieval.fetched
             return
-        self.fetched += retrieval.fetched
+        self._fetched += retrieval.fetched
         self.ws_index, self.ws_keys, self.ws_values = retrieval.selected, retrieval.sel_keys, retrieval.sel_values
-        self.steps += 1
+        self._steps += 1
         self.hits += retrieval.hits
-        self.retrieved += int((retrieval.selected >= 0).sum())
+        self._retrieved += int((retrieval.selected >= 0).sum())
+
+    def _static_totals(self) -> tuple[int, int]:
+        return (0, 0) if self.static_counts is None else tuple(int(n) for n in self.static_counts.tolist())
+
+    steps = property(lambda self: self._steps + self._static_totals()[0], doc="Decode steps served.")
+    fetched = property(lambda self: self._fetched + self._static_totals()[1], doc="Rows copied or read from the tier.")
+    retrieved = property(lambda self: self._retrieved + self._static_totals()[1], doc="Rows retrieved.")
 
     def row_nbytes(self) -> int:
         """Bytes of one row (one token's stored key and value for one KV head)."""
@@ -194,3 +249,20 @@ class RetrievalTier:
                 setattr(self, name, moved)
         if self.basis is not None and self.basis.ndim == 4:
             self.basis = fn(self.basis)
+
+
+def _quantized(proxy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 rounding by each row's largest magnitude: ``(int8 proxy, float32 scale)``."""
+    scale = proxy.float().abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    return (proxy.float() / scale[..., None]).round_().to(torch.int8), scale
+
+
+def _device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor on ``device`` over the pinned host memory of ``host`` (mapped: the GPU reads it over PCIe).
+
+    Pinned memory from CUDA's host allocator is mapped into the unified address space, so its host
+    address is valid on the device; the view holds no reference: ``host`` must outlive it.
+    """
+    span = host.untyped_storage().nbytes() - host.storage_offset() * host.element_size()
+    storage = torch._C._construct_storage_from_data_pointer(host.data_ptr(), device, span)
+    return torch.empty(0, dtype=host.dtype, device=device).set_(storage, 0, host.shape, host.stride())

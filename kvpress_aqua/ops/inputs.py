@@ -44,6 +44,9 @@ class RetrievalInputs:
         -1 where fewer than ``k`` tokens could be retrieved) and its rows on the accelerator.
     hits, fetched : int
         Written by the attention: retrieved rows found in the old working set, and rows copied from the tier.
+    counts : torch.Tensor or None
+        A static tier's int64 ``(2,)`` device counters (decode steps, rows read), advanced in place by
+        the attention; its ``T`` is the tier's capacity and a step's cache index is a 0-d tensor.
 
     """
 
@@ -63,6 +66,7 @@ class RetrievalInputs:
     sel_values: torch.Tensor | None = None
     hits: int = 0
     fetched: int = 0
+    counts: torch.Tensor | None = None
 
 
 @dataclass

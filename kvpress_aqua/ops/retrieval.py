@@ -15,7 +15,11 @@ kernel) attends exactly over that set:
   copies only the others from the tier;
 - a chunk of several queries (a prefill chunk, a question) attends to every earlier token: the
   tier rows before the chunk are copied for that call (exact prefill, as in LRQK, Quest and
-  ShadowKV, which all prefill densely).
+  ShadowKV, which all prefill densely);
+- a static decode step (the cache index a 0-d tensor, the tier allocated for every step) makes
+  the same choice over the tier's whole capacity with tokens from the step's index on masked
+  out, and reads the chosen rows straight from the tier (no working set, no host
+  synchronization): a fixed sequence of device operations, which a CUDA graph replays.
 
 Shapes: ``B`` sequences, ``H_kv`` KV heads, ``G`` query heads per KV head, ``T`` tokens seen, ``p``
 proxy channels, ``k`` = ``top_k``.
@@ -68,19 +72,25 @@ def proxy_scores(query: torch.Tensor, basis: torch.Tensor, proxy_keys: torch.Ten
     return logits.masked_fill_(~valid[:, :, None], float("-inf")).log_softmax(-1).amax(2)
 
 
-def candidates(retrieval: RetrievalInputs, first_index: int, window: int | None) -> torch.Tensor:
+def candidates(retrieval: RetrievalInputs, first_index: int | torch.Tensor, window: int | None) -> torch.Tensor:
     """Tokens a query at cache index ``first_index`` may retrieve: valid, earlier, not held, in the window.
 
-    Returns bool ``(B, H_kv, first_index)``.
+    Returns bool ``(B, H_kv, T)``, ``T`` = ``first_index`` (an int) or the tier's rows (a 0-d tensor: a
+    static step, tokens from ``first_index`` on are not allowed).
     """
-    valid = retrieval.tier_valid[..., :first_index]
+    static = isinstance(first_index, torch.Tensor)
+    length = retrieval.tier_valid.shape[-1] if static else first_index
+    valid = retrieval.tier_valid[..., :length]
     batch, heads, _ = valid.shape
     held = retrieval.held_index.long()
-    held = held.where((held >= 0) & (held < first_index), first_index)
-    mask = valid.new_zeros(batch, heads, first_index + 1).scatter_(2, held, True)[..., :first_index]
+    held = held.where((held >= 0) & (held < first_index), length)
+    mask = valid.new_zeros(batch, heads, length + 1).scatter_(2, held, True)[..., :length]
     allowed = valid & ~mask
+    positions = torch.arange(length, device=valid.device)
+    if static:
+        allowed &= positions < first_index
     if window is not None:
-        allowed &= torch.arange(first_index, device=valid.device) > first_index - window
+        allowed &= positions > first_index - window
     return allowed
 
 
@@ -136,6 +146,8 @@ def retrieve(inputs: AttentionInputs, query: torch.Tensor, scale: float) -> Atte
 
     """
     tier = inputs.retrieval
+    if tier.counts is not None:
+        return _retrieve_static(inputs, query, scale)
     first = int(inputs.first_index)
     device = inputs.past_keys.device
     allowed = candidates(tier, first, inputs.window)
@@ -153,6 +165,28 @@ def retrieve(inputs: AttentionInputs, query: torch.Tensor, scale: float) -> Atte
         tier.hits, tier.fetched = 0, int(allowed.shape[0] * allowed.shape[1] * first)
         visible = allowed
         index = torch.arange(first, device=device).expand_as(allowed)
+    return _appended(inputs, keys, values, visible, index)
+
+
+def _retrieve_static(inputs: AttentionInputs, query: torch.Tensor, scale: float) -> AttentionInputs:
+    """:func:`retrieve` for a static decode step: chosen over the whole tier, rows read from it directly."""
+    tier, first = inputs.retrieval, inputs.first_index
+    if query.shape[-2] != 1:
+        raise ValueError("a static retrieval cache decodes one token per step")
+    allowed = candidates(tier, first, inputs.window)
+    earlier = tier.tier_valid & (torch.arange(allowed.shape[-1], device=allowed.device) < first)
+    scores = proxy_scores(query, tier.proxy_basis, tier.proxy_keys, earlier, scale, tier.proxy_scale)
+    best = scores.masked_fill(~allowed, float("-inf")).topk(min(tier.top_k, scores.shape[-1]), dim=-1, sorted=False)
+    visible, index = best.values > float("-inf"), best.indices
+    keys = tier.tier_keys.gather(2, index[..., None].expand(-1, -1, -1, tier.tier_keys.shape[-1]))
+    values = tier.tier_values.gather(2, index[..., None].expand(-1, -1, -1, tier.tier_values.shape[-1]))
+    tier.counts.add_(torch.stack([torch.ones_like(tier.counts[0]), visible.sum()]))
+    return _appended(inputs, keys, values, visible, index)
+
+
+def _appended(inputs: AttentionInputs, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
+              index: torch.Tensor) -> AttentionInputs:
+    """Plain attention inputs: the held slots followed by the retrieved rows (their cache indices ``index``)."""
     log_weight = inputs.past_log_weight
     return dataclasses.replace(
         inputs,

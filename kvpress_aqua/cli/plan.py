@@ -14,6 +14,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ..planner.parallel import PARALLEL_MODES
 from ..planner.search import (
     CHUNK_CHOICES,
     DEFAULT_MIN_TOKENS,
@@ -39,10 +40,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--budget", default=None,
                    help="KV-cache budget (keys, values, slot metadata, AQUA projections): 8GB (10^9 bytes), 24GiB "
-                   "(2^30), 512MiB, bytes")
+                   "(2^30), 512MiB, bytes; per GPU when --gpus is given")
     p.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="also check weights + cache + working set + overhead against this: a size (80GB) or a GPU "
-                   f"({', '.join(GPU_MEMORY_MIB)})")
+                   f"({', '.join(GPU_MEMORY_MIB)}); per GPU when --gpus is given")
+    p.add_argument("--gpus", default="1",
+                   help="GPUs the model is split over (default 1); --budget and --device-memory then apply to every "
+                   "GPU, and the output gains a per-GPU breakdown")
+    p.add_argument("--parallel", default="tp", choices=PARALLEL_MODES,
+                   help="with --gpus N: tp (tp_plan='auto' under torchrun: each rank holds 1/N of every layer's heads; "
+                   "the KV heads must divide by N) or pipeline (device_map='auto': whole layers per GPU, split as "
+                   "accelerate's balanced map); default tp")
     p.add_argument("--model", required=True, help="hub id, short name (smollm2-135m), model folder or config.json")
     p.add_argument("--context", default=None,
                    help="prompt tokens, e.g. 8192 or 128k (k = 1024); default: the model's max_position_embeddings")
@@ -89,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype, prefill_chunk=args.prefill_chunk, overhead=args.overhead, token_policy=args.token_policy,
         min_tokens=args.min_tokens, artifact=args.artifact, host_budget=args.host_budget,
         offload=None if args.offload == "none" else args.offload, proxy_dtype=args.proxy_dtype,
+        gpus=args.gpus, parallel=args.parallel,
     )
     preset = args.emit_preset or "plan.toml"
     if args.plot is not None:
@@ -108,11 +117,14 @@ def _print(result: Plan, args: argparse.Namespace, preset: str) -> None:
     console = Console(highlight=False, markup=False, emoji=False)
     mm, info = result.memory_model, result.model.info
     sliding = sum(w is not None for w in mm.windows)
+    per = " per GPU" if mm.parallel else ""
+    if mm.parallel is not None:
+        console.print(f"{mm.parallel.gpus} GPUs, --parallel {mm.parallel.mode}: the limits apply to every GPU")
     if result.budget is not None:
-        console.print(f"KV budget {args.budget} = {result.budget:,} bytes ({format_bytes(result.budget)}, "
+        console.print(f"KV budget{per} {args.budget} = {result.budget:,} bytes ({format_bytes(result.budget)}, "
                       f"{format_bytes(result.budget, binary=False)}): keys, values, slot metadata, AQUA projections")
     if result.limits.device is not None:
-        console.print(f"device memory {result.device_label} = {result.limits.device:,} bytes "
+        console.print(f"device memory{per} {result.device_label} = {result.limits.device:,} bytes "
                       f"({format_bytes(result.limits.device)}): weights + cache + working set + overhead")
     if result.limits.host is not None:
         console.print(f"host budget {args.host_budget} = {result.limits.host:,} bytes "
@@ -126,6 +138,8 @@ def _print(result: Plan, args: argparse.Namespace, preset: str) -> None:
     console.print(f"quality source ({result.quality_model.kind}, ranked by {result.quality_model.metric}): "
                   f"{result.quality_source}")
     console.print(_candidate_table(result))
+    if mm.parallel is not None:
+        console.print(_device_table(result))
     if result.frontier:
         console.print(_frontier_table(result))
     console.print(result.message, style="bold green" if result.fits else "bold red")
@@ -171,11 +185,12 @@ def _row(c: Candidate, result: Plan) -> list[str]:
     if mm.retrieves:
         host = [format_bytes(c.memory.host_peak) if c.top_k is not None else "-"] if mm.offload else []
         return [f"{c.k_ratio:g}", f"{c.top_k:,}" if c.top_k is not None else "-", str(c.rank or "-"),
-                chunk, format_bytes(c.memory.cache_peak), *host, format_bytes(c.memory.total), f"{c.quality:.3f}"]
+                chunk, format_bytes(c.memory.device_cache_peak), *host, format_bytes(c.memory.device_total),
+                f"{c.quality:.3f}"]
     tokens = f"all {mm.seen:,}" if c.knob is None else f"{mm.held(c.knob):,}"
     halvings = [str(c.halvings or "-")] if mm.keeps_rate else []
-    return [f"{c.k_ratio:g}", str(c.key_dim), *halvings, tokens, chunk, format_bytes(c.memory.cache_peak),
-            format_bytes(c.memory.total), f"{c.quality:.3f}"]
+    return [f"{c.k_ratio:g}", str(c.key_dim), *halvings, tokens, chunk, format_bytes(c.memory.device_cache_peak),
+            format_bytes(c.memory.device_total), f"{c.quality:.3f}"]
 
 
 def _table(title: str, headers: tuple[str, ...], pad: int = 1) -> Table:
@@ -199,6 +214,25 @@ def _candidate_table(result: Plan) -> Table:
     for c in result.candidates:
         table.add_row(*_row(c, result), c.verdict, style=styles.get(c.verdict))
     table.caption = f"{_HALVINGS}; {_CAPTION}" if rate else _RETRIEVAL if retrieves else _CAPTION
+    if mm.parallel is not None:
+        table.caption += "; with --gpus, KV max and total are the most loaded GPU's"
+    return table
+
+
+def _device_table(result: Plan) -> Table:
+    """Per-GPU bytes of the recommendation (else of the point closest to fitting), one row per GPU."""
+    point = result.recommendation or min(result.candidates, key=lambda c: result.limits.excess(c.memory))
+    shares = result.memory_model.parallel.shares(result.model) if result.memory_model.parallel else ()
+    table = _table(f"per GPU: {point.label(result.memory_model.seen)}",
+                   ("gpu", "layers", "heads", "weights", "KV max", "work", "total"))
+    for share, m in zip(shares, point.memory.devices, strict=True):
+        layers = f"{share.layers[0]}-{share.layers[-1]}" if share.layers else "-"
+        info = share.shape.info
+        table.add_row(str(share.index), layers, f"{info.num_heads}/{info.num_kv_heads}", format_bytes(m.weights),
+                      format_bytes(m.cache_peak), format_bytes(m.working_set), format_bytes(m.total))
+    table.caption = ("layers: the decoder layers on the GPU; heads: its query/KV heads per layer; KV max: its KV "
+                     "cache at the most (what --budget bounds per GPU); work: its working set at its peak; total: "
+                     "its predicted peak (what --device-memory bounds per GPU); the split rule is in the notes")
     return table
 
 

@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 
-__all__ = ["Breakdown", "Term"]
+__all__ = ["Breakdown", "Term", "combine"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,22 @@ class Breakdown:
     terms: tuple[Term, ...] = field(repr=False)
     host: int = 0
     host_peak: int = 0
+    devices: tuple[Breakdown, ...] = field(default=(), repr=False)
+
+    @property
+    def device_cache_peak(self) -> int:
+        """The KV cache at its largest on the most loaded device: what a per-GPU KV budget bounds."""
+        return max((d.cache_peak for d in self.devices), default=self.cache_peak)
+
+    @property
+    def device_total(self) -> int:
+        """The predicted peak of the most loaded device: what the (per-GPU) device memory bounds."""
+        return max((d.total for d in self.devices), default=self.total)
+
+    @property
+    def busiest(self) -> Breakdown:
+        """The device with the largest peak (this breakdown itself for one device)."""
+        return max(self.devices, key=lambda d: d.total, default=self)
 
     @property
     def cache_bytes(self) -> int:
@@ -83,3 +100,14 @@ class Breakdown:
     def total(self) -> int:
         """Peak device bytes: weights + projections + overhead + KV held and working set at the peak."""
         return self.weights + self.projections + self.overhead + self.peak_kv + self.working_set
+
+
+def combine(devices: Sequence[Breakdown]) -> Breakdown:
+    """A split run's breakdown: every byte field summed over ``devices`` (kept in :attr:`Breakdown.devices`).
+
+    The peak phase and the formula's terms are those of the device with the largest peak.
+    """
+    busiest = max(devices, key=lambda d: d.total)
+    sums = {f.name: sum(getattr(d, f.name) for d in devices) for f in fields(Breakdown)
+            if f.name not in ("peak_phase", "terms", "devices")}
+    return Breakdown(**sums, peak_phase=busiest.peak_phase, terms=busiest.terms, devices=tuple(devices))

@@ -50,7 +50,9 @@ CHUNK_CHOICES = (256, 512, 1024, 2048, 4096, 8192)
 class Limits:
     """What a plan point must fit: a KV budget, the device memory or both, and a host budget (``None``: unchecked).
 
-    All in bytes.
+    All in bytes. For a run split over several GPUs (``Breakdown.devices``) the KV budget and the
+    device memory bound every GPU (:attr:`~kvpress_aqua.planner.breakdown.Breakdown.device_cache_peak`,
+    :attr:`~kvpress_aqua.planner.breakdown.Breakdown.device_total`); the host budget bounds the one host.
 
     Attributes
     ----------
@@ -78,9 +80,9 @@ class Limits:
     def exceeded(self, m: Breakdown) -> tuple[str, ...]:
         """The limits ``m`` exceeds: ``"KV budget"``, ``"device memory"``, ``"host budget"`` (empty when it fits)."""
         over = []
-        if self.kv is not None and m.cache_peak > self.kv:
+        if self.kv is not None and m.device_cache_peak > self.kv:
             over.append("KV budget")
-        if self.device is not None and m.total > self.device:
+        if self.device is not None and m.device_total > self.device:
             over.append("device memory")
         if self.host is not None and m.host_peak > self.host:
             over.append("host budget")
@@ -92,9 +94,9 @@ class Limits:
 
     def excess(self, m: Breakdown) -> float:
         """``need / have`` of the tightest limit (at most 1 when ``m`` fits): ranks points that do not fit."""
-        ratios = [m.cache_peak / self.kv] if self.kv is not None else []
+        ratios = [m.device_cache_peak / self.kv] if self.kv is not None else []
         if self.device is not None:
-            ratios.append(m.total / self.device)
+            ratios.append(m.device_total / self.device)
         if self.host is not None:
             ratios.append(m.host_peak / self.host)
         return max(ratios)
@@ -220,16 +222,18 @@ def does_not_fit(mm: MemoryModel, limits: Limits, min_tokens: int, given_chunk: 
           + (f"prefill chunk {chunk:,}" if chunk else "prefill in one forward"))
     over = limits.exceeded(need)
     if "device memory" in over:
-        what, have, needed = "of device memory", limits.device, need.total
+        what, have, needed = "of device memory", limits.device, need.device_total
     else:
-        what, have, needed = "of KV cache", limits.kv, need.cache_peak
-    head = (f"does not fit: needs {format_bytes(needed)} ({needed:,} B) {what} even at {at}; you have "
-            f"{format_bytes(have)} ({have:,} B)")
-    fixed = need.weights + need.overhead
+        what, have, needed = "of KV cache", limits.kv, need.device_cache_peak
+    gpu = " on its most loaded GPU" if need.devices else ""
+    head = (f"does not fit: needs {format_bytes(needed)} ({needed:,} B) {what}{gpu} even at {at}; you have "
+            f"{format_bytes(have)} ({have:,} B){' per GPU' if gpu else ''}")
+    busiest = need.busiest
+    fixed = busiest.weights + busiest.overhead
     if limits.device is not None and fixed >= limits.device:
-        return (f"{head}; the weights alone need {format_bytes(need.weights)} plus {format_bytes(need.overhead)} "
-                "overhead, so no context or batch fits: use a smaller dtype (--dtype fp8), a smaller model or "
-                "more memory")
+        return (f"{head}; the weights alone need {format_bytes(busiest.weights)}{gpu} plus "
+                f"{format_bytes(busiest.overhead)} overhead, so no context or batch fits: use a smaller dtype "
+                "(--dtype fp8), a smaller model, more GPUs or more memory")
 
     def fits_with(**changes: Any) -> bool:
         changed = replace(mm, **changes)
@@ -290,15 +294,17 @@ def binding(mm: MemoryModel, limits: Limits, best: Candidate) -> tuple[str, str]
         return "nothing binds: every token is kept", "none"
     run = run_of(mm, best)
     over = tuple(o for o in limits.exceeded(run.evaluate(best.key_dim, run.dearer(best.knob))) if o != "host budget")
-    m, knob = best.memory, " top_k" if mm.retrieves else ""
+    m, knob = best.memory.busiest, " top_k" if mm.retrieves else ""
+    gpu = f" on GPU {best.memory.devices.index(m)}, the most loaded" if best.memory.devices else ""
     parts = []
     if over == ("device memory",):
-        parts.append(f"the device memory binds{knob} ({format_bytes(m.total)} of {format_bytes(limits.device)}: "
+        parts.append(f"the device memory binds{knob} ({format_bytes(m.total)} of {format_bytes(limits.device)}{gpu}: "
                      f"weights {format_bytes(m.weights)}, cache {format_bytes(m.cache_peak)}, working set "
                      f"{format_bytes(m.working_set)}, overhead {format_bytes(m.overhead)})")
     elif over or not mm.retrieves:
+        peak = best.memory.device_cache_peak
         parts.append(f"the {' and '.join(over)} bind{'s' if len(over) == 1 else ''}{knob} "
-                     f"({format_bytes(m.cache_peak)} of KV cache)")
+                     f"({format_bytes(peak)} of KV cache{' on the most loaded GPU' if gpu else ''})")
     wider = [k for k in candidate_key_dims(mm.shape.info.head_dim) if k > best.key_dim]
     host = run.evaluate(min(wider), best.knob).host_peak if mm.retrieves and wider and limits.host else 0
     if limits.host is not None and host > limits.host:

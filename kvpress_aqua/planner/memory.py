@@ -70,7 +70,7 @@ constants are estimates (``benchmarks/plan_rss.py`` measures them); the KV bytes
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..core.accounting import (
     EXACT_SLOT_BYTES,
@@ -84,11 +84,12 @@ from ..core.accounting import (
 from ..ops.limits import BLOCK_SCORE_BYTES
 from ..policies.registry import AQUA_EXACT_RECENT, AQUA_EXACT_SINKS, policy_type, token_policy_names
 from ..util.dtypes import dtype_bytes
-from .breakdown import Breakdown, Term
+from .breakdown import Breakdown, Term, combine
 from .model_shape import ModelShape
+from .parallel import Parallel, Share
 from .retrieval import OFFLOADS, PROXY_DTYPES, RETRIEVAL, RETRIEVAL_KNOBS, TierLayout, TierMoment, planned_sinks
 from .summaries import MAX_HALVINGS, SUMMARY_POLICIES, halvings_text, summary_slots
-from .timeline import Step, budget_steps, summary_steps
+from .timeline import Phase, Step, budget_steps, sdpa_masked, summary_steps
 
 __all__ = ["ATTENTION_COPIES", "DEFAULT_OVERHEAD", "HIDDEN_COPIES", "MLP_COPIES", "Breakdown", "MemoryModel", "Term"]
 
@@ -102,27 +103,6 @@ HIDDEN_COPIES = 4
 """Hidden-size activations alive per token in a decoder layer (embeddings, layer input, residual, normed input)."""
 MLP_COPIES = 3
 """MLP-width activations alive per token at the MLP step (gate activation, up, their product)."""
-
-
-@dataclass(frozen=True)
-class _Phase:
-    name: str
-    chunk: int
-    offset: int
-    slots: tuple[int, ...]
-    visible: tuple[int, ...]
-    kv: int
-    attention: int
-    activations: int
-    copy: int
-    copy_slots: int
-    step: str
-    scores: int
-    tier: TierMoment | None = None
-
-    @property
-    def peak(self) -> int:
-        return self.kv + self.attention + self.activations + self.copy
 
 
 @dataclass(frozen=True)
@@ -156,6 +136,12 @@ class MemoryModel:
         Retrieval only: the tier in host memory (``"cpu"``) or on the device (``None``).
     proxy_dtype : {"model", "int8"}
         Retrieval only: proxy keys in the model dtype, or int8 with a float32 scale per token.
+    parallel : Parallel or None
+        A run split over several GPUs: :meth:`evaluate` then returns each device's bytes
+        (``Breakdown.devices``) and their sums; ``None``: one device.
+    share : Share or None
+        One device of a split run (set by :meth:`evaluate`): only its layers' KV, projections and
+        working set count, the logits only where it holds them, ``shape`` is that device's view.
 
     Raises
     ------
@@ -177,6 +163,8 @@ class MemoryModel:
     rank: int = 16
     offload: str | None = "cpu"
     proxy_dtype: str = "model"
+    parallel: Parallel | None = None
+    share: Share | None = None
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOADS:
@@ -227,6 +215,15 @@ class MemoryModel:
         """The most sinks a layer can hold here: the smallest sliding window minus one (``None``: no window)."""
         windows = [w for w in self.windows if w is not None]
         return min(windows) - 1 if windows else None
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The decoder layers whose bytes count here: every layer, or those of :attr:`share`'s device."""
+        return tuple(range(self.shape.info.num_layers)) if self.share is None else self.share.layers
+
+    def local(self, slots: Sequence[int]) -> tuple[int, ...]:
+        """The entries of a per-layer tuple (slots per layer) that belong to :attr:`layers`."""
+        return tuple(slots) if self.share is None else tuple(slots[i] for i in self.share.layers)
 
     @property
     def held_slots(self) -> int:
@@ -290,8 +287,18 @@ class MemoryModel:
         Returns
         -------
         Breakdown
+            With :attr:`parallel`, the sums over the devices, each device's in ``devices``.
 
         """
+        if self.parallel is not None and self.share is None:
+            alike: dict[tuple, Breakdown] = {}  # tensor-parallel ranks are alike: one evaluation serves them all
+            devices = []
+            for s in self.parallel.shares(self.shape):
+                like = (s.layers, s.parameters, s.logits, s.shape)
+                if like not in alike:
+                    alike[like] = replace(self, shape=s.shape, share=s).evaluate(key_dim, knob)
+                devices.append(alike[like])
+            return combine(devices)
         info, e, batch = self.shape.info, self.elem, self.batch
         d = info.head_dim
         summary = knob is not None and self.keeps_rate
@@ -312,7 +319,7 @@ class MemoryModel:
                                        compressed, layer)
         tier = None
         if retrieval:
-            tier = TierLayout(batch, info.num_layers, info.num_heads, info.num_kv_heads, d, key_dim, e, self.rank,
+            tier = TierLayout(batch, len(self.layers), info.num_heads, info.num_kv_heads, d, key_dim, e, self.rank,
                               self.offload is not None, self.proxy_dtype == "int8")
 
         def moment(step: Step, end: bool = False) -> TierMoment | None:
@@ -325,7 +332,7 @@ class MemoryModel:
         end = self._phase(last, layer, compressed, moment(last, end=True))
         peak = max(phases, key=lambda p: p.peak)
         columns = d if self.exact_tokens else key_dim  # exact tokens need the dropped columns of P as well
-        projections = info.num_layers * info.num_kv_heads * d * columns * e if key_dim < d else 0
+        projections = len(self.layers) * info.num_kv_heads * d * columns * e if key_dim < d else 0
         weights = self.shape.parameters * e
         return Breakdown(
             weights=weights,
@@ -351,7 +358,7 @@ class MemoryModel:
         return (hidden + 2 * info.num_heads * info.head_dim + 2 * info.num_kv_heads * info.head_dim,
                 hidden + MLP_COPIES * s.intermediate_size)
 
-    def _phase(self, step: Step, layer: Callable[[int], int], compressed: bool, tier: TierMoment | None) -> _Phase:
+    def _phase(self, step: Step, layer: Callable[[int], int], compressed: bool, tier: TierMoment | None) -> Phase:
         info, b, e = self.shape.info, self.batch, self.elem
         name, lo, n = step.name, step.offset, step.chunk
         held = max(step.visible) + (tier.read if tier is not None else 0)
@@ -360,17 +367,17 @@ class MemoryModel:
             blocks = 2 * min(BLOCK_SCORE_BYTES, b * info.num_heads * n * (held + n) * 4)
             scores = ATTENTION_COPIES * b * n * info.num_heads * info.head_dim * e + blocks
         else:
-            scores = b * n * held if _sdpa_masked(name, lo) else 0
-            if _sdpa_masked(name, lo) and info.group_size > 1:
+            scores = b * n * held if sdpa_masked(name, lo) else 0
+            if sdpa_masked(name, lo) and info.group_size > 1:
                 scores += 2 * b * info.num_heads * held * info.head_dim * e
         at_attention, at_mlp = self._per_token()
         transient = tier.transient if tier is not None else 0  # a retrieval tier's, alive at the attention step only
         attention_step, mlp_step = scores + b * n * at_attention * e + transient, b * n * at_mlp * e
         larger = "attention" if attention_step >= mlp_step else "mlp"
-        logits = b * self.shape.vocab_size * (e + 4)
-        return _Phase(
+        logits = b * self.shape.vocab_size * (e + 4) if self.share is None or self.share.logits else 0
+        return Phase(
             name=name, chunk=n, offset=lo, slots=step.slots, visible=step.visible,
-            kv=sum(layer(x) for x in step.slots) + (tier.device if tier is not None else 0),
+            kv=sum(layer(x) for x in self.local(step.slots)) + (tier.device if tier is not None else 0),
             attention=scores if larger == "attention" else 0,
             activations=b * n * (at_attention if larger == "attention" else at_mlp) * e + logits,
             copy=max(layer(copy), transient if larger == "attention" else 0), copy_slots=copy, step=larger,
@@ -394,7 +401,7 @@ class MemoryModel:
         return " + ".join(parts)
 
     def _terms(self, key_dim: int, compressed: bool, scores: bool, weighted: bool, weights: int, projections: int,
-               columns: int, end: _Phase, peak: _Phase) -> tuple[Term, ...]:
+               columns: int, end: Phase, peak: Phase) -> tuple[Term, ...]:
         s, info, e, b = self.shape, self.shape.info, self.elem, self.batch
         meta = "4 + 1 (index, valid)"
         if scores or weighted:
@@ -429,6 +436,8 @@ class MemoryModel:
         mlp_sym = f"B·n·({HIDDEN_COPIES}h + {MLP_COPIES}I)·e"
         mlp_num = f"{b}·{n:,}·({HIDDEN_COPIES}·{s.hidden_size} + {MLP_COPIES}·{s.intermediate_size})·{e}"
         logits_sym, logits_num = "B·V·(e + 4)", f"{b}·{s.vocab_size:,}·({e} + 4)"
+        if self.share is not None and not self.share.logits:
+            logits_sym, logits_num = "0 (the logits are on another GPU)", "0"
         if peak.step == "attention":
             other = b * n * at_mlp * e
             activations = (f"{attention_sym} + {logits_sym} (attention step; the MLP step, {mlp_sym} = "
@@ -445,12 +454,14 @@ class MemoryModel:
         terms = [
             Term("weights", "parameters·e", f"{s.parameters:,}·{e}", weights),
             Term(f"KV at the end ({end.name})", kv_formula,
-                 self._kv_text(end.slots, key_dim, compressed, scores, weighted) + _tier_text(end), end.kv),
+                 self._kv_text(self.local(end.slots), key_dim, compressed, scores, weighted) + _tier_text(end),
+                 end.kv),
             Term("AQUA projections", "L·H_kv·d·d·e (exact tokens need every column of P), else L·H_kv·d·d_k·e",
-                 f"{info.num_layers}·{info.num_kv_heads}·{info.head_dim}·{columns}·{e}" if projections else "no AQUA",
+                 f"{len(self.layers)}·{info.num_kv_heads}·{info.head_dim}·{columns}·{e}" if projections else "no AQUA",
                  projections),
             Term(f"KV held at the peak ({where})", kv_formula,
-                 self._kv_text(peak.slots, key_dim, compressed, scores, weighted) + _tier_text(peak), peak.kv),
+                 self._kv_text(self.local(peak.slots), key_dim, compressed, scores, weighted) + _tier_text(peak),
+                 peak.kv),
             Term("attention", *attention, peak.attention),
             Term("activations", *activations, peak.activations),
             Term("layer copy", "one layer's KV held twice while torch.cat/gather builds its new tensors (a "
@@ -468,17 +479,7 @@ _TIER_COPY = ("; for retrieval, the larger of that and the tier's transient: a g
               "new working set, concatenation and float32 proxy scores")
 
 
-def _tier_text(phase: _Phase) -> str:
+def _tier_text(phase: Phase) -> str:
     """`` + N`` (the retrieval tier's device bytes) after a KV term's numbers; empty without a tier."""
     return "" if phase.tier is None else f" + {phase.tier.device:,}"
-
-
-def _sdpa_masked(phase: str, offset: int) -> bool:
-    """Whether ``transformers``' SDPA path builds an explicit boolean mask (``B x n x held`` bytes).
-
-    It does for a prefill chunk after the first (its keys are longer than its queries); the first
-    chunk and decode steps run with ``is_causal`` and no mask. With a mask, under GQA/MQA, it also
-    expands K and V to every query head (``repeat_kv``).
-    """
-    return phase == "prefill" and offset > 0
 

@@ -27,7 +27,7 @@ from .config import (
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-__all__ = ["ModelShape", "count_parameters", "offline_models", "resolve_model"]
+__all__ = ["ModelShape", "ParameterParts", "count_parameters", "offline_models", "parameter_parts", "resolve_model"]
 _QK_NORM = {"qwen3", "gemma3", "gemma3_text"}
 _SANDWICH_NORM = {"gemma2", "gemma3", "gemma3_text"}
 
@@ -188,6 +188,53 @@ def _shape(config: Any, name: str, source: str) -> ModelShape:
     )
 
 
+@dataclass(frozen=True)
+class ParameterParts:
+    """A decoder's parameters by where a multi-GPU run puts them (:mod:`kvpress_aqua.planner.parallel`).
+
+    Attributes
+    ----------
+    embeddings, lm_head, final_norm : int
+        The input embeddings ``V x h``, an untied output head ``V x h`` (0 when tied) and the final norm ``h``.
+    layers : int
+        Decoder layers.
+    attention_split : int
+        A layer's attention parameters that tensor parallelism splits by head: the q/k/v projections
+        (columns) with their biases and the output projection (rows).
+    mlp_column : int
+        A layer's MLP parameters per intermediate channel (``3 h``, plus the gate and up biases): split by
+        channel under tensor parallelism.
+    layer_replicated : int
+        A layer's parameters every tensor-parallel rank holds whole: its norms, per-head q/k norms and the
+        biases of the row-split projections.
+    mlp_width : int
+        Intermediate channels ``I``.
+    notes : tuple of str
+        Caveats of the count (a family whose layout is assumed to be Llama's).
+
+    """
+
+    embeddings: int
+    lm_head: int
+    final_norm: int
+    layers: int
+    attention_split: int
+    mlp_column: int
+    layer_replicated: int
+    mlp_width: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def layer(self) -> int:
+        """One decoder layer's parameters."""
+        return self.attention_split + self.mlp_column * self.mlp_width + self.layer_replicated
+
+    @property
+    def total(self) -> int:
+        """Every parameter (tied embeddings once)."""
+        return self.embeddings + self.lm_head + self.final_norm + self.layers * self.layer
+
+
 def count_parameters(config: Any) -> tuple[int, tuple[str, ...]]:
     """Parameters of a decoder counted from its config (tied embeddings once).
 
@@ -207,6 +254,12 @@ def count_parameters(config: Any) -> tuple[int, tuple[str, ...]]:
         ``(parameters, notes)``; notes say when the family's layout is assumed to be Llama's.
 
     """
+    parts = parameter_parts(config)
+    return parts.total, parts.notes
+
+
+def parameter_parts(config: Any) -> ParameterParts:
+    """The parameters of :func:`count_parameters`, by part (:class:`ParameterParts`)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = getattr(text, "model_type", "unknown")
     h, inter, vocab = int(text.hidden_size), int(text.intermediate_size), int(text.vocab_size)
@@ -215,15 +268,19 @@ def count_parameters(config: Any) -> tuple[int, tuple[str, ...]]:
     d = int(getattr(text, "head_dim", None) or h // heads)
     tied = getattr(config, "tie_word_embeddings", None)
     tied = getattr(text, "tie_word_embeddings", False) if tied is None else tied
-    attention = h * (heads + 2 * kv) * d + heads * d * h
+    attention, replicated = h * (heads + 2 * kv) * d + heads * d * h, 0
     if model_type == "qwen2":
         attention += (heads + 2 * kv) * d
     elif getattr(text, "attention_bias", False):
-        attention += (heads + 2 * kv) * d + h
-    mlp = 3 * h * inter + ((2 * inter + h) if getattr(text, "mlp_bias", False) else 0)
-    norms = (4 if model_type in _SANDWICH_NORM else 2) * h + (2 * d if model_type in _QK_NORM else 0)
-    total = vocab * h * (1 if tied else 2) + h + int(text.num_hidden_layers) * (attention + mlp + norms)
+        attention += (heads + 2 * kv) * d
+        replicated += h  # the output projection's bias
+    mlp_bias = bool(getattr(text, "mlp_bias", False))
+    replicated += h if mlp_bias else 0  # the down projection's bias
+    replicated += (4 if model_type in _SANDWICH_NORM else 2) * h + (2 * d if model_type in _QK_NORM else 0)
     notes: tuple[str, ...] = ()
     if model_type not in KNOWN_FAMILIES:
         notes = (f"parameter count assumes a Llama layout (gated MLP, no biases); {model_type!r} may differ",)
-    return total, notes
+    return ParameterParts(embeddings=vocab * h, lm_head=0 if tied else vocab * h, final_norm=h,
+                          layers=int(text.num_hidden_layers), attention_split=attention,
+                          mlp_column=3 * h + (2 if mlp_bias else 0), layer_replicated=replicated, mlp_width=inter,
+                          notes=notes)

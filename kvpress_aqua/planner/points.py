@@ -110,6 +110,9 @@ class Candidate:
             "activation_bytes": m.activations, "copy_bytes": m.copy, "overhead_bytes": m.overhead,
             "peak_phase": m.peak_phase, "total_bytes": m.total, "host_bytes": m.host, "host_peak_bytes": m.host_peak,
             "policies": [dict(e) for e in self.entries],
+            "devices": [{"device": i, "weights_bytes": d.weights, "kv_bytes": d.kv, "cache_peak_bytes": d.cache_peak,
+                         "working_set_bytes": d.working_set, "overhead_bytes": d.overhead, "total_bytes": d.total,
+                         "peak_phase": d.peak_phase} for i, d in enumerate(m.devices)],
         }
 
 
@@ -174,7 +177,7 @@ def point(mm: MemoryModel, quality: QualityModel, key_dim: int, knob: int | None
 
 def frontier(mm: MemoryModel, quality: QualityModel, fitting: Sequence[Candidate], min_tokens: int,
              points: int = 16) -> list[Candidate]:
-    """Pareto frontier (KV cache bytes vs quality) of every fitting key width over knobs up to its largest.
+    """Pareto frontier (KV cache bytes, per GPU when split, vs quality) of every fitting key width over knobs.
 
     Each width keeps its chunk; cheapest first.
     """
@@ -186,7 +189,7 @@ def frontier(mm: MemoryModel, quality: QualityModel, fitting: Sequence[Candidate
         pool.append(replace(c, verdict="frontier"))
     best = [c for c in pool if not any(_dominates(o, c) for o in pool)]
     unique = {(c.key_dim, c.knob): c for c in best}
-    return sorted(unique.values(), key=lambda c: (c.memory.cache_peak, -c.quality))
+    return sorted(unique.values(), key=lambda c: (c.memory.device_cache_peak, -c.quality))
 
 
 def _entries(mm: MemoryModel, key_dim: int, knob: int | None) -> tuple[dict[str, Any], ...]:
@@ -204,7 +207,7 @@ def _entries(mm: MemoryModel, key_dim: int, knob: int | None) -> tuple[dict[str,
 
 
 def _dominates(a: Candidate, b: Candidate) -> bool:
-    """``a`` is no worse than ``b`` on KV cache bytes and quality, and better on one."""
-    no_worse = a.memory.cache_peak <= b.memory.cache_peak and a.quality >= b.quality
-    return no_worse and (a.memory.cache_peak < b.memory.cache_peak or a.quality > b.quality)
+    """``a`` is no worse than ``b`` on KV cache bytes (the most loaded GPU's) and quality, and better on one."""
+    x, y = a.memory.device_cache_peak, b.memory.device_cache_peak
+    return x <= y and a.quality >= b.quality and (x < y or a.quality > b.quality)
 

@@ -19,6 +19,8 @@ The parts, each re-exported here:
 - :mod:`kvpress_aqua.planner.fit`: the key widths and prefill chunks considered, the largest budget
   that fits, and what would fit when nothing does (:func:`candidate_key_dims`, :class:`Limits`);
 - :mod:`kvpress_aqua.planner.devices`: ``device_memory`` as a size or a GPU name;
+- :mod:`kvpress_aqua.planner.parallel`: a run split over several GPUs (``gpus``, ``parallel``):
+  what each device holds; the limits then bound every GPU;
 - this module: the search over key widths and budgets, the frontier and the answer (:class:`Plan`).
 
 Any token policy of :mod:`kvpress_aqua.policies.registry` that splits a budget can be planned
@@ -55,10 +57,12 @@ from .fit import (
 )
 from .memory import ATTENTION_COPIES, DEFAULT_OVERHEAD, HIDDEN_COPIES, MLP_COPIES, MemoryModel
 from .model_shape import ModelShape, count_parameters, offline_models, resolve_model
+from .notes import plan_notes
+from .parallel import PARALLEL_MODES, Parallel
 from .points import Candidate, frontier, knob_grid, point, run_of, score
 from .quality import DEFAULT_ENERGY, ENERGY_BETA, ENERGY_GAMMA, RETENTION_EXPONENT, QualityModel, find_quality
-from .retrieval import RETRIEVAL, RETRIEVAL_KNOBS, proxy_ranks
-from .summaries import SUMMARY_KNOBS, SUMMARY_POLICIES
+from .retrieval import RETRIEVAL, proxy_ranks
+from .summaries import SUMMARY_POLICIES
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -115,7 +119,7 @@ class Plan:
     frontier : tuple of Candidate
         The memory-quality Pareto frontier, cheapest first: fitting points (any key width, token
         budgets from ``min_tokens`` up to each width's largest) that no other point beats on both
-        KV cache bytes (:attr:`~kvpress_aqua.planner.memory.Breakdown.cache_peak`) and quality.
+        KV cache bytes (:attr:`~kvpress_aqua.planner.breakdown.Breakdown.device_cache_peak`) and quality.
     recommendation : Candidate or None
         The best estimated quality that fits (ties: fewer bytes); ``None`` when nothing fits.
     message : str
@@ -219,6 +223,11 @@ class Plan:
             },
             "dtype": mm.dtype, "context": mm.context, "batch": mm.batch, "new_tokens": mm.new_tokens,
             "prefill_chunk": mm.prefill_chunk, "overhead_bytes": mm.overhead, "token_policy": mm.token_policy,
+            "gpus": mm.parallel.gpus if mm.parallel else 1, "parallel": mm.parallel.mode if mm.parallel else None,
+            "split_rule": mm.parallel.rule if mm.parallel else None,
+            "devices": [{"device": s.index, "layers": list(s.layers), "parameters": s.parameters, "logits": s.logits,
+                         "heads": s.shape.info.num_heads, "kv_heads": s.shape.info.num_kv_heads}
+                        for s in (mm.parallel.shares(self.model) if mm.parallel else ())],
             "min_tokens": self.min_tokens, "quality_source": self.quality_source,
             "quality_kind": self.quality_model.kind, "quality_metric": self.quality_model.metric,
             "candidates": [c.to_dict() for c in self.candidates],
@@ -230,11 +239,13 @@ class Plan:
     def explain(self) -> str:
         """The memory formula with this plan's numbers substituted (recommendation, else the cheapest point)."""
         point = self.recommendation or min(self.candidates, key=lambda c: self.limits.excess(c.memory))
-        m, mm = point.memory, run_of(self.memory_model, point)
+        m, mm = point.memory.busiest, run_of(self.memory_model, point)
         chunk = f"prefill chunk {mm.prefill_chunk:,}" if mm.prefill_chunk else "prefill in one forward"
+        gpu = (f" on GPU {point.memory.devices.index(m)} of {len(point.memory.devices)}, the most loaded (its "
+               "heads, layers and weights)" if point.memory.devices else "")
         lines = [
             f"Memory formula for {point.label(mm.seen)} ({mm.batch} × {mm.context:,}-token prompts, "
-            f"{mm.new_tokens} new tokens, {mm.dtype}, {chunk}: e = {mm.elem} B, B = {mm.batch}):",
+            f"{mm.new_tokens} new tokens, {mm.dtype}, {chunk}: e = {mm.elem} B, B = {mm.batch}){gpu}:",
             "  total = weights + AQUA projections + overhead + max over phases (KV held + attention + activations "
             "+ layer copy)",
         ]
@@ -255,13 +266,16 @@ class Plan:
         return "\n".join(lines)
 
     def curves(self, points: int = 24) -> dict[float, list[tuple[int, float]]]:
-        """``k_ratio -> [(KV cache bytes, quality)]`` for knobs from the cheapest to every token (plots)."""
+        """``k_ratio -> [(KV cache bytes, quality)]`` for knobs from the cheapest to every token (plots).
+
+        The bytes are the most loaded GPU's when the run is split (what a per-GPU budget bounds).
+        """
         out = {}
         for c in self.candidates:
             row, mm = [], run_of(self.memory_model, c)
             for knob in [*knob_grid(mm, self.min_tokens, None, points), None]:
                 p = point(mm, self.quality_model, c.key_dim, knob, c.prefill_chunk, fits=True, verdict="")
-                row.append((p.memory.cache_peak, p.quality))
+                row.append((p.memory.device_cache_peak, p.quality))
             out[c.k_ratio] = sorted(row)
         return out
 
@@ -295,6 +309,8 @@ def plan(
     host_budget: int | str | None = None,
     offload: str | None = "cpu",
     proxy_dtype: str = "model",
+    gpus: int = 1,
+    parallel: str = "tp",
 ) -> Plan:
     """Pick ``k_ratio``, the token budget and the prefill chunk together under a KV-cache budget.
 
@@ -342,6 +358,13 @@ def plan(
         Retrieval only: where its tier lives, host memory (``"cpu"``) or the device.
     proxy_dtype : {"model", "int8"}, default "model"
         Retrieval only: its proxy keys in the model dtype, or int8 with a float32 scale per token.
+    gpus : int, default 1
+        GPUs the run is split over; with more than one, ``budget`` and ``device_memory`` are per GPU
+        and every point's ``memory.devices`` holds each GPU's bytes.
+    parallel : {"tp", "pipeline"}, default "tp"
+        How ``gpus > 1`` split the run (:mod:`kvpress_aqua.planner.parallel`): tensor parallelism
+        (``tp_plan="auto"``: each rank 1/N of the KV heads) or a pipeline (``device_map="auto"``:
+        whole layers per GPU).
 
     Returns
     -------
@@ -352,7 +375,8 @@ def plan(
     ValueError
         Bad input, naming the fix: neither budget nor device memory, non-positive budget or context,
         malformed size, unknown GPU, dtype, model or token policy, a block summary on a model
-        with sliding-window layers, a host budget, offload or proxy dtype for a policy other than retrieval.
+        with sliding-window layers, a host budget, offload or proxy dtype for a policy other than retrieval,
+        KV heads that ``gpus`` tensor-parallel ranks cannot split evenly.
 
     """
     device, device_label = (None, None) if device_memory is None else parse_device_memory(device_memory)
@@ -363,7 +387,13 @@ def plan(
                          "(plan it with --token-policy retrieval)")
     host = None if host_budget is None or offload is None else parse_size(host_budget, "host budget")
     limits = Limits(None if budget is None else parse_size(budget, "budget"), device, host)
+    gpus = _check_int("gpus", gpus, 1, "--gpus 2")
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"--parallel {parallel!r}: use tp (heads split across ranks) or pipeline (layers per GPU)")
     shape = resolve_model(model)
+    split = Parallel(parallel, gpus) if gpus > 1 else None
+    if split is not None:
+        split.check(shape)
     if context is None:
         if shape.max_position_embeddings is None:
             raise ValueError("the model config has no max_position_embeddings; give the context, e.g. --context 8192")
@@ -378,7 +408,7 @@ def plan(
         0 if str(overhead).strip() == "0" else parse_size(overhead, "overhead")
     )
     mm = MemoryModel(shape, batch, tokens, new_tokens, dtype_name, chunk, overhead_bytes, token_policy,
-                     offload=offload, proxy_dtype=proxy_dtype)
+                     offload=offload, proxy_dtype=proxy_dtype, parallel=split)
     quality_model = quality or find_quality(shape.info, artifact, token_policy)
     points = _search(mm, quality_model, limits, min_tokens, chunk_choices(tokens, chunk))
     fitting = [c for c in points if c.fits]
@@ -390,9 +420,10 @@ def plan(
         binds, tier = binding(mm, limits, best)
         host_text = (f", host tier {format_bytes(best.memory.host)} at the end (at most "
                      f"{format_bytes(best.memory.host_peak)})" if best.top_k is not None and mm.offload else "")
+        per = " per GPU" if split else ""
         message = (f"fits: {best.label(mm.seen)}, {_chunk_text(best.prefill_chunk)}; KV cache at most "
-                   f"{format_bytes(best.memory.cache_peak)}{host_text}, predicted peak "
-                   f"{format_bytes(best.memory.total)}, estimated quality {best.quality:.3f}; {binds}")
+                   f"{format_bytes(best.memory.device_cache_peak)}{per}{host_text}, predicted peak "
+                   f"{format_bytes(best.memory.device_total)}{per}, estimated quality {best.quality:.3f}; {binds}")
     else:
         message = does_not_fit(mm, limits, min_tokens, chunk)
     if chunk is not None:  # the user fixed the chunk: say which chunk would do better
@@ -406,47 +437,9 @@ def plan(
                 message += f"; {hint}"
             else:
                 notes.append(hint)
-    if shape.max_position_embeddings and mm.context + new_tokens > shape.max_position_embeddings:
-        notes.append(f"context + new tokens = {mm.context + new_tokens:,} exceeds the model's "
-                     f"max_position_embeddings {shape.max_position_embeddings:,}")
-    if dtype is None and shape.dtype is None:
-        notes.append("the config states no dtype; planned for fp32 (pass --dtype)")
-    if best is not None and limits.device is None:
-        notes.append(f"device memory not checked: the run needs about {format_bytes(best.memory.total)} "
-                     f"(weights {format_bytes(best.memory.weights)}); --device-memory h100 (or a size) checks it")
-    if mm.keeps_rate:
-        notes.append(f"{token_policy} keeps a rate, not a budget: {SUMMARY_KNOBS['sinks']} sinks, "
-                     f"{SUMMARY_KNOBS['recent']} recent tokens and 1/2^halvings of every full "
-                     f"{SUMMARY_KNOBS['block']}-token block of the middle, so its memory grows with the tokens seen "
-                     f"(planned for {mm.seen:,}; decoding more holds more)")
-    if mm.retrieves:
-        notes += _retrieval_notes(mm, limits, best, host_budget)
-    if any(e["type"] == "aqua" for e in (best.entries if best else ())):
-        notes.append("AQUA needs a calibration artifact for this model (kvtool calibrate) before the cache is built")
+    notes += plan_notes(mm, limits, best, dtype_given=dtype is not None, host_budget=host_budget)
     return Plan(limits, shape, mm, quality_model, min_tokens, tuple(points), tuple(pareto), best, message,
                 tuple(notes), device_label, binds, tier)
-
-
-def _retrieval_notes(mm: MemoryModel, limits: Limits, best: Candidate | None, host_budget: Any) -> list[str]:
-    """What a retrieval plan leaves out or assumes: growth past the planned tokens, the unchecked host."""
-    notes = [f"retrieval keeps every token ({RETRIEVAL_KNOBS['sinks']} sinks and {RETRIEVAL_KNOBS['recent']} recent "
-             f"held, top_k retrieved per decode step by a {RETRIEVAL_KNOBS['proxy']} proxy fit on each prompt), so its "
-             f"tier and proxy keys grow with every token (planned for {mm.seen:,}; decoding more holds more)"]
-    if mm.proxy_dtype == "int8":
-        notes.append("int8 proxy keys: the quality heuristic does not model their rounding")
-    if mm.offload is None:
-        notes.append("the tier is on the device (--offload none): every token counts in the KV cache, with the proxy "
-                     "keys and working sets on top, so retrieval never holds less than a plain cache (it reads fewer "
-                     "rows per step, not fewer bytes)"
-                     + (f"; --host-budget {host_budget} is not used" if host_budget is not None else ""))
-    else:
-        if limits.host is None and best is not None and best.top_k is not None:
-            notes.append(f"host memory not checked: the tier needs at most {format_bytes(best.memory.host_peak)} "
-                         "(--host-budget SIZE checks it)")
-        notes.append("the host figures are the tier's tensors; on a GPU they are pinned memory, which PyTorch's "
-                     "caching host allocator rounds up and keeps when the tier grows (one H200 run pinned 956 MB for "
-                     "a 401 MB tier): leave the host that slack")
-    return notes
 
 
 def plannable_token_policies() -> tuple[str, ...]:

@@ -21,9 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..core.accounting import capped_budget, decode_slots, dense_layer_tokens, prefill_slots
+from .retrieval import TierMoment
 from .summaries import last_starts, maximal, summary_slots
 
-__all__ = ["Step", "budget_steps", "summary_steps"]
+__all__ = ["Phase", "Step", "budget_steps", "sdpa_masked", "summary_steps"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,35 @@ class Step:
     slots: tuple[int, ...]
     visible: tuple[int, ...]
     copy: int | None = None
+
+
+@dataclass(frozen=True)
+class Phase:
+    """The bytes of one :class:`Step` (:meth:`~kvpress_aqua.planner.memory.MemoryModel.evaluate` builds it).
+
+    ``kv`` is the KV held, ``attention``, ``activations`` and ``copy`` the working set of the larger
+    of the layer's two steps (``step``: ``"attention"`` or ``"mlp"``); ``scores`` the attention term
+    at the attention step, ``copy_slots`` the slots copied, ``tier`` a retrieval tier's bytes.
+    """
+
+    name: str
+    chunk: int
+    offset: int
+    slots: tuple[int, ...]
+    visible: tuple[int, ...]
+    kv: int
+    attention: int
+    activations: int
+    copy: int
+    copy_slots: int
+    step: str
+    scores: int
+    tier: TierMoment | None = None
+
+    @property
+    def peak(self) -> int:
+        """KV held plus the working set."""
+        return self.kv + self.attention + self.activations + self.copy
 
 
 def _chunk(context: int, prefill_chunk: int | None) -> tuple[int, int]:
@@ -168,3 +198,14 @@ def summary_steps(layers: int, context: int, prefill_chunk: int | None, new_toke
     held = (summary_slots(seen, halvings),) * layers
     last = steps[-1]
     return steps, Step("decode" if new_tokens >= 2 else "prefill", last.offset, last.chunk, held, held)
+
+
+def sdpa_masked(phase: str, offset: int) -> bool:
+    """Whether ``transformers``' SDPA path builds an explicit boolean mask (``B x n x held`` bytes).
+
+    It does for a prefill chunk after the first (its keys are longer than its queries); the first
+    chunk and decode steps run with ``is_causal`` and no mask. With a mask, under GQA/MQA, it also
+    expands K and V to every query head (``repeat_kv``).
+    """
+    return phase == "prefill" and offset > 0
+

@@ -24,6 +24,7 @@ from ..policies.base import ChannelPolicy, TokenPolicy
 from ..util.compat import cache_kwargs
 from .accounting import dense_layer_tokens
 from .layer import CompressedLayer
+from .parallel import device_name, local_kv_heads, tensor_parallel_rank
 from .report import MemoryReport, MemoryRow
 
 __all__ = ["CompressedCache"]
@@ -50,6 +51,22 @@ class CompressedCache(Cache):
     prefill_chunk : int, optional
         Chunk size used by :meth:`prefill` so that peak memory follows the budget, not the prompt.
 
+    Attributes
+    ----------
+    info : ModelInfo
+        The model's attention shapes (every KV head).
+    kv_heads : range
+        The KV heads this cache holds: all of them, or this rank's share under tensor parallelism
+        (``tp_plan="auto"``; :mod:`kvpress_aqua.core.parallel`).
+
+    Notes
+    -----
+    A model split over devices (``device_map="auto"``) works as it is: each layer's tensors, and the
+    channel policy's tensors of that layer, live where that layer's keys first arrive. Under tensor
+    parallelism each rank builds its own cache over the same policies; nothing is communicated
+    (eviction is decided per KV head) and :meth:`nbytes` counts this rank's bytes
+    (docs/multi-gpu.md).
+
     Examples
     --------
     >>> cache = CompressedCache(model, H2O(heavy=256, recent=64), Aqua(k_ratio=0.5))  # doctest: +SKIP
@@ -64,6 +81,7 @@ class CompressedCache(Cache):
         if prefill_chunk is not None and prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk={prefill_chunk}: give a positive token count, or None for no chunking")
         self.info = ModelInfo.from_config(model.config)
+        self.kv_heads = local_kv_heads(self.info.num_kv_heads, *tensor_parallel_rank(model))
         self.token_policy, self.channel_policy = _split_policies(policies)
         self.policies = tuple(policies)
         self.prefill_chunk = prefill_chunk
@@ -78,14 +96,17 @@ class CompressedCache(Cache):
             self.token_policy.check(self.info)
         _check_sinks(self.token_policy, self.info)
         param = next(model.parameters())
+        # where policy tensors wait for their layer's first update (a weight offloaded to disk is on "meta")
+        self._home = param.device if param.device.type != "meta" else torch.device("cpu")
+        self._placed_bases: dict[int, torch.Tensor] = {}  # proxy bases copied to a layer's own device
         channels = self.channel_policy
         if channels is not None:
-            channels.bind(self.info, param.device, param.dtype)
+            channels.bind(self.info, self._home, param.dtype, self.kv_heads)
         if self.token_policy is not None:
             key_dims = [channels.key_dim(i) if channels is not None else self.info.head_dim
                         for i in range(self.info.num_layers)]
             exact = channels.exact_sinks + channels.exact_recent if channels is not None else 0
-            self.token_policy.prepare(self.info, param.device, param.dtype, key_dims, exact)
+            self.token_policy.prepare(self.info, self._home, param.dtype, key_dims, exact)
         super().__init__(layers=[self._make_layer(i) for i in range(self.info.num_layers)])
         self._token = next(_TOKENS)
         self._attached = False
@@ -104,7 +125,7 @@ class CompressedCache(Cache):
         if not self.policies:
             return DynamicSlidingWindowLayer(sliding_window=window) if window else DynamicLayer()
         return CompressedLayer(
-            layer_idx, self.info.num_kv_heads, self.info.head_dim, self.token_policy, self.channel_policy, window
+            layer_idx, len(self.kv_heads), self.info.head_dim, self.token_policy, self.channel_policy, window
         )
 
     def __enter__(self) -> CompressedCache:
@@ -135,10 +156,30 @@ class CompressedCache(Cache):
         self._check_update(key_states, layer_idx)
         if self.policies and not self._attached:
             self._attach()
+        if not self.layers[layer_idx].is_initialized:
+            self._place(layer_idx, key_states.device)
         previous, self._last_layer = self._last_layer, layer_idx
         if previous is not None and previous != layer_idx and isinstance(self.layers[previous], CompressedLayer):
             self.layers[previous].finalize()
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _place(self, layer_idx: int, device: torch.device) -> None:
+        """Bind a layer's policy tensors to ``device``, where its first keys arrived (a model split over devices).
+
+        The channel policy moves that layer's bases (:meth:`ChannelPolicy.place`). A calibrated
+        retrieval proxy is handed to the layer's tier as this process's heads on that device (a
+        copy, counted apart, when the policy's basis lives on another device).
+        """
+        if self.channel_policy is not None:
+            self.channel_policy.place(layer_idx, device)
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, CompressedLayer) or layer.tier is None or self.token_policy.per_prompt:
+            return
+        shared = self.token_policy.proxy_basis(layer_idx)  # (kv_heads, head_dim, rank), every head
+        layer.tier.basis = shared[self.kv_heads.start:self.kv_heads.stop].to(device)
+        self._placed_bases.pop(layer_idx, None)
+        if layer.tier.basis.device != shared.device:
+            self._placed_bases[layer_idx] = layer.tier.basis
 
     def _check_update(self, key_states: torch.Tensor, layer_idx: int) -> None:
         """Refuse a model this cache was not built for, and a batch size the plain path cannot grow into.
@@ -160,7 +201,7 @@ class CompressedCache(Cache):
         layer = self.layers[layer_idx]
         if isinstance(layer, CompressedLayer):
             return  # the layer checks its own shapes and batch
-        shape = (self.info.num_kv_heads, self.info.head_dim)
+        shape = (len(self.kv_heads), self.info.head_dim)
         if key_states.ndim != 4 or (key_states.shape[1], key_states.shape[-1]) != shape:
             raise ValueError(f"layer {layer_idx}: expected keys of shape (batch, {shape[0]}, new, {shape[1]}), got "
                              f"{tuple(key_states.shape)}; {built_for}")
@@ -177,6 +218,7 @@ class CompressedCache(Cache):
         super().reset()
         self._last_layer = None
         self._plain_pad = None
+        self._placed_bases = {}
 
     def make_static(self, new_tokens: int) -> None:
         """Make every layer static for ``new_tokens`` decode steps (see :meth:`CompressedLayer.make_static`).
@@ -287,21 +329,28 @@ class CompressedCache(Cache):
         }
 
     # --------------------------------------------------------------- accounting
-    def nbytes(self, tier: str = "device") -> int:
+    def nbytes(self, tier: str = "device", device: torch.device | str | None = None) -> int:
         """Bytes of every tensor the cache holds now: keys, values, slot metadata, projection matrices.
 
         Parameters
         ----------
         tier : {"device", "host", "all"}
-            ``device``: what the model's device holds (everything, unless a retrieval tier is
+            ``device``: what the model's devices hold (everything, unless a retrieval tier is
             offloaded); ``host``: the offloaded tier; ``all``: both.
+        device : torch.device or str, optional
+            Only the bytes on this device (``"cuda:1"``; ``"cuda"`` counts every CUDA device): a
+            model split over devices holds each layer's bytes on that layer's device. ``None``: all.
 
         """
         report = self.memory_report()
         by_tier = {"device": report.total, "host": report.host, "all": report.total + report.host}
         if tier not in by_tier:
             raise ValueError(f"nbytes(tier={tier!r}): use 'device', 'host' or 'all'")
-        return by_tier[tier]
+        if device is None:
+            return by_tier[tier]
+        want = torch.device(device)
+        return sum(n for name, n in report.by_device(tier).items()
+                   if (held := torch.device(name)).type == want.type and want.index in (None, held.index))
 
     def dense_nbytes(self) -> int:
         """Bytes a ``DynamicCache`` would hold after the same tokens (sliding layers keep their window)."""
@@ -330,12 +379,23 @@ class CompressedCache(Cache):
                     values += sum(on_device[n].nbytes for n in ("ws_values", "tier_values") if n in on_device)
                 meta = layer.nbytes() - keys - values
                 rows.append(MemoryRow(i, kind, slots, layer.held_tokens(), keys, values, meta, dense,
-                                      layer.host_nbytes()))
+                                      layer.host_nbytes(), device_name(layer.keys.device)))
             else:
                 rows.append(MemoryRow(i, "dense", slots, batch * heads * slots, layer.keys.nbytes,
-                                      layer.values.nbytes, 0, dense))
-        policy_bytes = sum(p.nbytes() for p in (self.token_policy, self.channel_policy) if p is not None)
-        return MemoryReport(tuple(rows), policy_bytes, self.get_seq_length())
+                                      layer.values.nbytes, 0, dense, device=device_name(layer.keys.device)))
+        devices = self._policy_devices()
+        return MemoryReport(tuple(rows), sum(devices.values()), self.get_seq_length(), tuple(devices.items()))
+
+    def _policy_devices(self) -> dict[str, int]:
+        """The policies' own bytes by device: channel bases where each layer's are, proxy bases (and copies)."""
+        parts = [(t.device, t.nbytes) for t in self.channel_policy.tensors()] if self.channel_policy else []
+        if self.token_policy is not None and self.token_policy.nbytes():
+            parts.append((self._home, self.token_policy.nbytes()))  # where prepare() put them
+        parts += [(t.device, t.nbytes) for t in self._placed_bases.values()]
+        out: dict[str, int] = {}
+        for device, n in parts:
+            out[device_name(device)] = out.get(device_name(device), 0) + n
+        return out
 
 
 def _split_policies(policies: Sequence[Any]) -> tuple[TokenPolicy | None, ChannelPolicy | None]:

@@ -25,6 +25,8 @@ class MemoryRow:
     meta_bytes: int
     dense_bytes: int
     host_bytes: int = 0
+    device: str = ""
+    """Where the layer's tensors live (its keys' device, ``"cuda:1"``); ``""`` for a layer not yet used."""
 
     @property
     def total(self) -> int:
@@ -34,11 +36,25 @@ class MemoryRow:
 
 @dataclass(frozen=True)
 class MemoryReport:
-    """Bytes held per layer and per kind, with what ``DynamicCache`` would hold; rich-renderable."""
+    """Bytes held per layer and per kind, with what ``DynamicCache`` would hold; rich-renderable.
+
+    Attributes
+    ----------
+    rows : tuple of MemoryRow
+        One per decoder layer.
+    policy_bytes : int
+        The policies' own tensors (projection matrices, proxy bases).
+    seen : int
+        Tokens seen.
+    policy_devices : tuple of (str, int)
+        :attr:`policy_bytes` split by the device holding them, ``(("cuda:0", n), ...)``.
+
+    """
 
     rows: tuple[MemoryRow, ...]
     policy_bytes: int
     seen: int
+    policy_devices: tuple[tuple[str, int], ...] = ()
 
     @property
     def total(self) -> int:
@@ -54,6 +70,29 @@ class MemoryReport:
     def dense(self) -> int:
         """Bytes ``DynamicCache`` would hold after the same tokens."""
         return sum(r.dense_bytes for r in self.rows)
+
+    def by_device(self, tier: str = "device") -> dict[str, int]:
+        """Bytes per device (``{"cuda:0": ..., "cuda:1": ...}``), policy tensors included; sums to the tier's total.
+
+        Parameters
+        ----------
+        tier : {"device", "host", "all"}
+            ``device``: each layer's bytes on its own device (:attr:`total`); ``host``: the
+            offloaded tiers, in host memory (``"cpu"``; :attr:`host`); ``all``: both.
+
+        """
+        if tier not in ("device", "host", "all"):
+            raise ValueError(f"by_device(tier={tier!r}): use 'device', 'host' or 'all'")
+        parts: list[tuple[str, int]] = []
+        if tier != "host":
+            parts += [(r.device, r.total) for r in self.rows if r.total]
+            parts += list(self.policy_devices)
+        if tier != "device":
+            parts += [("cpu", r.host_bytes) for r in self.rows if r.host_bytes]
+        out: dict[str, int] = {}
+        for device, n in parts:
+            out[device] = out.get(device, 0) + n
+        return out
 
     def by_kind(self) -> dict[str, int]:
         """Bytes per kind: keys, values, slot metadata, policy tensors."""
@@ -101,6 +140,9 @@ class MemoryReport:
             caption += f"; total includes {format_bytes(self.policy_bytes)} of projection matrices"
         if self.host:
             caption += f"; a host tier holds {format_bytes(self.host)} more (every token's keys and values)"
+        devices = self.by_device()
+        if len(devices) > 1:
+            caption += "; by device: " + ", ".join(f"{d} {format_bytes(n)}" for d, n in sorted(devices.items()))
         out = []
         for n, group in enumerate(groups):
             table = Table(title=title if n == 0 else None, caption=caption if n == len(groups) - 1 else None)

@@ -108,12 +108,15 @@ class Aqua(ChannelPolicy):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"Aqua({knob}={value!r}): give a token count >= 0 (0 turns it off)")
 
-    def bind(self, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
+    def bind(self, info: ModelInfo, device: torch.device, dtype: torch.dtype, heads: range | None = None) -> None:
         """Load the artifact for ``info``'s model and keep ``P[:, :, :r]`` per layer on ``device``.
 
         With exact tokens the other columns ``P[:, :, r:]`` are kept as well (their residual keys).
+        ``heads`` (a tensor-parallel rank's share of the KV heads) keeps those heads' bases only;
+        :meth:`place` then moves each layer's bases to the device its keys arrive on.
         """
         d = info.head_dim
+        heads = range(info.num_kv_heads) if heads is None else heads
         artifact = self._load_artifact(info) if self.basis != "identity" or self.per_layer == "spectrum" else None
         self._dims = self._split(info, artifact)
         self._kept_basis, self._dropped_basis = [], []
@@ -128,9 +131,16 @@ class Aqua(ChannelPolicy):
                 order = importance.argsort(dim=-1, descending=True)
                 chosen = torch.cat([order[:, :r].sort(dim=-1).values, order[:, r:]], dim=-1)
                 basis = torch.eye(d)[:, chosen].permute(1, 0, 2)  # (kv_heads, d, d), kept columns first
+            basis = basis[heads.start:heads.stop]
             self._kept_basis.append(basis[:, :, :r].to(device=device, dtype=dtype).contiguous())
             if exact:  # (kv_heads, d, 0) for a layer that keeps every channel
                 self._dropped_basis.append(basis[:, :, r:].to(device=device, dtype=dtype).contiguous())
+
+    def place(self, layer_idx: int, device: torch.device) -> None:
+        """Move one layer's bases to ``device`` (a no-op where they already are)."""
+        self._kept_basis[layer_idx] = self._kept_basis[layer_idx].to(device)
+        if self._dropped_basis:
+            self._dropped_basis[layer_idx] = self._dropped_basis[layer_idx].to(device)
 
     def _load_artifact(self, info: ModelInfo) -> AquaArtifact:
         if self.artifact is None:
@@ -183,7 +193,7 @@ class Aqua(ChannelPolicy):
         keep = math.ceil(self.q_ratio * self._dims[layer_idx])
         return None if keep >= self._dims[layer_idx] else keep
 
-    def nbytes(self) -> int:
-        """Bytes of the stored projections."""
-        return sum(p.nbytes for p in self._kept_basis) + sum(p.nbytes for p in self._dropped_basis)
+    def tensors(self) -> list[torch.Tensor]:
+        """The stored projections: every layer's kept bases, then its dropped ones (with exact tokens)."""
+        return [*self._kept_basis, *self._dropped_basis]
 

@@ -187,8 +187,27 @@ class ChannelPolicy(ABC):
     """Most recent tokens (before the current chunk) whose dropped key channels are kept too."""
 
     @abstractmethod
-    def bind(self, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
-        """Prepare per-layer state (projection matrices) for a model; called once per cache."""
+    def bind(self, info: ModelInfo, device: torch.device, dtype: torch.dtype, heads: range | None = None) -> None:
+        """Prepare per-layer state (projection matrices) for a model; called once per cache.
+
+        Parameters
+        ----------
+        info : ModelInfo
+            The model's attention shapes (all of its KV heads).
+        device, dtype : torch.device, torch.dtype
+            Where the tensors go until :meth:`place` moves a layer's, and their dtype.
+        heads : range, optional
+            The KV heads this process holds (a tensor-parallel rank's share); ``None``: all of them.
+            Per-head tensors keep these heads only, in this order.
+
+        """
+
+    def place(self, layer_idx: int, device: torch.device) -> None:  # noqa: B027 - optional hook
+        """Move a layer's tensors to ``device``, where its keys arrive; the cache calls it at the layer's first update.
+
+        A model split over devices (``device_map``) runs each layer on its own device; a policy
+        without per-layer tensors has nothing to move.
+        """
 
     @abstractmethod
     def key_dim(self, layer_idx: int) -> int:
@@ -222,8 +241,12 @@ class ChannelPolicy(ABC):
         return keys @ self.residual_basis(layer_idx)
 
     @abstractmethod
+    def tensors(self) -> list[torch.Tensor]:
+        """The policy's own tensors (projection matrices), each where it lives now."""
+
     def nbytes(self) -> int:
         """Bytes of the policy's own tensors (projection matrices) held on the device."""
+        return sum(t.nbytes for t in self.tensors())
 
 
 Policy = TokenPolicy | ChannelPolicy

@@ -1,14 +1,16 @@
 """Tensor parallelism on CPU: transformers' ``tp_plan="auto"`` over 2 gloo processes, each rank's cache its own heads.
 
-The test saves a tiny random Llama (4 query / 2 KV heads) and an AQUA artifact calibrated on it,
+The test saves tiny random models (4 query / 2 KV heads) and AQUA artifacts calibrated on them,
 runs every case in one process (the reference), then runs this file as a script under
-``torch.distributed.run`` with 2 ranks, each loading the model sharded by ``transformers``. Each
-rank holds one KV head; the ranks never talk to each other about the cache. Greedy tokens and
-logits must equal the single process's, each rank's kept slots must be the reference's slots of
-its head, and the ranks' bytes must add up to the single process's.
+``torch.distributed.run`` with 2 ranks, each loading the models sharded by ``transformers``. On
+Llama each rank holds one KV head; Phi-3's plan gathers its fused q/k/v whole, so each of its ranks
+holds both. The ranks never talk to each other about the cache. Greedy tokens and logits must
+equal the single process's, each rank's kept slots must be the reference's slots of its heads, and
+the ranks' bytes must add up to the single process's, less what every rank holds whole.
 """
 
 import inspect
+import itertools
 import os
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from kvpress_aqua import CompressedCache
 from kvpress_aqua.calibration import calibrate
 from kvpress_aqua.core.accounting import START_BYTES
 from kvpress_aqua.core.layer import CompressedLayer
-from kvpress_aqua.core.parallel import local_kv_heads
+from kvpress_aqua.core.parallel import head_share, shards_kv_heads
 from kvpress_aqua.policies import H2O, Retrieval
 from kvpress_aqua.policies.aqua import Aqua
 from kvpress_aqua.util.compat import cache_kwargs
@@ -31,6 +33,8 @@ from kvpress_aqua.util.compat import cache_kwargs
 WORLD = 2
 TEXT = "A lighthouse keeper counts the ships that pass the harbour each night and logs the weather. " * 10
 CASES = ("h2o+aqua", "retrieval-aqua", "plain")
+SHARDED = {"llama": True, "phi3": False}
+"""Whether transformers' tensor-parallel plan of the family splits the KV heads over ranks."""
 
 gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                           reason="torch.distributed with the gloo backend is not available")
@@ -63,37 +67,51 @@ def run_cases(model: torch.nn.Module, artifact: Path) -> dict[str, dict]:
     return out
 
 
+def test_the_plan_says_whether_heads_are_split() -> None:
+    plans = {arch: type(make_tiny_model(arch).config).base_model_tp_plan for arch in SHARDED}
+    assert {arch: shards_kv_heads(plan) for arch, plan in plans.items()} == SHARDED
+    assert not shards_kv_heads({})
+    assert head_share(8, 3, 4) == range(6, 8)
+    with pytest.raises(ValueError, match="do not split over 4"):
+        head_share(2, 0, 4)
+
+
 @gloo
 def test_tp2_on_cpu_equals_one_process(tmp_path: Path) -> None:
-    model = make_tiny_model("llama")
-    model.save_pretrained(tmp_path / "model")
-    artifact = tmp_path / "aqua.safetensors"
-    calibrate(model, byte_tokenizer(model.config.vocab_size), TEXT, tokens=400, chunk=128,
-              progress=False).save(artifact)
-    reference = run_cases(model, artifact)
+    reference = {}
+    for arch in SHARDED:
+        model = make_tiny_model(arch)
+        model.save_pretrained(tmp_path / arch)
+        calibrate(model, byte_tokenizer(model.config.vocab_size), TEXT, tokens=400, chunk=128,
+                  progress=False).save(tmp_path / f"{arch}.safetensors")
+        reference[arch] = run_cases(model, tmp_path / f"{arch}.safetensors")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TP_TEST_DIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--standalone",
            __file__]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for case, ref in reference.items():
-        for rank, got in enumerate(ranks):
-            heads = local_kv_heads(model.config.num_key_value_heads, rank, WORLD)
-            assert got[case]["heads"] == heads, case
-            assert torch.equal(got[case]["tokens"], ref["tokens"]), case
-            torch.testing.assert_close(got[case]["logits"], ref["logits"], atol=2e-5, rtol=1e-4, msg=case)
-            for held, full in zip(got[case]["index"], ref["index"], strict=True):
-                if full is not None:  # eviction decided per KV head: the same slots as that head's in one process
-                    assert torch.equal(held, full[:, heads.start:heads.stop]), case
-        # every rank holds what is per sequence, not per head (each layer's int32 left-padding count), and
-        # Retrieval's calibrated proxy bases of every head (docs/multi-gpu.md); the rest is split by head
-        batch, layers = ref["tokens"].shape[0], model.config.num_hidden_layers
+    for (arch, cases), case in itertools.product(reference.items(), CASES):
+        ref, where = cases[case], f"{arch} {case}"
+        for rank, got in enumerate(r[arch][case] for r in ranks):
+            heads = head_share(2, rank, WORLD) if SHARDED[arch] else range(2)
+            assert got["heads"] == heads, where
+            assert torch.equal(got["tokens"], ref["tokens"]), where
+            torch.testing.assert_close(got["logits"], ref["logits"], atol=2e-5, rtol=1e-4, msg=where)
+            for held, full in zip(got["index"], ref["index"], strict=True):
+                if full is not None:  # eviction decided per KV head: the same slots as those heads' in one process
+                    assert torch.equal(held, full[:, heads.start:heads.stop]), where
+        # split by head: everything but what is per sequence (each layer's int32 left-padding count) and
+        # Retrieval's calibrated proxy bases of every head (docs/multi-gpu.md); unsplit: everything, on every rank
+        batch, layers = ref["tokens"].shape[0], len(ref["index"])
         replicated = (batch * START_BYTES * layers if case != "plain" else 0) + ref["policy_nbytes"]
-        if case != "retrieval-aqua":
+        if not SHARDED[arch]:
+            replicated = ref["nbytes"]
+        elif case != "retrieval-aqua":
             assert ref["policy_nbytes"] == 0
-        assert sum(got[case]["nbytes"] for got in ranks) == ref["nbytes"] + (WORLD - 1) * replicated, case
-        assert sum(got[case]["dense"] for got in ranks) == ref["dense"], case
+        assert sum(r[arch][case]["nbytes"] for r in ranks) == ref["nbytes"] + (WORLD - 1) * replicated, where
+        dense = ref["dense"] * (1 if SHARDED[arch] else WORLD)
+        assert sum(r[arch][case]["dense"] for r in ranks) == dense, where
 
 
 def _tp_auto() -> dict:
@@ -108,10 +126,13 @@ def _tp_auto() -> dict:
 
 
 def _rank_main() -> None:
-    """One tensor-parallel rank: load the saved model sharded by transformers, run the cases, save the results."""
+    """One tensor-parallel rank: load the saved models sharded by transformers, run the cases, save the results."""
     where = Path(os.environ["TP_TEST_DIR"])
-    model = AutoModelForCausalLM.from_pretrained(where / "model", dtype=torch.float32, **_tp_auto()).eval()
-    torch.save(run_cases(model, where / "aqua.safetensors"), where / f"rank{os.environ['RANK']}.pt")
+    results = {}
+    for arch in SHARDED:
+        model = AutoModelForCausalLM.from_pretrained(where / arch, dtype=torch.float32, **_tp_auto()).eval()
+        results[arch] = run_cases(model, where / f"{arch}.safetensors")
+    torch.save(results, where / f"rank{os.environ['RANK']}.pt")
     torch.distributed.destroy_process_group()
 
 

@@ -24,7 +24,7 @@ from ..policies.base import ChannelPolicy, TokenPolicy
 from ..util.compat import cache_kwargs
 from .accounting import dense_layer_tokens
 from .layer import CompressedLayer
-from .parallel import device_name, local_kv_heads, tensor_parallel_rank
+from .parallel import device_name, local_kv_heads
 from .report import MemoryReport, MemoryRow
 
 __all__ = ["CompressedCache"]
@@ -81,7 +81,7 @@ class CompressedCache(Cache):
         if prefill_chunk is not None and prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk={prefill_chunk}: give a positive token count, or None for no chunking")
         self.info = ModelInfo.from_config(model.config)
-        self.kv_heads = local_kv_heads(self.info.num_kv_heads, *tensor_parallel_rank(model))
+        self.kv_heads = local_kv_heads(model, self.info.num_kv_heads)
         self.token_policy, self.channel_policy = _split_policies(policies)
         self.policies = tuple(policies)
         self.prefill_chunk = prefill_chunk

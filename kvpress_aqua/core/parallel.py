@@ -20,7 +20,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["device_name", "local_kv_heads", "tensor_parallel_rank"]
+__all__ = ["device_name", "head_share", "local_kv_heads", "shards_kv_heads", "tensor_parallel_rank"]
+
+_KEY_PROJECTIONS = ("k_proj", "qkv_proj")
+"""The last name of a module that projects keys (alone, or fused with queries and values)."""
 
 
 def tensor_parallel_rank(model: Any) -> tuple[int, int]:
@@ -41,7 +44,18 @@ def tensor_parallel_rank(model: Any) -> tuple[int, int]:
     return int(rank), int(world)
 
 
-def local_kv_heads(num_kv_heads: int, rank: int, world: int) -> range:
+def shards_kv_heads(plan: dict[str, str]) -> bool:
+    """Whether a ``transformers`` tensor-parallel plan leaves each rank a share of the KV heads.
+
+    It does when the key projection is split by output rows (``colwise``); a plan that gathers the
+    projection's output whole (Phi-3's fused ``qkv_proj``: ``colwise_gather_output``), or that does
+    not split it, leaves every rank every head.
+    """
+    styles = [style for name, style in plan.items() if name.rsplit(".", 1)[-1] in _KEY_PROJECTIONS]
+    return any(style.startswith("colwise") and "gather" not in style for style in styles)
+
+
+def head_share(num_kv_heads: int, rank: int, world: int) -> range:
     """The KV heads ``rank`` of ``world`` holds: the ``rank``-th of ``world`` equal, contiguous shares.
 
     ``transformers`` shards ``k_proj`` and ``v_proj`` by output rows (``colwise``), so a rank
@@ -58,6 +72,14 @@ def local_kv_heads(num_kv_heads: int, rank: int, world: int) -> range:
                          f"tensor-parallel size that divides {num_kv_heads}")
     share = num_kv_heads // world
     return range(rank * share, (rank + 1) * share)
+
+
+def local_kv_heads(model: Any, num_kv_heads: int) -> range:
+    """The KV heads this process's attention computes, so its cache holds: a rank's share, or all of them."""
+    rank, world = tensor_parallel_rank(model)
+    if world == 1 or not shards_kv_heads(getattr(model, "tp_plan", None) or getattr(model, "_tp_plan", None) or {}):
+        return range(num_kv_heads)
+    return head_share(num_kv_heads, rank, world)
 
 
 def device_name(device: torch.device | str) -> str:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from ..evaluation.needle.runner import RunConfig
+    from ..evaluation.needle.workers import Workers
     from ..presets.spec import PolicySpec
 
 __all__ = [
@@ -106,11 +107,10 @@ def run_config(args: argparse.Namespace, model_name: str, haystack: str,
 
 
 def check_policies(model: Any, specs: dict[str, PolicySpec], context: int) -> None:
-    """Build every policy once on ``model`` so that a missing AQUA artifact or bad knob fails before any cell."""
-    from ..core.cache import CompressedCache
+    """Build every policy once on ``model`` (:func:`~kvpress_aqua.evaluation.needle.runner.check_policies`)."""
+    from ..evaluation.needle.runner import check_policies as check  # torch: loaded when a command runs
 
-    for spec in specs.values():
-        CompressedCache(model, *spec.build(context=context)).detach()
+    check(model, specs, context)
 
 
 def _cell_keys(cells: Sequence[Cell], specs: dict[str, PolicySpec], config: RunConfig) -> dict[Cell, tuple]:
@@ -140,14 +140,19 @@ def _stored_rows(path: Path, specs: dict[str, PolicySpec], legacy: bool) -> dict
 
 def execute(
     model: Any, tokenizer: Any, cells: list[Cell], specs: dict[str, PolicySpec], config: RunConfig, out: Path,
-    console: Console,
+    console: Console, workers: Workers | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the cells not yet in ``out/results.jsonl`` with a progress bar; returns the grid's rows.
+    """Run the cells not yet in ``out/results.jsonl`` with a progress bar; returns the grid's rows, in ``cells`` order.
 
     A stored row counts for a cell when its model, haystack, seed, prefill chunk, policy content key
     and cell agree; it is returned under the cell's policy name. With ``model=None`` nothing is run:
     the rows already there are reported (missing cells left out), rows of older files without
     ``policy_key`` included by name. Rows of other runs in the same file are kept but not returned.
+
+    With ``workers`` (``kvtool needle --gpus N``; ``model`` and ``tokenizer`` are then ``None``) the
+    cells run on worker processes (:mod:`kvpress_aqua.evaluation.needle.workers`); this process
+    alone writes ``results.jsonl``, and first merges the part files a killed multi-worker run left
+    in ``out/parts``. The run's wall time is printed in both cases.
 
     A run holds ``out/.lock`` (:func:`~kvpress_aqua.evaluation.needle.results.locked`): a second run
     on the same folder is refused at once instead of appending the same cells twice.
@@ -160,28 +165,31 @@ def execute(
         When another run holds ``out``.
 
     """
-    if model is None:  # report only: reads, and writes the CSV and summary atomically; no lock needed
-        return _execute(model, tokenizer, cells, specs, config, out, console)
+    if model is None and workers is None:  # report only: reads, writes the CSV and summary atomically; no lock
+        return _execute(model, tokenizer, cells, specs, config, out, console, workers)
     with locked(out):
-        return _execute(model, tokenizer, cells, specs, config, out, console)
+        return _execute(model, tokenizer, cells, specs, config, out, console, workers)
 
 
 def _execute(
     model: Any, tokenizer: Any, cells: list[Cell], specs: dict[str, PolicySpec], config: RunConfig, out: Path,
-    console: Console,
+    console: Console, workers: Workers | None,
 ) -> list[dict[str, Any]]:
     path = out / "results.jsonl"
-    done = _stored_rows(path, specs, legacy=model is None)
+    report_only = model is None and workers is None
+    if not report_only:
+        _merge_parts(out, path, specs, console)
+    done = _stored_rows(path, specs, legacy=report_only)
     keys = _cell_keys(cells, specs, config)
     pending = [c for c in cells if keys[c] not in done]
-    if model is None:
+    if report_only:
         console.print(f"report only: {len(cells) - len(pending)} of {len(cells)} cells found in {path}",
                       soft_wrap=True)
     elif pending:
         if len(pending) < len(cells):
             console.print(f"resuming: {len(cells) - len(pending)} of {len(cells)} cells already in {path}",
                           soft_wrap=True)
-        _run_pending(model, tokenizer, pending, specs, config, path, done, console, keys, len(cells))
+        _run_pending(model, tokenizer, pending, specs, config, path, done, console, keys, len(cells), workers)
     rows = [_labelled(done[keys[c]], c.policy) for c in cells if keys[c] in done]
     if not rows:
         raise FileNotFoundError(f"no results for these cells in {path}")
@@ -193,14 +201,39 @@ def _execute(
     return rows
 
 
+def _merge_parts(out: Path, path: Path, specs: dict[str, PolicySpec], console: Console) -> None:
+    """Append the rows a killed multi-worker run left in ``out/parts`` that ``path`` lacks (then drop the parts)."""
+    parts = out / "parts"
+    if not parts.is_dir():
+        return
+    from ..evaluation.needle.workers import merge_parts  # torch: loaded when a command runs
+
+    stored = set(_stored_rows(path, specs, legacy=False))
+    added = []
+
+    def keep(row: dict[str, Any]) -> None:
+        if (key := row_key(row)) is not None and key not in stored:
+            stored.add(key)
+            append_result(path, row)
+            added.append(row)
+
+    merge_parts(parts, keep)
+    if added:
+        console.print(f"merged {len(added)} rows of an interrupted multi-worker run into {path}", soft_wrap=True)
+
+
 def _run_pending(
     model: Any, tokenizer: Any, pending: list[Cell], specs: dict[str, PolicySpec], config: RunConfig, path: Path,
     done: dict[tuple, dict[str, Any]], console: Console, keys: dict[Cell, tuple], total: int,
+    workers: Workers | None,
 ) -> None:
+    import time
+
     from rich import progress as bars
     from rich.table import Column as RichColumn
 
     from ..evaluation.needle.runner import run_cells
+    from ..evaluation.needle.workers import run_workers
 
     # the description (a policy name) folds, so that the counters and times keep their width at 80 columns
     columns = (bars.TextColumn("{task.description}", markup=False, table_column=RichColumn(ratio=1, overflow="fold")),
@@ -217,7 +250,15 @@ def _run_pending(
                 progress.update(bar, advance=1, description=f"{row['policy']} {row['protocol']} {row['task']} "
                                 f"{row['length']} tok: {row['score']:.2f}")
 
-            run_cells(model, tokenizer, pending, specs, config, on_row)
+            start = time.perf_counter()
+            if workers is None:
+                run_cells(model, tokenizer, pending, specs, config, on_row)
+            else:
+                run_workers(pending, specs, config, workers, path.parent / "parts", on_row)
+        on = (f"{len(workers.devices)} workers on {', '.join(dict.fromkeys(workers.devices))}" if workers
+              else "1 process")
+        console.print(f"ran {len(pending)} cells in {time.perf_counter() - start:.1f} s wall time ({on})",
+                      soft_wrap=True)
     except KeyboardInterrupt:
         stored = {row_key(row) for row in read_results(path)}  # what the file holds, torn last line excluded
         saved = len(wanted & stored)

@@ -4,6 +4,10 @@ Writes ``results.jsonl`` (one row per cell, appended as cells finish: rerunning 
 skips the cells already there), ``results.csv``, ``summary.json`` and, with matplotlib,
 ``heatmap-<policy>.png``, ``heatmaps.png`` and ``score_vs_bytes.png`` into ``--out``.
 
+With ``--gpus N`` the cells run on N worker processes, worker ``i`` on ``cuda:i`` (``--device
+cpu --gpus N``: N CPU processes, the way to test it without GPUs); this process merges their rows
+into the one ``results.jsonl`` (:mod:`kvpress_aqua.evaluation.needle.workers`).
+
 Every argument is checked before the model is loaded. The grid runs through
 :mod:`kvpress_aqua.cli._needle_run` (shared with ``kvtool demo``), which matches stored rows to
 cells by policy content and turns Ctrl-C into a one-line message (rerunning resumes).
@@ -12,6 +16,7 @@ cells by policy content and turns Ctrl-C into a one-line message (rerunning resu
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,7 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: table, summary and plots from the cells already in OUT/results.jsonl")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    p.set_defaults(func=run)
+    p.add_argument("--gpus", type=int, default=1,
+                   help="worker processes, worker i on cuda:i, each with its own copy of the model; their rows go "
+                   "into the one resumable results.jsonl, the same rows as one process (default 1: this process). "
+                   "--device then defaults to cuda; --device cpu --gpus N runs N CPU processes (for testing)")
+    p.set_defaults(func=run, device=None)
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -70,25 +79,59 @@ def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
     return items
 
 
+def worker_devices(gpus: int, device: str | None) -> tuple[str, ...]:
+    """The device of each ``--gpus`` worker: ``cuda:0 ... cuda:N-1``, or ``cpu`` N times (``--device cpu``).
+
+    Raises
+    ------
+    ValueError
+        For fewer than 1 worker, a device other than ``cuda`` or ``cpu``, or fewer CUDA devices than ``gpus``.
+
+    """
+    if gpus < 1:
+        raise ValueError(f"--gpus {gpus}: give a positive number of workers")
+    device = device or "cuda"
+    if device == "cpu":
+        return ("cpu",) * gpus
+    if device != "cuda":
+        raise ValueError(f"--gpus {gpus} --device {device}: give --device cuda (worker i runs on cuda:i) or "
+                         f"--device cpu (N CPU processes); to use one chosen GPU, leave --gpus out")
+    import torch  # after the argument checks, so that typos are reported at once
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < gpus:
+        raise ValueError(f"--gpus {gpus}: this machine has {count} CUDA device(s); use --gpus {max(count, 1)} or "
+                         f"fewer, or --device cpu --gpus {gpus} to run {gpus} CPU processes")
+    return tuple(f"cuda:{i}" for i in range(gpus))
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the needle grid; returns the exit code."""
     lengths, depths = parse_lengths(args.lengths), parse_depths(args.depths)
     protocols, tasks = parse_list(args.protocol, PROTOCOLS, "--protocol"), parse_list(args.task, TASKS, "--task")
+    devices = worker_devices(args.gpus, args.device) if args.gpus != 1 and not args.report_only else ()
+    args.device = args.device or ("cuda" if devices and devices[0] != "cpu" else "cpu")
     check_model_arguments(args)
     specs = parse_specs(args.policy or DEFAULT_POLICIES)
     cells = plan_cells(list(specs), protocols, tasks, lengths, depths)
+    from ..evaluation.needle.workers import Workers
     from ..loading import DEFAULT_MODEL  # torch: after the checks, so that typos are reported at once
 
     console = make_console(stderr=args.json)
     model_name = args.model or DEFAULT_MODEL
     config = run_config(args, model_name, args.haystack, specs.values())
-    if args.report_only:
-        model = tokenizer = None
-    else:
+    model = tokenizer = workers = None
+    if devices:
+        threads = args.threads or (max(1, (os.cpu_count() or 1) // len(devices)) if args.device == "cpu" else None)
+        workers = Workers(devices, args.model, args.dtype, threads)
+        on = f"{len(devices)} workers ({', '.join(dict.fromkeys(devices))}" + (
+            f", {threads} thread(s) each)" if args.device == "cpu" else ")")
+    elif not args.report_only:
         model, tokenizer = load_model_checked(args.model, console, **check_runtime_arguments(args))
         check_policies(model, specs, max(lengths))
     console.print(f"{len(cells)} cells on {model_name}, haystack {config.haystack.name}, "
-                  f"prefill chunk {config.prefill_chunk}, {where(args.device)} -> {args.out}", soft_wrap=True)
-    rows = execute(model, tokenizer, cells, specs, config, args.out, console)
+                  f"prefill chunk {config.prefill_chunk}, {on if devices else where(args.device)} -> {args.out}",
+                  soft_wrap=True)
+    rows = execute(model, tokenizer, cells, specs, config, args.out, console, workers)
     report(rows, args, model_name, f"needle in a haystack: {model_name}, {config.haystack.name} haystack", console)
     return 0

@@ -34,7 +34,7 @@ from ..generation import eos_ids, greedy_generate
 from .prompts import PromptBuilder
 from .tasks import Cell, cell_rng, make_task, score_answer
 
-__all__ = ["RunConfig", "run_cells"]
+__all__ = ["RunConfig", "batches", "check_policies", "run_cells"]
 
 
 @dataclass
@@ -134,6 +134,29 @@ def run_cells(
                         "shared_with": run_protocol if run_protocol != protocol else "",
                         "device": ids.device.type, **retrieval,
                     })
+
+
+def batches(cells: Sequence[Cell], specs: dict[str, PolicySpec], batch_size: int) -> list[list[Cell]]:
+    """The cells of each batch :func:`run_cells` runs, in its order.
+
+    A batch is up to ``batch_size`` depths of one policy, protocol, task and length; a full cache's
+    batch carries the cells of every protocol it answers (see :func:`run_cells`). Running any
+    subset of whole batches, in this order, runs exactly these batches again.
+    """
+    out = []
+    by_key = {c.key(): c for c in cells}
+    for (policy, _, task, length), by_depth in _groups(cells, specs).items():
+        depths = list(by_depth)
+        for lo in range(0, len(depths), batch_size):
+            out.append([by_key[(policy, protocol, task, length, round(d, 3))]
+                        for d in depths[lo:lo + batch_size] for protocol in by_depth[d]])
+    return out
+
+
+def check_policies(model: Any, specs: dict[str, PolicySpec], context: int) -> None:
+    """Build every policy once on ``model`` so that a missing AQUA artifact or bad knob fails before any cell."""
+    for spec in specs.values():
+        CompressedCache(model, *spec.build(context=context)).detach()
 
 
 def _groups(

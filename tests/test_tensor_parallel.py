@@ -85,7 +85,8 @@ def test_tp2_on_cpu_equals_one_process(tmp_path: Path) -> None:
         calibrate(model, byte_tokenizer(model.config.vocab_size), TEXT, tokens=400, chunk=128,
                   progress=False).save(tmp_path / f"{arch}.safetensors")
         reference[arch] = run_cases(model, tmp_path / f"{arch}.safetensors")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TP_TEST_DIR": str(tmp_path)}
+    # the ranks run on the CPU (gloo) even where a GPU is visible: this is the test CI can run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TP_TEST_DIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--standalone",
            __file__]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

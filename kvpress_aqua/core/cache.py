@@ -348,9 +348,7 @@ class CompressedCache(Cache):
             raise ValueError(f"nbytes(tier={tier!r}): use 'device', 'host' or 'all'")
         if device is None:
             return by_tier[tier]
-        want = torch.device(device)
-        return sum(n for name, n in report.by_device(tier).items()
-                   if (held := torch.device(name)).type == want.type and want.index in (None, held.index))
+        return report.bytes_on(device, tier)
 
     def dense_nbytes(self) -> int:
         """Bytes a ``DynamicCache`` would hold after the same tokens (sliding layers keep their window)."""

@@ -94,6 +94,14 @@ class MemoryReport:
             out[device] = out.get(device, 0) + n
         return out
 
+    def bytes_on(self, device: object, tier: str = "device") -> int:
+        """Bytes of the tier (see :meth:`by_device`) on ``device`` (``"cuda:1"``, a ``torch.device``).
+
+        A device named without an index (``"cuda"``) matches every device of its type.
+        """
+        want = str(device)
+        return sum(n for name, n in self.by_device(tier).items() if want in (name, name.split(":")[0]))
+
     def by_kind(self) -> dict[str, int]:
         """Bytes per kind: keys, values, slot metadata, policy tensors."""
         return {

@@ -32,7 +32,7 @@ from kvpress_aqua.util.compat import cache_kwargs
 
 WORLD = 2
 TEXT = "A lighthouse keeper counts the ships that pass the harbour each night and logs the weather. " * 10
-CASES = ("h2o+aqua", "retrieval-aqua", "plain")
+CASES = ("h2o+aqua", "retrieval-aqua", "retrieval-lrqk", "plain")
 SHARDED = {"llama": True, "phi3": False}
 """Whether transformers' tensor-parallel plan of the family splits the KV heads over ranks."""
 
@@ -43,8 +43,8 @@ gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distri
 def _policies(case: str, artifact: Path) -> tuple:
     if case == "h2o+aqua":
         return H2O(heavy=5, recent=4), Aqua(k_ratio=0.5, exact_sinks=1, exact_recent=2, artifact=artifact)
-    if case == "retrieval-aqua":
-        return (Retrieval(top_k=4, recent=3, sinks=1, proxy="aqua", rank=4, offload=None, artifact=artifact),)
+    if case.startswith("retrieval"):
+        return (Retrieval(top_k=4, recent=3, sinks=1, proxy=case.split("-")[1], rank=4, artifact=artifact),)
     return ()
 
 
@@ -59,6 +59,7 @@ def run_cases(model: torch.nn.Module, artifact: Path) -> dict[str, dict]:
                                  return_dict_in_generate=True, **cache_kwargs(model, cache))
         out[case] = {
             "tokens": gen.sequences, "logits": torch.stack(gen.logits, 1), "nbytes": cache.nbytes(),
+            "host": cache.nbytes("host"),
             "dense": cache.dense_nbytes(), "heads": cache.kv_heads,
             "policy_nbytes": cache.token_policy.nbytes() if cache.token_policy is not None else 0,
             "index": [layer.index.clone() if isinstance(layer, CompressedLayer) else None for layer in cache.layers],
@@ -111,8 +112,10 @@ def test_tp2_on_cpu_equals_one_process(tmp_path: Path) -> None:
         elif case != "retrieval-aqua":
             assert ref["policy_nbytes"] == 0
         assert sum(r[arch][case]["nbytes"] for r in ranks) == ref["nbytes"] + (WORLD - 1) * replicated, where
-        dense = ref["dense"] * (1 if SHARDED[arch] else WORLD)
-        assert sum(r[arch][case]["dense"] for r in ranks) == dense, where
+        whole = 1 if SHARDED[arch] else WORLD
+        assert sum(r[arch][case]["dense"] for r in ranks) == ref["dense"] * whole, where
+        assert sum(r[arch][case]["host"] for r in ranks) == ref["host"] * whole, where  # the host tier, by head
+        assert (ref["host"] > 0) == case.startswith("retrieval"), where
 
 
 def _tp_auto() -> dict:

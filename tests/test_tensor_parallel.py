@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from kvpress_aqua import CompressedCache
 from kvpress_aqua.calibration import calibrate
 from kvpress_aqua.core.accounting import START_BYTES
 from kvpress_aqua.core.layer import CompressedLayer
-from kvpress_aqua.core.parallel import head_share, shards_kv_heads
+from kvpress_aqua.core.parallel import head_share, local_kv_heads, shards_kv_heads, tensor_parallel_rank
 from kvpress_aqua.policies import H2O, Retrieval
 from kvpress_aqua.policies.aqua import Aqua
 from kvpress_aqua.util.compat import cache_kwargs
@@ -75,6 +76,28 @@ def test_the_plan_says_whether_heads_are_split() -> None:
     assert head_share(8, 3, 4) == range(6, 8)
     with pytest.raises(ValueError, match="do not split over 4"):
         head_share(2, 0, 4)
+
+
+class _Mesh:
+    """A stand-in for the (pp, fsdp, tp) device mesh transformers keeps on a sharded model."""
+
+    mesh_dim_names = ("pp", "fsdp", "tp")
+
+    def get_local_rank(self, name: str) -> int:
+        return {"pp": 0, "fsdp": 1, "tp": 3}[name]
+
+
+def test_a_rank_finds_its_heads_on_the_model() -> None:
+    plan = {"model.layers.*.self_attn.k_proj": "colwise", "model.layers.*.self_attn.o_proj": "rowwise"}
+    sharded = SimpleNamespace(tp_size=4, _device_mesh=_Mesh(), tp_plan=plan)
+    assert tensor_parallel_rank(sharded) == (3, 4)
+    assert local_kv_heads(sharded, 8) == range(6, 8)
+    gathered = SimpleNamespace(tp_size=4, _device_mesh=_Mesh(),
+                               tp_plan={"model.layers.*.self_attn.qkv_proj": "colwise_gather_output"})
+    assert local_kv_heads(gathered, 8) == range(8)
+    assert local_kv_heads(SimpleNamespace(tp_size=None), 8) == range(8)
+    with pytest.raises(ValueError, match="carries no device mesh"):
+        tensor_parallel_rank(SimpleNamespace(tp_size=2))
 
 
 @gloo

@@ -32,7 +32,7 @@ def tensor_parallel_rank(model: Any) -> tuple[int, int]:
     Reads what ``transformers`` records when it shards a model (``model.tp_size`` and the device
     mesh it was sharded over, whose ``"tp"`` axis is the one that splits heads).
     """
-    world = getattr(model, "tp_size", None) or 1
+    world = getattr(model, "tp_size", None) or getattr(model, "_tp_size", None) or 1
     if world == 1:
         return 0, 1
     mesh = getattr(model, "_device_mesh", None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue as queues
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +36,7 @@ from .tasks import Cell
 __all__ = ["Workers", "assign", "merge_parts", "part_path", "run_workers"]
 
 _POLL_SECONDS = 1.0
+_EXIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -140,27 +142,17 @@ def run_workers(cells: Sequence[Cell], specs: dict[str, PolicySpec], config: Run
     for _, _, p in procs:
         p.start()
     received: dict[int, int] = {}
+    interrupted = False
     try:
-        running = {i for i, _, _ in procs}
-        while running:
-            try:
-                kind, i, payload = messages.get(timeout=_POLL_SECONDS)
-            except queues.Empty:
-                for j, device, p in procs:
-                    if j in running and p.exitcode is not None:
-                        raise ChildProcessError(f"worker {j} on {device} exited with code {p.exitcode} without a "
-                                           "message (out of memory?); rerun to resume the cells left") from None
-                continue
-            if kind == "row":
-                received[i] = received.get(i, 0) + 1
-                on_row(payload)
-            elif kind == "done":
-                running.discard(i)
-            else:
-                device = workers.devices[i]
-                raise ChildProcessError(f"worker {i} on {device} failed: {payload}; the cells it finished are saved")
+        _collect(procs, messages, workers.devices, received, on_row)
+    except KeyboardInterrupt:  # raised again below, once its traceback (which holds the queue) is let go
+        interrupted = True
     finally:
+        for _, _, p in procs:  # stop the workers as Ctrl-C does, so that they exit cleanly; then by force
+            if p.is_alive() and not interrupted:
+                os.kill(p.pid, signal.SIGINT)
         for _, _, p in procs:
+            p.join(_EXIT_SECONDS)
             if p.is_alive():
                 p.terminate()
             p.join()
@@ -169,6 +161,30 @@ def run_workers(cells: Sequence[Cell], specs: dict[str, PolicySpec], config: Run
         messages.join_thread()
         for i, _, _ in procs:
             _forward_unsent(part_path(parts, i), received.get(i, 0), on_row)
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def _collect(procs: list[tuple[int, str, Any]], messages: Any, devices: tuple[str, ...], received: dict[int, int],
+             on_row: Callable[[dict[str, Any]], None]) -> None:
+    """Pass on the workers' rows until every one is done; raise on a worker's error or silent exit."""
+    running = {i for i, _, _ in procs}
+    while running:
+        try:
+            kind, i, payload = messages.get(timeout=_POLL_SECONDS)
+        except queues.Empty:
+            for j, device, p in procs:
+                if j in running and p.exitcode is not None:
+                    raise ChildProcessError(f"worker {j} on {device} exited with code {p.exitcode} without a "
+                                            "message (out of memory?); rerun to resume the cells left") from None
+            continue
+        if kind == "row":
+            received[i] = received.get(i, 0) + 1
+            on_row(payload)
+        elif kind == "done":
+            running.discard(i)
+        else:
+            raise ChildProcessError(f"worker {i} on {devices[i]} failed: {payload}; the cells it finished are saved")
 
 
 def _drain(messages: Any, received: dict[int, int], on_row: Callable[[dict[str, Any]], None]) -> None:

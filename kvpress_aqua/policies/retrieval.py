@@ -79,9 +79,12 @@ class Retrieval(TokenPolicy):
     -----
     Known limits: selection is per KV head, pooled over its query heads by the maximum; a chunk's
     attention copies the tier rows before it to the accelerator for that call (transient, freed
-    after it: blockwise streaming is not done); host-to-device copies are synchronous (no side
-    stream yet); the reference path gathers the rows and concatenates them (the fused gather of the
-    GPU plan is not written); static (compiled) decoding is refused.
+    after it: blockwise streaming is not done); the growing cache's host-to-device copies are
+    synchronous (no side stream); retrieved rows are gathered and concatenated with the held slots
+    before the attention (not fused into the kernel). A static cache
+    (:meth:`~kvpress_aqua.core.cache.CompressedCache.make_static`, compiled decoding) reads every
+    chosen row from the tier at every step (no working set; an offloaded tier over PCIe, through a
+    device view of its pinned memory).
 
     """
 

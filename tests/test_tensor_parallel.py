@@ -126,10 +126,10 @@ def test_tp2_on_cpu_equals_one_process(tmp_path: Path) -> None:
             for held, full in zip(got["index"], ref["index"], strict=True):
                 if full is not None:  # eviction decided per KV head: the same slots as those heads' in one process
                     assert torch.equal(held, full[:, heads.start:heads.stop]), where
-        # split by head: everything but what is per sequence (each layer's int32 left-padding count) and
-        # Retrieval's calibrated proxy bases of every head (docs/multi-gpu.md); unsplit: everything, on every rank
+        # split by head: everything but what is per sequence (each layer's int32 left-padding count), Retrieval's
+        # calibrated proxy bases included (docs/multi-gpu.md); unsplit: everything, on every rank
         batch, layers = ref["tokens"].shape[0], len(ref["index"])
-        replicated = (batch * START_BYTES * layers if case != "plain" else 0) + ref["policy_nbytes"]
+        replicated = batch * START_BYTES * layers if case != "plain" else 0
         if not SHARDED[arch]:
             replicated = ref["nbytes"]
         elif case != "retrieval-aqua":

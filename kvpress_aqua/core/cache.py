@@ -98,7 +98,6 @@ class CompressedCache(Cache):
         param = next(model.parameters())
         # where policy tensors wait for their layer's first update (a weight offloaded to disk is on "meta")
         self._home = param.device if param.device.type != "meta" else torch.device("cpu")
-        self._placed_bases: dict[int, torch.Tensor] = {}  # proxy bases copied to a layer's own device
         channels = self.channel_policy
         if channels is not None:
             channels.bind(self.info, self._home, param.dtype, self.kv_heads)
@@ -106,7 +105,7 @@ class CompressedCache(Cache):
             key_dims = [channels.key_dim(i) if channels is not None else self.info.head_dim
                         for i in range(self.info.num_layers)]
             exact = channels.exact_sinks + channels.exact_recent if channels is not None else 0
-            self.token_policy.prepare(self.info, self._home, param.dtype, key_dims, exact)
+            self.token_policy.prepare(self.info, self._home, param.dtype, key_dims, exact, self.kv_heads)
         super().__init__(layers=[self._make_layer(i) for i in range(self.info.num_layers)])
         self._token = next(_TOKENS)
         self._attached = False
@@ -166,20 +165,11 @@ class CompressedCache(Cache):
     def _place(self, layer_idx: int, device: torch.device) -> None:
         """Bind a layer's policy tensors to ``device``, where its first keys arrived (a model split over devices).
 
-        The channel policy moves that layer's bases (:meth:`ChannelPolicy.place`). A calibrated
-        retrieval proxy is handed to the layer's tier as this process's heads on that device (a
-        copy, counted apart, when the policy's basis lives on another device).
+        Each policy moves that layer's tensors (:meth:`ChannelPolicy.place`, :meth:`TokenPolicy.place`):
+        AQUA's bases, a calibrated retrieval proxy.
         """
-        if self.channel_policy is not None:
-            self.channel_policy.place(layer_idx, device)
-        layer = self.layers[layer_idx]
-        if not isinstance(layer, CompressedLayer) or layer.tier is None or self.token_policy.per_prompt:
-            return
-        shared = self.token_policy.proxy_basis(layer_idx)  # (kv_heads, head_dim, rank), every head
-        layer.tier.basis = shared[self.kv_heads.start:self.kv_heads.stop].to(device)
-        self._placed_bases.pop(layer_idx, None)
-        if layer.tier.basis.device != shared.device:
-            self._placed_bases[layer_idx] = layer.tier.basis
+        for policy in self.policies:
+            policy.place(layer_idx, device)
 
     def _check_update(self, key_states: torch.Tensor, layer_idx: int) -> None:
         """Refuse a model this cache was not built for, and a batch size the plain path cannot grow into.
@@ -218,7 +208,6 @@ class CompressedCache(Cache):
         super().reset()
         self._last_layer = None
         self._plain_pad = None
-        self._placed_bases = {}
 
     def make_static(self, new_tokens: int) -> None:
         """Make every layer static for ``new_tokens`` decode steps (see :meth:`CompressedLayer.make_static`).
@@ -386,10 +375,7 @@ class CompressedCache(Cache):
 
     def _policy_devices(self) -> dict[str, int]:
         """The policies' own bytes by device: channel bases where each layer's are, proxy bases (and copies)."""
-        parts = [(t.device, t.nbytes) for t in self.channel_policy.tensors()] if self.channel_policy else []
-        if self.token_policy is not None and self.token_policy.nbytes():
-            parts.append((self._home, self.token_policy.nbytes()))  # where prepare() put them
-        parts += [(t.device, t.nbytes) for t in self._placed_bases.values()]
+        parts = [(t.device, t.nbytes) for policy in self.policies for t in policy.tensors()]
         out: dict[str, int] = {}
         for device, n in parts:
             out[device_name(device)] = out.get(device_name(device), 0) + n

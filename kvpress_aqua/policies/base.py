@@ -143,12 +143,16 @@ class TokenPolicy(ABC):
     def check(self, info: ModelInfo) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` if the policy cannot work on this model; called when a cache is built."""
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The policy's own tensors (retrieval's calibrated proxy bases), each where it lives now; none by default."""
+        return []
+
     def nbytes(self) -> int:
-        """Bytes of the policy's own tensors held on the device (retrieval's calibrated proxy bases); 0 by default."""
-        return 0
+        """Bytes of the policy's own tensors (:meth:`tensors`)."""
+        return sum(t.nbytes for t in self.tensors())
 
     def prepare(self, info: ModelInfo, device: torch.device, dtype: torch.dtype,  # noqa: B027 - optional hook
-                key_dims: Sequence[int], exact_tokens: int = 0) -> None:
+                key_dims: Sequence[int], exact_tokens: int = 0, heads: range | None = None) -> None:
         """Bind per-model state once the cache knows each layer's stored key width; called when a cache is built.
 
         Parameters
@@ -156,13 +160,18 @@ class TokenPolicy(ABC):
         info : ModelInfo
             The model's attention shapes.
         device, dtype : torch.device, torch.dtype
-            Where and in what the model's parameters are.
+            Where per-layer tensors go until :meth:`place` moves them, and the model's dtype.
         key_dims : sequence of int
             The stored key width of each layer (the channel policy's; ``head_dim`` without one).
         exact_tokens : int
             The channel policy's exact tokens per layer and KV head (0 without pruning).
+        heads : range, optional
+            The KV heads this process holds (a tensor-parallel rank's share); ``None``: all of them.
 
         """
+
+    def place(self, layer_idx: int, device: torch.device) -> None:  # noqa: B027 - optional hook
+        """Move a layer's tensors to ``device``, where its keys arrive (the cache calls it at its first update)."""
 
 
 class ChannelPolicy(ABC):

@@ -138,7 +138,7 @@ class Retrieval(TokenPolicy):
                              f"use rank <= {info.head_dim}")
 
     def prepare(self, info: ModelInfo, device: torch.device, dtype: torch.dtype, key_dims: Sequence[int],
-                exact_tokens: int = 0) -> None:
+                exact_tokens: int = 0, heads: range | None = None) -> None:
         """Bind the proxy basis (``aqua``) and size ``top_k`` per layer (``kv_fraction``); called once per cache.
 
         Parameters
@@ -147,6 +147,8 @@ class Retrieval(TokenPolicy):
             The stored key width of each layer (the channel policy's; ``head_dim`` without one).
         exact_tokens : int
             AQUA's exact tokens per layer and KV head (their dropped channels count against the fraction).
+        heads : range, optional
+            The KV heads this process holds (a tensor-parallel rank's share): the bases keep those.
 
         """
         self._bases = []
@@ -154,7 +156,8 @@ class Retrieval(TokenPolicy):
             artifact = self.artifact if isinstance(self.artifact, AquaArtifact) else (
                 find_artifact(info) if self.artifact is None else AquaArtifact.load(self.artifact))
             artifact.check_model(info)
-            self._bases = [p[:, :, :self.rank].to(device=device, dtype=dtype).contiguous()
+            kept = slice(None) if heads is None else slice(heads.start, heads.stop)
+            self._bases = [p[kept, :, :self.rank].to(device=device, dtype=dtype).contiguous()
                            for p in artifact.projections]
         elem = torch.empty(0, dtype=dtype).element_size()
         self._top_k = [self._sized(info, r, exact_tokens, elem) for r in key_dims]
@@ -203,6 +206,11 @@ class Retrieval(TokenPolicy):
         _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
         return vectors[..., -self.rank:].flip(-1).to(keys.dtype).contiguous()
 
-    def nbytes(self) -> int:
-        """Bytes of the calibrated proxy bases held on the device (0 for ``lrqk``: per prompt, counted by the cache)."""
-        return sum(b.nbytes for b in self._bases)
+    def place(self, layer_idx: int, device: torch.device) -> None:
+        """Move a layer's calibrated proxy basis to ``device``, where its keys arrive (``aqua``; ``lrqk`` has none)."""
+        if self._bases:
+            self._bases[layer_idx] = self._bases[layer_idx].to(device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The calibrated proxy bases (none for ``lrqk``: fit per prompt, counted by the cache)."""
+        return list(self._bases)

@@ -15,6 +15,7 @@ from kvpress_aqua.ops.inputs import AttentionInputs
 from kvpress_aqua.ops.reference import reference_attention
 from kvpress_aqua.policies import Aqua, BalanceKV, SnapKV, Uniform
 from kvpress_aqua.policies.base import SlotView
+from kvpress_aqua.policies.blocks import Draws
 from kvpress_aqua.util.compat import cache_kwargs
 
 TOL = 1e-4
@@ -121,8 +122,8 @@ def test_the_walk_balances_better_than_chance():
         half = torch.einsum("bhnq,bhnd->bhqd", w * mask, v) / (w * mask).sum(2)[..., None]
         return ((half - full).norm(dim=-1) / full.norm(dim=-1)).mean()
 
-    walk = BalanceKV(halvings=1, block=64).choose(keys, values, torch.Generator().manual_seed(0))
-    draw = Uniform(halvings=1, block=64).choose(keys, values, torch.Generator().manual_seed(0))
+    walk = BalanceKV(halvings=1, block=64).choose(keys, values, Draws(torch.Generator().manual_seed(0)))
+    draw = Uniform(halvings=1, block=64).choose(keys, values, Draws(torch.Generator().manual_seed(0)))
     assert error(walk) < 0.8 * error(draw)
 
 
@@ -237,3 +238,16 @@ def test_a_static_cache_refuses_a_choosing_policy():
 def test_bad_knobs_are_refused(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("policy", [BalanceKV(halvings=2, block=16), Uniform(halvings=2, block=16)],
+                         ids=["balancekv", "uniform"])
+def test_a_head_chooses_the_same_tokens_whichever_rank_holds_it(policy):
+    """A tensor-parallel rank holding heads 2..3 of 4 keeps, for them, what one process holding all 4 keeps."""
+    gen = torch.Generator().manual_seed(11)
+    keys, values = torch.randn(2, 4, 3, 16, 8, generator=gen), torch.randn(2, 4, 3, 16, 8, generator=gen)
+    every = policy.choose(keys, values, Draws(torch.Generator().manual_seed(5)))
+    share = policy.choose(keys[:, 2:], values[:, 2:], Draws(torch.Generator().manual_seed(5), range(2, 4), 4))
+    assert torch.equal(share, every[:, 2:])
+    alone = policy.choose(keys[:, 2:], values[:, 2:], Draws(torch.Generator().manual_seed(5)))
+    assert not torch.equal(alone, every[:, 2:])  # drawing for the held heads only would choose otherwise

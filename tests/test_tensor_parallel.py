@@ -27,13 +27,13 @@ from kvpress_aqua.calibration import calibrate
 from kvpress_aqua.core.accounting import START_BYTES
 from kvpress_aqua.core.layer import CompressedLayer
 from kvpress_aqua.core.parallel import head_share, local_kv_heads, shards_kv_heads, tensor_parallel_rank
-from kvpress_aqua.policies import H2O, Retrieval
+from kvpress_aqua.policies import H2O, BalanceKV, Retrieval, Uniform
 from kvpress_aqua.policies.aqua import Aqua
 from kvpress_aqua.util.compat import cache_kwargs
 
 WORLD = 2
 TEXT = "A lighthouse keeper counts the ships that pass the harbour each night and logs the weather. " * 10
-CASES = ("h2o+aqua", "retrieval-aqua", "retrieval-lrqk", "plain")
+CASES = ("h2o+aqua", "retrieval-aqua", "retrieval-lrqk", "balancekv", "uniform", "plain")
 SHARDED = {"llama": True, "phi3": False}
 """Whether transformers' tensor-parallel plan of the family splits the KV heads over ranks."""
 
@@ -46,6 +46,8 @@ def _policies(case: str, artifact: Path) -> tuple:
         return H2O(heavy=5, recent=4), Aqua(k_ratio=0.5, exact_sinks=1, exact_recent=2, artifact=artifact)
     if case.startswith("retrieval"):
         return (Retrieval(top_k=4, recent=3, sinks=1, proxy=case.split("-")[1], rank=4, artifact=artifact),)
+    if case in ("balancekv", "uniform"):  # random draws: each head's the same whichever rank holds it
+        return ((BalanceKV if case == "balancekv" else Uniform)(halvings=1, sinks=2, recent=2, block=8),)
     return ()
 
 

@@ -123,8 +123,10 @@ class CompressedCache(Cache):
         window = self.info.sliding_window if self.info.is_sliding(layer_idx) else None
         if not self.policies:
             return DynamicSlidingWindowLayer(sliding_window=window) if window else DynamicLayer()
+        share = len(self.kv_heads) < self.info.num_kv_heads  # a tensor-parallel rank's heads
         return CompressedLayer(
-            layer_idx, len(self.kv_heads), self.info.head_dim, self.token_policy, self.channel_policy, window
+            layer_idx, len(self.kv_heads), self.info.head_dim, self.token_policy, self.channel_policy, window,
+            heads=self.kv_heads if share else None, num_heads=self.info.num_kv_heads if share else None,
         )
 
     def __enter__(self) -> CompressedCache:

@@ -51,6 +51,11 @@ class CompressedLayer(StaticDecoding, LayerContract):
     window : int or None
         The model's own sliding window for this layer: older tokens are never attended again, so
         the budget is capped at ``window - 1`` and such tokens are evicted first.
+    heads : range or None
+        Which of the model's ``num_heads`` KV heads this layer holds (a tensor-parallel rank's
+        share; policies that draw at random draw for every head and keep these); ``None``: all.
+    num_heads : int or None
+        The model's KV heads (with ``heads``).
 
     Attributes
     ----------
@@ -73,11 +78,14 @@ class CompressedLayer(StaticDecoding, LayerContract):
         token_policy: TokenPolicy | None = None,
         channel_policy: ChannelPolicy | None = None,
         window: int | None = None,
+        heads: range | None = None,
+        num_heads: int | None = None,
     ) -> None:
         self.slots = SlotStore()
         super().__init__()
         self.layer_idx, self.num_kv_heads, self.head_dim = layer_idx, num_kv_heads, head_dim
         self.token_policy, self.channel_policy, self.window = token_policy, channel_policy, window
+        self.heads, self.num_heads = heads, num_heads
         self.budget = capped_budget(token_policy.budget if token_policy is not None else None, window)
         self.needs_scores = bool(token_policy is not None and token_policy.needs_scores)
         self.weighted = bool(token_policy is not None and token_policy.weights_slots)
@@ -307,7 +315,7 @@ class CompressedLayer(StaticDecoding, LayerContract):
         """The read-only view a token policy decides from."""
         store = self.slots
         return SlotView(store.index, store.valid, store.score, self.seen, self.left_pad, self.layer_idx,
-                        store.keys, store.values, store.log_weight)
+                        store.keys, store.values, store.log_weight, self.heads, self.num_heads)
 
     def _priority(self) -> torch.Tensor:
         store = self.slots

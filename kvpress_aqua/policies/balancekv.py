@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.walk import balancing_signs
-from .blocks import BlockSummary
+from .blocks import BlockSummary, Draws
 
 
 @dataclass
@@ -66,25 +66,25 @@ class BalanceKV(BlockSummary):
         if self.value_offset is not None and self.value_offset < 0:
             raise ValueError(f"BalanceKV(value_offset={self.value_offset}): must be >= 0 (or None)")
 
-    def choose(self, keys: torch.Tensor, values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def choose(self, keys: torch.Tensor, values: torch.Tensor, draws: Draws) -> torch.Tensor:
         """Positions each block keeps after ``halvings`` balanced halvings, ascending."""
         keys, values = keys.float(), values.float()
         position = torch.arange(self.block, device=keys.device).expand(*keys.shape[:-1])
         for _ in range(self.halvings):
             at = position[..., None]
             kept = self.halve(keys.gather(-2, at.expand(*at.shape[:-1], keys.shape[-1])),
-                              values.gather(-2, at.expand(*at.shape[:-1], values.shape[-1])), generator)
+                              values.gather(-2, at.expand(*at.shape[:-1], values.shape[-1])), draws)
             position = position.gather(-1, kept)
         return position.sort(dim=-1).values
 
-    def halve(self, keys: torch.Tensor, values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def halve(self, keys: torch.Tensor, values: torch.Tensor, draws: Draws) -> torch.Tensor:
         """One balanced halving.
 
         Parameters
         ----------
         keys, values : torch.Tensor
             float32 ``(..., m, dim)``: ``m`` tokens (even) of each block.
-        generator : torch.Generator
+        draws : Draws
             The walk's random source.
 
         Returns
@@ -112,5 +112,5 @@ class BalanceKV(BlockSummary):
         # inner products of the pairs' differences u_p = phi(first_p) - phi(second_p), exactly symmetric
         gram = pick(first, first) - pick(first, second) - pick(second, first) + pick(second, second)
         gram = (gram + gram.transpose(-1, -2)) / 2
-        draws = torch.rand(gram.shape[:-1], generator=generator, device=gram.device)
-        return torch.where(balancing_signs(gram, draws, self.gamma) > 0, first, second)
+        signs = balancing_signs(gram, draws.rand(gram.shape[:-1], gram.device), self.gamma)
+        return torch.where(signs > 0, first, second)

@@ -56,6 +56,12 @@ class SlotView:
     log_weight : torch.Tensor or None
         float32: how many tokens each slot stands for, as a log (0: itself); ``None`` unless the
         policy sets ``weights_slots``.
+    heads : range or None
+        Which of the model's KV heads the ``kv_heads`` axis holds (a tensor-parallel rank's share),
+        out of ``num_heads``; ``None``: all of them. Random policies draw for every head and keep
+        these, so a head chooses the same tokens whichever rank holds it.
+    num_heads : int or None
+        The model's KV heads (with ``heads``).
 
     """
 
@@ -68,6 +74,8 @@ class SlotView:
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
     log_weight: torch.Tensor | None = None
+    heads: range | None = None
+    num_heads: int | None = None
 
 
 class TokenPolicy(ABC):

@@ -10,7 +10,35 @@ import torch
 
 from .base import SlotView, TokenPolicy
 
-__all__ = ["BlockSummary"]
+__all__ = ["BlockSummary", "Draws"]
+
+
+@dataclass
+class Draws:
+    """Uniform draws for the blocks of one layer, the same for a KV head whichever process holds it.
+
+    Parameters
+    ----------
+    generator : torch.Generator
+        The random source, on the tensors' device.
+    heads : range, optional
+        The KV heads the draws' axis 1 holds, out of ``num_heads`` (a tensor-parallel rank's share):
+        every head is drawn and these are kept. ``None``: axis 1 is every head.
+    num_heads : int, optional
+        The model's KV heads (with ``heads``).
+
+    """
+
+    generator: torch.Generator
+    heads: range | None = None
+    num_heads: int | None = None
+
+    def rand(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """Uniform ``[0, 1)`` draws of ``shape`` ``(batch, kv_heads, ...)``."""
+        if self.heads is None:
+            return torch.rand(shape, generator=self.generator, device=device)
+        every = torch.rand((shape[0], self.num_heads, *shape[2:]), generator=self.generator, device=device)
+        return every[:, self.heads.start:self.heads.stop]
 
 
 @dataclass
@@ -46,7 +74,8 @@ class BlockSummary(TokenPolicy):
     that rows keep equal slot counts; a row with more real tokens keeps its later blocks pending.
     Summaries are never reduced again (no merge of summaries), and a kept token is never dropped.
     The draws depend on how many blocks one call reduces, so the same text read in other chunk
-    sizes may keep other tokens. Needs the cache's dynamic path (no static decode buffers).
+    sizes may keep other tokens; they do not depend on which process holds a head (:class:`Draws`).
+    Needs the cache's dynamic path (no static decode buffers).
 
     """
 
@@ -108,7 +137,7 @@ class BlockSummary(TokenPolicy):
         first = int(view.index.gather(2, candidates[..., :1]).min())
         generator = torch.Generator(device=view.keys.device).manual_seed(
             hash((self.seed, view.layer_idx, first)) % 2**63)
-        chosen = self.choose(gather(view.keys), gather(view.values), generator)
+        chosen = self.choose(gather(view.keys), gather(view.values), Draws(generator, view.heads, view.num_heads))
         picked = candidates.view(batch, heads, blocks, self.block).gather(3, chosen).view(batch, heads, -1)
         dropped = torch.zeros_like(pending).scatter_(2, candidates, True).scatter_(2, picked, False)
         held = slots - blocks * (self.block - self.kept_per_block)
@@ -117,15 +146,15 @@ class BlockSummary(TokenPolicy):
         return kept, log_weight.gather(2, kept)
 
     @abstractmethod
-    def choose(self, keys: torch.Tensor, values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def choose(self, keys: torch.Tensor, values: torch.Tensor, draws: Draws) -> torch.Tensor:
         """The tokens each block keeps.
 
         Parameters
         ----------
         keys, values : torch.Tensor
             ``(batch, kv_heads, blocks, block, dim)``: the blocks' keys as stored and their values.
-        generator : torch.Generator
-            The random source, on the tensors' device.
+        draws : Draws
+            The random source.
 
         Returns
         -------

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .blocks import BlockSummary
+from .blocks import BlockSummary, Draws
 
 
 @dataclass
@@ -30,7 +30,6 @@ class Uniform(BlockSummary):
 
     """
 
-    def choose(self, keys: torch.Tensor, values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def choose(self, keys: torch.Tensor, values: torch.Tensor, draws: Draws) -> torch.Tensor:
         """A uniform draw without replacement per block, ascending."""
-        draws = torch.rand(keys.shape[:-1], generator=generator, device=keys.device)
-        return draws.topk(self.kept_per_block, dim=-1).indices.sort(dim=-1).values
+        return draws.rand(keys.shape[:-1], keys.device).topk(self.kept_per_block, dim=-1).indices.sort(dim=-1).values

@@ -9,7 +9,11 @@ import pytest
 import torch
 from planner_helpers import TINY_ARCHS, run_cli, tiny_arch_config
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.integrations.accelerate import _get_device_map
+
+try:  # transformers 5: the balanced device_map and tp plans the planner reproduces
+    from transformers.integrations.accelerate import _get_device_map
+except ImportError:  # transformers 4.57 places modules and plans lm_head otherwise (see docs/planner.md)
+    _get_device_map = None
 
 from kvpress_aqua.cli import main
 from kvpress_aqua.core.accounting import START_BYTES
@@ -64,6 +68,8 @@ def test_pipeline_devices_sum_to_the_one_gpu_run(key_dim, knob):
 
 @pytest.mark.parametrize("tied,layers,gpus,vocab", [(False, 12, 2, 128), (True, 12, 3, 128), (True, 30, 2, 49152),
                                                     (False, 16, 4, 5000), (False, 3, 3, 50000)])
+@pytest.mark.skipif(_get_device_map is None, reason="the planner reproduces transformers 5's device_map='auto'; "
+                    "4.57's differs (docs/planner.md)")
 def test_pipeline_split_is_the_one_of_device_map_auto(tied, layers, gpus, vocab):
     config = AutoConfig.for_model("llama", num_hidden_layers=layers, hidden_size=64, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=16, vocab_size=vocab, intermediate_size=128,
@@ -88,6 +94,8 @@ def test_pipeline_split_is_the_one_of_device_map_auto(tied, layers, gpus, vocab)
 _PLAN = re.compile(r"layers\.\*\.(.+)")
 
 
+@pytest.mark.skipif(_get_device_map is None, reason="the planner models transformers 5's tp plans; 4.57 leaves "
+                    "lm_head out of the model's plan (docs/planner.md)")
 @pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
 def test_tensor_parallel_weights_follow_transformers_tp_plan(arch):
     """Rank 0's parameters, by the model's own ``tp_plan`` (colwise: rows split, rowwise: columns split)."""

@@ -264,3 +264,20 @@ def test_static_decoding_is_one_graph_and_counts_the_rows_it_reads():
     assert stats["decode_steps"] == 5 and stats["hit_rate"] == 0
     assert stats["rows_per_step"] == len(cache.layers) * 2 * heads * 3
     assert all(layer.tier.capacity == 25 for layer in cache.layers)  # every step's row allocated once
+
+
+def test_a_static_step_past_the_allocated_rows_fails_before_changing_the_cache():
+    model = make_tiny_model("llama")
+    cache = CompressedCache(model, Retrieval(top_k=3, recent=4, sinks=2, proxy="lrqk", rank=4), prefill_chunk=8)
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache.prefill(ids)
+        cache.make_static(1)
+        mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+        step = {"position_ids": torch.tensor([[12]]), "attention_mask": mask, **cache_kwargs(model, cache)}
+        model(ids[:, :1], **step)  # the one step the tier has a row for
+        before = [layer.slots.keys.clone() for layer in cache.layers]
+        with pytest.raises((IndexError, RuntimeError), match="index"):
+            model(ids[:, 1:2], **{**step, "position_ids": torch.tensor([[13]])})
+    assert int(cache.layers[0].seen) == 13
+    assert torch.equal(cache.layers[0].slots.keys, before[0])

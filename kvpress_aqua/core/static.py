@@ -28,6 +28,8 @@ class StaticDecoding:
         count of tokens seen becomes a device tensor and each decode step overwrites the
         lowest-ranked slot (empty slots first) and folds its attention mass in place, so a whole
         step is a fixed sequence of tensor operations: what ``torch.compile`` and CUDA graphs need.
+        A retrieval tier gets exactly ``new_tokens`` more rows: a later step fails with an index
+        error (on CUDA, a device-side assert) before it changes the layer.
         """
         if not self.is_initialized:
             raise ValueError("make_static needs the prompt first: prefill the cache, then make it static")

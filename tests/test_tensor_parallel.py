@@ -75,6 +75,7 @@ def test_the_plan_says_whether_heads_are_split() -> None:
     plans = {arch: type(make_tiny_model(arch).config).base_model_tp_plan for arch in SHARDED}
     assert {arch: shards_kv_heads(plan) for arch, plan in plans.items()} == SHARDED
     assert not shards_kv_heads({})
+    assert not shards_kv_heads({"layers.*.self_attn.qkv_proj": "colwise_rep"})  # 4.57's name for a gathered output
     assert head_share(8, 3, 4) == range(6, 8)
     with pytest.raises(ValueError, match="do not split over 4"):
         head_share(2, 0, 4)

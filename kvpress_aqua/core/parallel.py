@@ -48,11 +48,12 @@ def shards_kv_heads(plan: dict[str, str]) -> bool:
     """Whether a ``transformers`` tensor-parallel plan leaves each rank a share of the KV heads.
 
     It does when the key projection is split by output rows (``colwise``); a plan that gathers the
-    projection's output whole (Phi-3's fused ``qkv_proj``: ``colwise_gather_output``), or that does
-    not split it, leaves every rank every head.
+    projection's output whole (Phi-3's fused ``qkv_proj``: ``colwise_gather_output`` in transformers
+    5, ``colwise_rep`` in 4.57), or that does not split it, leaves every rank every head.
     """
     styles = [style for name, style in plan.items() if name.rsplit(".", 1)[-1] in _KEY_PROJECTIONS]
-    return any(style.startswith("colwise") and "gather" not in style for style in styles)
+    return any(style.startswith("colwise") and "gather" not in style and not style.endswith("_rep")
+               for style in styles)
 
 
 def head_share(num_kv_heads: int, rank: int, world: int) -> range:

@@ -62,6 +62,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
     (["generate", "--policy", "tova:heavy=4"], "tova needs recent"),
     (["generate", "--max-new-tokens", "0"], "--max-new-tokens 0"),
     (["generate", "--prefill-chunk", "0"], "--prefill-chunk 0"),
+    (["generate", "--compile"], "--compile replays each decode step as a CUDA graph: add --device cuda"),
     (["needle", "--lengths", "1k,zero"], "'zero'"),
     (["calibrate", "--text", "/nonexistent/cal.txt"], "calibration text /nonexistent/cal.txt does not exist"),
     (["calibrate", "--sweep-tokens", "0"], "the sweep tokens '0' must be at least 1"),
@@ -149,6 +150,7 @@ def test_generate_passes_the_cache_without_future_warning(monkeypatch, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["policy"] for r in rows] == ["full", "h2o:heavy=8,recent=8,sinks=2"]
     assert rows[1]["kv_bytes"] < rows[0]["kv_bytes"]
+    assert [r["decode"] for r in rows] == ["eager", "eager"]
 
 
 def test_sweep_tokens_help_matches_the_sweep_default():

@@ -7,7 +7,8 @@ from transformers import DynamicCache
 
 from kvpress_aqua import CompressedCache
 from kvpress_aqua.evaluation.generation import eos_ids, greedy_generate
-from kvpress_aqua.policies import SlidingWindow
+from kvpress_aqua.evaluation.static_decode import decode_step
+from kvpress_aqua.policies import H2O, BalanceKV, Retrieval, SlidingWindow
 from kvpress_aqua.util.compat import cache_kwargs
 
 
@@ -69,3 +70,20 @@ def test_eos_ids_join_the_generation_config_and_the_tokenizer(model):
         eos_token_id = 7
 
     assert eos_ids(model, Tok()) == {model.generation_config.eos_token_id, 7}
+
+
+@pytest.mark.parametrize("policies", [(H2O(heavy=8, recent=4),), (Retrieval(top_k=4, recent=4, sinks=1, rank=4),),
+                                      (), (BalanceKV(halvings=1, sinks=2, recent=2, block=8),)],
+                         ids=["h2o", "retrieval", "full", "balancekv"])
+@pytest.mark.parametrize("steps", [1, 5])
+def test_a_given_step_decodes_through_a_static_cache_with_the_same_tokens(model, policies, steps):
+    ids = _prompts(batch=2, length=30)
+    want = greedy_generate(model, CompressedCache(model, *policies, prefill_chunk=8), ids, steps, eos=set(),
+                           prefill_tokens=24)
+    cache = CompressedCache(model, *policies, prefill_chunk=8)
+    got = greedy_generate(model, cache, ids, steps, eos=set(), prefill_tokens=24, step=decode_step)
+    assert torch.equal(got.tokens, want.tokens)
+    assert 0 < got.kv_bytes <= want.kv_bytes  # a static buffer is sized once: never more than the growing one
+    static = bool(policies) and not isinstance(policies[0], BalanceKV)  # a full cache, block summaries: growing
+    assert got.static == static and cache.can_make_static == static
+    assert all(getattr(layer, "static", False) for layer in cache.layers) == static

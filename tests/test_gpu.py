@@ -129,6 +129,21 @@ def test_cuda_compiled_static_retrieval_reads_the_host_tier_in_a_cuda_graph(offl
     assert stats["decode_steps"] == 11 and stats["rows_per_step"] == len(cache.layers) * 2 * 2 * 6
 
 
+@pytest.mark.parametrize("policy", [H2O(heavy=10, recent=4, sinks=1), Retrieval(top_k=6, recent=4, sinks=2, rank=4)],
+                         ids=["h2o", "retrieval-offload"])
+def test_cuda_greedy_generate_through_the_compiled_step_gives_the_same_tokens(policy):
+    """``kvtool generate --compile``'s loop: a static cache and the compiled step (CUDA graphs), early stop included."""
+    from kvpress_aqua.evaluation.generation import greedy_generate
+    from kvpress_aqua.evaluation.static_decode import compiled_step
+
+    model = make_tiny_model("llama").cuda()
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(6)).cuda()
+    want = greedy_generate(model, CompressedCache(model, policy, prefill_chunk=16), ids, 10, eos=set())
+    got = greedy_generate(model, CompressedCache(model, policy, prefill_chunk=16), ids, 10, eos=set(),
+                          step=compiled_step())
+    assert got.static and torch.equal(got.tokens, want.tokens)
+
+
 @pytest.mark.parametrize("offload", ["cpu", None])
 def test_cuda_retrieval_covering_every_token_equals_dynamic_cache(offload):
     model = make_tiny_model("llama").cuda()

@@ -2,7 +2,8 @@
 
 Each policy answers greedily through its compressed cache
 (:func:`kvpress_aqua.evaluation.generation.greedy_generate`, the needle harness's decode loop); the
-bytes shown are those held after the first decode step. Arguments are checked before the model
+bytes shown are those held after the first decode step. ``--compile`` decodes through a static
+cache and one compiled step (CUDA graphs). Arguments are checked before the model
 loads; torch and the cache are imported when it runs.
 """
 
@@ -45,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokens generated per policy at most (default 48)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="feed the prompt in chunks of this many tokens (default: the whole prompt in one forward)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through a static cache and a compiled step (torch.compile, CUDA graphs; needs "
+                        "--device cuda); full caches and block summaries decode as without it")
     add_runtime_arguments(p)
     p.add_argument("--json", action="store_true", help="print results as one JSON document on stdout (logs on stderr)")
     p.set_defaults(func=run)
@@ -66,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if args.prefill_chunk is not None and args.prefill_chunk <= 0:
         raise ValueError(f"--prefill-chunk {args.prefill_chunk}: give a positive token count, or leave it out")
     load_kwargs = check_runtime_arguments(args)
+    if args.compile and not str(args.device).startswith("cuda"):
+        raise ValueError(f"--compile replays each decode step as a CUDA graph: add --device cuda (got --device "
+                         f"{args.device}), or leave --compile out")
     if args.prompt is not None and args.prompt_file is not None:
         raise ValueError("give --prompt or --prompt-file, not both")
     if args.prompt_file is not None and not args.prompt_file.is_file():
@@ -74,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     # torch and the cache: after the checks, so that typos are reported at once
     from ..core.cache import CompressedCache
     from ..evaluation.generation import eos_ids, greedy_generate
+    from ..evaluation.static_decode import compiled_step
 
     prompt = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else (args.prompt or default_prompt())
     console = make_console(stderr=args.json)
@@ -83,13 +91,14 @@ def run(args: argparse.Namespace) -> int:
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)["input_ids"].to(next(model.parameters()).device)
     context, eos = ids.shape[1], eos_ids(model, tokenizer)
+    step = compiled_step() if args.compile else None
     rows = []
     for spec in specs:
         cache = CompressedCache(model, *spec.build(context=context),
                                 prefill_chunk=args.prefill_chunk or spec.prefill_chunk)
         start = time.perf_counter()
         try:
-            out = greedy_generate(model, cache, ids, args.max_new_tokens, eos)
+            out = greedy_generate(model, cache, ids, args.max_new_tokens, eos, step=step)
             seconds = time.perf_counter() - start
             if not args.json:
                 console.print(cache.memory_report() if len(specs) == 1 else str(cache.memory_report()),
@@ -98,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
             cache.detach()
         text = tokenizer.decode(out.tokens[0], skip_special_tokens=True).strip()
         rows.append({"policy": spec.name, "prompt_tokens": context, "kv_bytes": out.kv_bytes,
-                     "dense_kv_bytes": out.dense_kv_bytes, "seconds": round(seconds, 2), "text": text})
+                     "dense_kv_bytes": out.dense_kv_bytes, "seconds": round(seconds, 2),
+                     "decode": "compiled" if out.static else "eager", "text": text})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -106,9 +116,11 @@ def run(args: argparse.Namespace) -> int:
     values = [Column(unit), Column("KV%"), Column("s"), Column("output", fold=True, justify="left")]
     cells = [[r["policy"], kv, f"{100 * r['kv_bytes'] / r['dense_kv_bytes']:.1f}", f"{r['seconds']:.1f}", r["text"]]
              for r, kv in zip(rows, held, strict=True)]
-    for table in fit_tables(f"{context}-token prompt, greedy, {args.max_new_tokens} new tokens",
-                            f"{unit} = KV bytes held after the first decode step, KV% = the same in % of a full "
-                            "cache; s = seconds", [Column("policy", fold=True, justify="left")], values, cells,
-                            console.width):
+    caption = f"{unit} = KV bytes held after the first decode step, KV% = the same in % of a full cache; s = seconds"
+    if args.compile:
+        eager = [r["policy"] for r in rows if r["decode"] == "eager"]
+        caption += f" (compilation included); decoded compiled, except {', '.join(eager) or 'none'}"
+    for table in fit_tables(f"{context}-token prompt, greedy, {args.max_new_tokens} new tokens", caption,
+                            [Column("policy", fold=True, justify="left")], values, cells, console.width):
         console.print(table)
     return 0

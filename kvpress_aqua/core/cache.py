@@ -211,6 +211,12 @@ class CompressedCache(Cache):
         self._last_layer = None
         self._plain_pad = None
 
+    @property
+    def can_make_static(self) -> bool:
+        """Whether :meth:`make_static` accepts this cache: it has a policy, and no policy summarizes blocks."""
+        return bool(self.policies) and not any(isinstance(layer, CompressedLayer) and layer.chooses
+                                               for layer in self.layers)
+
     def make_static(self, new_tokens: int) -> None:
         """Make every layer static for ``new_tokens`` decode steps (see :meth:`CompressedLayer.make_static`).
 

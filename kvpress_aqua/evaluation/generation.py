@@ -5,12 +5,14 @@
 following as one new chunk that sees only what the cache kept), then decodes token by token,
 taking the most likely token each step, until every row has produced an end-of-sequence token or
 the token limit is reached. It measures the bytes the cache holds after the first decode step,
-when a compressing cache has reached its steady state.
+when a compressing cache has reached its steady state. Given a decode ``step`` (such as
+:func:`kvpress_aqua.evaluation.static_decode.compiled_step`'s), a cache that can be made static
+decodes through it instead: fixed buffers, one compiled graph per step (CUDA graphs on a GPU).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,12 +38,15 @@ class Generation:
         such as AQUA's projections, counted once).
     dense_kv_bytes : int
         Bytes a ``DynamicCache`` would hold per sequence at the same point.
+    static : bool
+        Whether the decode steps ran through a static cache and the given step.
 
     """
 
     tokens: torch.Tensor
     kv_bytes: int
     dense_kv_bytes: int
+    static: bool = False
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -67,6 +72,7 @@ def greedy_generate(
     max_new_tokens: int,
     eos: Collection[int],
     prefill_tokens: int | None = None,
+    step: Callable[..., torch.Tensor] | None = None,
 ) -> Generation:
     """Greedy continuations of a batch of equal-length prompts, decoded through ``cache``.
 
@@ -92,6 +98,11 @@ def greedy_generate(
     prefill_tokens : int, optional
         Prompt tokens prefilled (and compressed) first; the remaining ones are then fed as one chunk,
         which sees only what the cache kept. Default: the whole prompt.
+    step : callable, optional
+        A decode step with :func:`~kvpress_aqua.evaluation.static_decode.decode_step`'s signature (its
+        compiled form, say): the cache is made static after the prompt and decodes through it, if it
+        can be (:attr:`~kvpress_aqua.core.cache.CompressedCache.can_make_static`); otherwise, and by
+        default, the growing cache's ``model(token, cache=...)``.
 
     Returns
     -------
@@ -107,17 +118,28 @@ def greedy_generate(
         logits = cache.prefill(input_ids[:, :split])
         if split < input_ids.shape[1]:
             logits = model(input_ids[:, split:], **past, use_cache=True, logits_to_keep=1).logits[:, -1]
+        static = step is not None and cache.can_make_static
+        if static:  # every forward below is one decode step: at most max(1, max_new_tokens - 1) of them
+            positions = cache.real_tokens_seen()[:, None].to(input_ids.device)
+            cache.make_static(max(1, max_new_tokens - 1))
+            mask = torch.ones(batch, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
         eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=input_ids.device)
         stop = int(eos_t[0]) if eos_t.numel() else 0
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         tokens, held = [], None
-        for step in range(max_new_tokens):
+        for i in range(max_new_tokens):
             token = logits.argmax(-1).masked_fill(done, stop)
             tokens.append(token)
             done |= torch.isin(token, eos_t)
-            if held is not None and (bool(done.all()) or step == max_new_tokens - 1):
+            if held is not None and (bool(done.all()) or i == max_new_tokens - 1):
                 break
-            logits = model(token[:, None], **past, use_cache=True).logits[:, -1]
+            if static:
+                if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = step(model, cache, token[:, None], positions, mask).clone()
+                positions = positions + 1
+            else:
+                logits = model(token[:, None], **past, use_cache=True).logits[:, -1]
             if held is None:
                 held = _held_per_sequence(cache, batch)
-    return Generation(torch.stack(tokens, dim=1), *held)
+    return Generation(torch.stack(tokens, dim=1), *held, static=static)

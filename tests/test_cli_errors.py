@@ -63,6 +63,8 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
     (["generate", "--max-new-tokens", "0"], "--max-new-tokens 0"),
     (["generate", "--prefill-chunk", "0"], "--prefill-chunk 0"),
     (["generate", "--compile"], "--compile replays each decode step as a CUDA graph: add --device cuda"),
+    (["needle", "--compile"], "--compile replays each decode step as a CUDA graph: add --device cuda (got --device "
+                              "cpu)"),
     (["needle", "--lengths", "1k,zero"], "'zero'"),
     (["calibrate", "--text", "/nonexistent/cal.txt"], "calibration text /nonexistent/cal.txt does not exist"),
     (["calibrate", "--sweep-tokens", "0"], "the sweep tokens '0' must be at least 1"),

@@ -161,6 +161,27 @@ def _run(cells, batch_size=4, chunk=128):
     return rows
 
 
+def test_a_static_decode_step_gives_the_same_answers():
+    """``--compile``'s path with the eager static step (the compiled one needs CUDA: tests/test_gpu.py)."""
+    from kvpress_aqua.evaluation.static_decode import decode_step
+
+    cells = plan_cells(list(SPECS), ["query-aware", "context-first"], ["passkey"], [400], [0, 100])
+    model, want, got = make_tiny_model("llama"), [], []
+    run_cells(model, CharTokenizer(), cells, SPECS, RunConfig("tiny", HAY, prefill_chunk=128), want.append)
+    calls = []
+
+    def step(*args):
+        calls.append(1)
+        return decode_step(*args)
+
+    config = RunConfig("tiny", HAY, prefill_chunk=128, compile=True, _step=step)
+    run_cells(model, CharTokenizer(), cells, SPECS, config, got.append)
+    assert calls  # the compressed caches decoded through the step
+    assert [(r["policy"], r["answer"], r["score"]) for r in got] == [(r["policy"], r["answer"], r["score"])
+                                                                     for r in want]
+    assert all(g["kv_bytes"] <= w["kv_bytes"] for g, w in zip(got, want, strict=True))
+
+
 def test_runner_rows_bytes_and_shared_full_cache():
     cells = plan_cells(list(SPECS), ["query-aware", "context-first"], ["passkey"], [400], [0, 50, 100])
     rows = _run(cells)

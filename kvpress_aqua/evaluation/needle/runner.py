@@ -31,6 +31,7 @@ from ...core.cache import CompressedCache
 from ...data.haystack import Haystack
 from ...presets.spec import PolicySpec
 from ..generation import eos_ids, greedy_generate
+from ..static_decode import compiled_step
 from .prompts import PromptBuilder
 from .tasks import Cell, cell_rng, make_task, score_answer
 
@@ -53,6 +54,9 @@ class RunConfig:
         Prefill chunk size; ``None`` feeds each prompt (or context) in one forward.
     batch_size : int
         Depths run together (same policy, protocol, task and length: equal prompt lengths, no padding).
+    compile : bool
+        Decode the answers through a static cache and the compiled step
+        (:func:`~kvpress_aqua.evaluation.static_decode.compiled_step`) where the cache can be made static.
 
     """
 
@@ -61,7 +65,9 @@ class RunConfig:
     seed: int = 0
     prefill_chunk: int | None = 512
     batch_size: int = 4
+    compile: bool = False
     _builder: PromptBuilder | None = field(default=None, repr=False)
+    _step: Callable[..., Any] | None = field(default=None, repr=False)
 
 
 def run_cells(
@@ -98,6 +104,8 @@ def run_cells(
     """
     if config._builder is None:
         config._builder = PromptBuilder(tokenizer, config.haystack)
+    if config.compile and config._step is None:
+        config._step = compiled_step()
     eos = eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     for (policy, run_protocol, task, length), by_depth in _groups(cells, specs).items():
@@ -112,7 +120,8 @@ def run_cells(
             cache = CompressedCache(model, *spec.build(context=length), prefill_chunk=config.prefill_chunk)
             start = time.perf_counter()
             try:
-                out = greedy_generate(model, cache, ids, instances[0].max_new_tokens, eos, prefill_tokens=split)
+                out = greedy_generate(model, cache, ids, instances[0].max_new_tokens, eos, prefill_tokens=split,
+                                      step=config._step)
             finally:
                 cache.detach()
             seconds = (time.perf_counter() - start) / len(chunk)

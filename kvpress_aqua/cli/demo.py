@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{where(args.device)}", soft_wrap=True)
     start = time.perf_counter()
     rows = execute(model, tokenizer, cells, specs, config, args.out, console)
-    title = f"needle demo: {model_name}, {config.haystack.name} haystack, {time.perf_counter() - start:.0f} s"
+    short = model_name.rstrip("/").rsplit("/", 1)[-1]  # the table is 70 columns wide: a hub id's name part
+    title = f"needle demo: {short}, {config.haystack.name} haystack, {time.perf_counter() - start:.0f} s"
     report(rows, args, model_name, title, console)
     return 0

@@ -113,7 +113,7 @@ def compressed_attention(
     new_mask = reference.new_block_mask(attention_mask, n, query.device)
     held = inputs.past_keys.shape[-2]
     # a retrieval layer: its held slots plus the rows retrieved from its tier, as plain inputs
-    attended = inputs if inputs.retrieval is None else retrieval.retrieve(inputs, query, scale, softcap)
+    attended = inputs if inputs.retrieval is None else retrieval.retrieve(inputs, query, scale)
     result = None
     wanted = BACKEND == "triton" or (BACKEND == "auto" and query.is_cuda)
     if wanted and (kernel := _fused_kernel()) is not None:

@@ -123,11 +123,6 @@ class AttentionInputs:
         Written by the attention: bool ``(B, n)``, False for new tokens that are padding.
     retrieval : RetrievalInputs or None
         A retrieval layer's tier: the attention adds the tokens it retrieves to the past block.
-    partial_out, partial_lse : torch.Tensor or None
-        Attention over other keys, computed apart (a retrieval chunk's earlier tier rows): float32
-        ``(B, H_kv, G, n, d_v)`` normalized output and ``(B, H_kv, G, n)`` log-sum-exp of its scores
-        (natural log, ``-inf`` for a query that saw none). The attention merges it with its own
-        blocks as if those keys were one more block of the past; they give no mass.
 
     """
 
@@ -155,8 +150,6 @@ class AttentionInputs:
     mass_new: torch.Tensor | None = None
     new_valid: torch.Tensor | None = None
     retrieval: RetrievalInputs | None = None
-    partial_out: torch.Tensor | None = None
-    partial_lse: torch.Tensor | None = None
 
     @property
     def done(self) -> bool:

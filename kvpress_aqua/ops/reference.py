@@ -127,10 +127,6 @@ def reference_attention(
         s_new.masked_fill_(~seen_new, lowest)
         top = s_new.amax(-1, keepdim=True)
         sees = seen_new.any(-1, keepdim=True)
-        if inputs.partial_lse is not None:  # keys attended apart: one more block, whose exp-sum is exp(lse)
-            apart = inputs.partial_lse[:, :, :, lo:hi, None]
-            top = torch.maximum(top, apart)
-            sees = sees | (apart > float("-inf"))
         if slots:
             s_past = scores(q_past[:, :, :, lo:hi], inputs.past_keys)
             if q_res is not None:
@@ -150,14 +146,9 @@ def reference_attention(
         total = s_new.sum(-1, keepdim=True)
         if slots:
             total += s_past.sum(-1, keepdim=True)
-        if inputs.partial_lse is not None:
-            apart = (apart - top).exp()
-            total += apart
         norm = sees / total  # 0 for a query that sees nothing
         s_new.mul_(norm)
         o = flat(s_new.to(dtype)) @ inputs.values_new[:, :, :cols]
-        if inputs.partial_lse is not None:
-            o += flat((inputs.partial_out[:, :, :, lo:hi] * (apart * norm)).to(dtype))
         giving = None if mass_from <= lo else (torch.arange(lo, hi, device=query.device) >= mass_from)[:, None]
         if inputs.want_mass:
             mass_new[..., :cols] += _row_sum(s_new, giving)

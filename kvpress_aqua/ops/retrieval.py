@@ -13,11 +13,9 @@ kernel) attends exactly over that set:
   kept for the group; :func:`proxy_scores`), takes the ``top_k`` per
   sequence and KV head, finds which of them the working set already holds (a sorted search) and
   copies only the others from the tier;
-- a chunk of several queries (a prefill chunk, a question) attends to every earlier token (exact
-  prefill, as in LRQK, Quest and ShadowKV, which all prefill densely): the tier rows before the
-  chunk are streamed to the accelerator a block at a time (:func:`tier_partial`), and their
-  attention, an output and its log-sum-exp, is handed to the attention op, which merges it with
-  the held slots and the chunk itself; so the accelerator never holds more than a block of them;
+- a chunk of several queries (a prefill chunk, a question) attends to every earlier token: the
+  tier rows before the chunk are copied for that call (exact prefill, as in LRQK, Quest and
+  ShadowKV, which all prefill densely);
 - a static decode step (the cache index a 0-d tensor, the tier allocated for every step) makes
   the same choice over the tier's whole capacity with tokens from the step's index on masked
   out, and reads the chosen rows straight from the tier (no working set, no host
@@ -33,11 +31,9 @@ import dataclasses
 
 import torch
 
-from . import limits
 from .inputs import AttentionInputs, RetrievalInputs
-from .reference import top_channels
 
-__all__ = ["candidates", "proxy_scores", "retrieve", "select", "tier_partial"]
+__all__ = ["candidates", "proxy_scores", "retrieve", "select"]
 
 
 def proxy_scores(query: torch.Tensor, basis: torch.Tensor, proxy_keys: torch.Tensor, valid: torch.Tensor,
@@ -132,8 +128,7 @@ def _gather_rows(retrieval: RetrievalInputs, selected: torch.Tensor, device: tor
     return keys, values, int(hit.sum()), int(t.numel())
 
 
-def retrieve(inputs: AttentionInputs, query: torch.Tensor, scale: float, softcap: float | None = None
-             ) -> AttentionInputs:
+def retrieve(inputs: AttentionInputs, query: torch.Tensor, scale: float) -> AttentionInputs:
     """The attention inputs of a retrieval layer with the retrieved rows appended to the past block.
 
     Writes the new working set (``selected``, ``sel_keys``, ``sel_values``) and the counts
@@ -148,8 +143,6 @@ def retrieve(inputs: AttentionInputs, query: torch.Tensor, scale: float, softcap
         Post-RoPE queries ``(B, H, n, d)``.
     scale : float
         The attention's score scale (the proxy's logits use it too).
-    softcap : float, optional
-        The attention's logit soft-capping (applied to a chunk's scores over the tier).
 
     """
     tier = inputs.retrieval
@@ -166,68 +159,13 @@ def retrieve(inputs: AttentionInputs, query: torch.Tensor, scale: float, softcap
         keys, values, tier.hits, tier.fetched = _gather_rows(tier, selected, device)
         tier.selected, tier.sel_keys, tier.sel_values = selected, keys, values
         visible, index = selected >= 0, selected
-    else:  # a chunk (or a first token) attends to every earlier token, streamed from the tier
+    else:  # a chunk (or a first token) attends to every earlier token
+        keys = tier.tier_keys[..., :first, :].to(device, non_blocking=True)
+        values = tier.tier_values[..., :first, :].to(device, non_blocking=True)
         tier.hits, tier.fetched = 0, int(allowed.shape[0] * allowed.shape[1] * first)
-        if not first:
-            return dataclasses.replace(inputs, retrieval=None)
-        out, lse = tier_partial(tier, allowed, query, scale, first, inputs.window, inputs.key_basis,
-                                inputs.query_channels, softcap)
-        return dataclasses.replace(inputs, retrieval=None, partial_out=out, partial_lse=lse)
+        visible = allowed
+        index = torch.arange(first, device=device).expand_as(allowed)
     return _appended(inputs, keys, values, visible, index)
-
-
-def tier_partial(retrieval: RetrievalInputs, allowed: torch.Tensor, query: torch.Tensor, scale: float, first: int,
-                 window: int | None = None, key_basis: torch.Tensor | None = None, query_channels: int | None = None,
-                 softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of a chunk's queries over the tier rows ``allowed`` before ``first``, a block of rows at a time.
-
-    Each block of rows is copied to the queries' device, scored (queries projected by
-    ``key_basis`` like the stored keys, AQUA's ``query_channels`` kept, soft-capped, the model's
-    window per query) and folded into an online softmax, so the device holds one block of rows and
-    one block of float32 scores (about :data:`~kvpress_aqua.ops.limits.BLOCK_SCORE_BYTES`).
-
-    Returns
-    -------
-    tuple of torch.Tensor
-        float32 output ``(B, H_kv, G, n, d_v)``, normalized, and the log-sum-exp of the scores
-        ``(B, H_kv, G, n)`` (``-inf`` for a query that saw no row): the attention's ``partial_out``
-        and ``partial_lse``.
-
-    """
-    batch, heads, n, d = query.shape
-    kv_heads = retrieval.tier_keys.shape[1]
-    group = heads // kv_heads
-    q = query.view(batch, kv_heads, group, n, d)
-    q = top_channels(q if key_basis is None else q @ key_basis[:, None], query_channels)
-    q = q.reshape(batch, kv_heads, group * n, -1)
-    dv = retrieval.tier_values.shape[-1]
-    top = query.new_full((batch, kv_heads, group * n), float("-inf"), dtype=torch.float32)
-    total = torch.zeros_like(top)
-    acc = query.new_zeros(batch, kv_heads, group * n, dv, dtype=torch.float32)
-    block = limits.tier_block_rows(batch, heads, n)
-    position = first + torch.arange(n, device=query.device).repeat(group)  # each query row's cache index
-    for lo in range(0, first, block):
-        hi = min(first, lo + block)
-        keys = retrieval.tier_keys[..., lo:hi, :].to(query.device)
-        values = retrieval.tier_values[..., lo:hi, :].to(query.device)
-        s = (q @ keys.transpose(-1, -2)).float().mul_(scale)
-        if softcap is not None:
-            s = torch.tanh(s / softcap).mul_(softcap)
-        seen = allowed[:, :, None, lo:hi]
-        if window is not None:
-            seen = seen & (torch.arange(lo, hi, device=query.device) > (position - window)[:, None])
-        s.masked_fill_(~seen, float("-inf"))
-        new_top = torch.maximum(top, s.amax(-1))
-        safe = new_top.where(new_top > float("-inf"), 0.0)
-        s.sub_(safe[..., None]).exp_()
-        rescale = (top - safe).exp()
-        total = total * rescale + s.sum(-1)
-        acc = acc * rescale[..., None] + (s.to(values.dtype) @ values).float()
-        top = new_top
-    sees = total > 0
-    out = acc / total.where(sees, 1.0)[..., None]
-    lse = (top + total.where(sees, 1.0).log()).where(sees, float("-inf"))
-    return out.view(batch, kv_heads, group, n, dv), lse.view(batch, kv_heads, group, n)
 
 
 def _retrieve_static(inputs: AttentionInputs, query: torch.Tensor, scale: float) -> AttentionInputs:

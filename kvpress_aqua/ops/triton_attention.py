@@ -292,7 +292,6 @@ def triton_attention(
         inputs.exact_keys if exact else None, inputs.exact_basis if exact else None,
         inputs.exact_slot if exact else None, scale, inputs.query_channels, inputs.window, first_index,
         inputs.want_mass, max(0, n - inputs.mass_rows) if inputs.mass_rows is not None else 0,
-        inputs.partial_out, inputs.partial_lse,
     )
 
 
@@ -303,14 +302,12 @@ def fused_attention(
     past_log_weight: torch.Tensor | None, key_basis: torch.Tensor | None, exact_keys: torch.Tensor | None,
     exact_basis: torch.Tensor | None, exact_slot: torch.Tensor | None, scale: float, query_channels: int | None,
     window: int | None, first_index: int, want_mass: bool, mass_from: int = 0,
-    partial_out: torch.Tensor | None = None, partial_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused attention on plain tensors (the fields of :class:`~kvpress_aqua.ops.inputs.AttentionInputs`).
 
     ``key_valid`` is the int8 ``(B, n)`` validity of the chunk's keys (its mask is causal); the
     exact-token tensors are given together or not at all; only query rows ``t >= mass_from`` give mass
-    (one decode query always does); a partial result over other keys is merged as one more split.
-    Returns ``(output, mass_past, mass_new)``.
+    (one decode query always does). Returns ``(output, mass_past, mass_new)``.
     """
     batch, heads, n, d = query.shape
     kv_heads = keys_new.shape[1]
@@ -374,10 +371,7 @@ def fused_attention(
         HAS_A=slots > 0, HAS_B=exact, HAS_C=True, HAS_WINDOW=window is not None and slots > 0,
         WRITE_SCORES=write_scores, PRECISION=_precision(qa), HAS_BIAS=past_log_weight is not None,
     )
-    if partial_lse is not None:  # keys attended apart: one more split (log2 units, like the kernel's)
-        out = torch.cat([out.float(), partial_out.reshape(1, batch, kv_heads, rows, dv)])
-        lse = torch.cat([lse, partial_lse.reshape(1, batch, kv_heads, rows) * LOG2E])
-    if out.shape[0] == 1:
+    if splits == 1:
         total_lse, merged = lse[0], out[0]
     else:
         total_lse = torch.logsumexp(lse * LN2, dim=0) / LN2
@@ -409,7 +403,7 @@ def fused_attention(
 @fused_attention.register_fake
 def _(query, past_keys, past_values, past_visible, keys_new, values_new, key_valid, past_index, past_log_weight,
       key_basis, exact_keys, exact_basis, exact_slot, scale, query_channels, window, first_index, want_mass,
-      mass_from=0, partial_out=None, partial_lse=None):
+      mass_from=0):
     batch, heads, n, _ = query.shape
     kv_heads, slots = keys_new.shape[1], past_keys.shape[-2]
     return (query.new_empty(batch, heads, n, values_new.shape[-1], dtype=values_new.dtype),

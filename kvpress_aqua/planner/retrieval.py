@@ -19,9 +19,8 @@ holds it equal to ``cache.nbytes()`` and ``cache.nbytes("host")``.
 
 Transients (estimates, charged as the attending layer's ``copy``): a growing tier replaces its
 tensors one at a time, so the largest old one lives beside its copy; a prefill chunk's attention
-streams the rows of every earlier token to the device a block at a time
-(``ops.retrieval.tier_partial``, :func:`~kvpress_aqua.ops.limits.tier_block_rows` rows), holding one
-block, its float32 scores and the running output; a decode step builds the new working set, concatenates
+copies the rows of every earlier token to the device (from a host tier) and concatenates them with
+the held slots (``ops.retrieval.retrieve``); a decode step builds the new working set, concatenates
 it with the held slots and scores every earlier token with the proxy (float32, per query head,
 twice: the logits and their log-softmax; int8 proxy keys are scored from a float32 copy), and
 gathers the rows it misses on the host first.
@@ -38,7 +37,6 @@ from types import MappingProxyType
 from typing import Any
 
 from ..core.accounting import SCORE_BYTES, VALID_BYTES, grown
-from ..ops.limits import tier_block_rows
 from .breakdown import Term
 
 __all__ = [
@@ -244,16 +242,13 @@ class TierLayout:
         device = self.layers * on_device + self.working((self.layers - 1) * latest + last) + bases * self.basis
         decode = n == 1 and offset > 0
         read = min(top_k, offset) if decode else offset
+        concat = self.rows * (past + read) * (self.row + VALID_BYTES)  # the past block rebuilt, and its visibility
         if decode:
-            concat = self.rows * (past + read) * (self.row + VALID_BYTES)  # the past block rebuilt, its visibility
             reading = self.working(read) + PROXY_SCORE_COPIES * self.batch * self.heads * offset * SCORE_BYTES
             reading += self.rows * offset * self.rank * SCORE_BYTES if self.int8 else 0  # int8 keys scored in float32
             gathered = self.rows * read * self.head_dim * self.elem if self.offload else 0
-        else:  # one block of earlier rows at a time, its scores (and their cast), the running output
-            block = min(offset, tier_block_rows(self.batch, self.heads, n))
-            queries = self.batch * self.heads * n
-            concat, gathered = 0, 0
-            reading = self.tier(block) + queries * (2 * block + self.head_dim) * SCORE_BYTES if offset else 0
+        else:
+            reading, gathered = (self.tier(offset) if self.offload else 0), 0
         proxy = max(self.rank, PROXY_SCALE_BYTES) if self.int8 else self.rank * self.elem
         widest = self.head_dim * self.elem if not self.offload else proxy
         grown = self.rows * old * widest  # the largest old tensor, alive beside its copy

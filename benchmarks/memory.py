@@ -1,4 +1,4 @@
-"""Held KV bytes, peak RSS and time for a 4k-token prompt on SmolLM2: full vs SlidingWindow vs H2O at 25%.
+"""Held KV bytes, peak RSS and time for a 4k-token prompt on SmolLM2: full vs SlidingWindow, H2O, retrieval at 25%.
 
 Each configuration runs in its own process (peak RSS is a per-process high-water mark): load the
 model, run an 8-token forward without a cache (the weights are memory-mapped: it pages them in),
@@ -33,6 +33,7 @@ CONFIGS = {
     "full-chunked": "full",
     "sliding-25": "streaming-25",
     "h2o-25": "h2o-25",
+    "retrieval-25": "retrieval-25",
     "generate-full": "full",
     "generate-sliding-25": "streaming-25",
     "generate-h2o-25": "h2o-25",

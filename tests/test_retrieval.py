@@ -10,7 +10,7 @@ from kvpress_aqua.calibration import calibrate
 from kvpress_aqua.evaluation.static_decode import compiled_step, generate_static
 from kvpress_aqua.ops.inputs import AttentionInputs, RetrievalInputs
 from kvpress_aqua.ops.reference import reference_attention
-from kvpress_aqua.ops.retrieval import retrieve
+from kvpress_aqua.ops.retrieval import chunk_attention, retrieve
 from kvpress_aqua.policies import Aqua, Retrieval
 from kvpress_aqua.presets.spec import parse_policy
 from kvpress_aqua.util.compat import cache_kwargs
@@ -44,6 +44,27 @@ def test_top_k_covering_every_token_equals_dynamic_cache(arch):
     policy = Retrieval(top_k=64, recent=4, sinks=2, proxy="lrqk", rank=4)
     got = _run(model, CompressedCache(model, policy), ids, 30, chunk=8)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_chunks_equal_dynamic_cache(arch, monkeypatch):
+    """An offloaded tier's chunks on a GPU stream the tier (chunk_attention): forced here, on one device."""
+    from kvpress_aqua.ops import limits
+    from kvpress_aqua.ops import retrieval as ops_retrieval
+
+    calls = []
+    real = ops_retrieval.chunk_attention
+    monkeypatch.setattr(ops_retrieval, "streams", lambda inputs: True)
+    monkeypatch.setattr(ops_retrieval, "chunk_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(limits, "tier_block_rows", lambda rows, row_bytes: 7)  # several blocks per chunk
+    overrides = {"sliding_window": 12} if arch == "mistral" else {}
+    model = make_tiny_model(arch, **overrides)
+    ids = torch.randint(3, 128, (2, 44), generator=torch.Generator().manual_seed(1))
+    want = _run(model, DynamicCache(), ids, 30, chunk=8)
+    policy = Retrieval(top_k=64, recent=4, sinks=2, proxy="lrqk", rank=4)
+    got = _run(model, CompressedCache(model, policy), ids, 30, chunk=8)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert len(calls) == 4 * model.config.num_hidden_layers  # every chunk of every layer streamed
 
 
 def test_the_aqua_proxy_and_stacking_with_aqua():
@@ -281,3 +302,62 @@ def test_a_static_step_past_the_allocated_rows_fails_before_changing_the_cache()
             model(ids[:, 1:2], **{**step, "position_ids": torch.tensor([[13]])})
     assert int(cache.layers[0].seen) == 13
     assert torch.equal(cache.layers[0].slots.keys, before[0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", ["plain", "window", "aqua", "softcap"])
+def test_a_chunk_streams_the_tier_and_equals_attention_over_every_earlier_token(backend, case, monkeypatch):
+    """A chunk over held slots + the tier's earlier rows (in blocks, merged by log-sum-exp) equals one softmax."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if case == "softcap":
+            pytest.skip("the kernel leaves soft-capping to the reference")
+    from kvpress_aqua.ops import limits
+
+    monkeypatch.setattr(limits, "tier_block_rows", lambda rows, row_bytes: 10)  # three blocks for 23 earlier tokens
+    torch.manual_seed(1)
+    batch, kv_heads, group, d, first, n = 2, 2, 2, 16, 23, 3
+    window = 12 if case == "window" else None
+    softcap = 5.0 if case == "softcap" else None
+    basis = torch.linalg.qr(torch.randn(kv_heads, d, d)).Q[..., :12] if case == "aqua" else None
+    raw_k, tier_v = torch.randn(batch, kv_heads, first + n, d) * 2, torch.randn(batch, kv_heads, first + n, d)
+    stored = raw_k if basis is None else raw_k @ basis[None]  # the tier holds keys as stored
+    valid = torch.ones(batch, kv_heads, first + n, dtype=torch.bool)
+    valid[1, :, :4] = False  # left padding of the second row
+    held_at = torch.tensor([4, 5, 21, 22])
+    held = held_at.expand(batch, kv_heads, 4).int()
+    tier = RetrievalInputs(tier_keys=stored, tier_values=tier_v, tier_valid=valid, proxy_keys=stored[..., :2],
+                           proxy_basis=torch.zeros(kv_heads, d, 2), held_index=held, top_k=3)
+    query = torch.randn(batch, kv_heads * group, n, d)
+    new_mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    inputs = AttentionInputs(layer_idx=0, past_keys=stored[:, :, held_at], past_values=tier_v[:, :, held_at],
+                             past_visible=valid[:, :, held_at], keys_new=raw_k[:, :, first:],
+                             values_new=tier_v[:, :, first:], first_index=first, window=window,
+                             past_index=held if window else None, key_basis=basis, retrieval=tier)
+    if backend == "triton":
+        from kvpress_aqua.ops.triton_attention import triton_attention as op
+    else:
+        op = reference_attention
+    calls = []
+
+    def attend(*args):
+        calls.append(args[0].past_keys.shape[-2])
+        return op(*args, with_lse=True)
+
+    out, _, _ = chunk_attention(inputs, query, new_mask, d ** -0.5, softcap, attend)
+    assert calls == [4, 10, 10, 3]  # the held slots, then three blocks of the tier's earlier rows
+    # the oracle: every valid earlier token and the chunk in one softmax (earlier keys as stored, queries projected)
+    q = query if basis is None else query.view(batch, kv_heads, group, n, d) @ basis[:, None]
+    q = q.reshape(batch, kv_heads * group, n, -1)
+    past_k = stored[:, :, :first].repeat_interleave(group, 1)
+    s_past = q @ past_k.transpose(-1, -2) * d ** -0.5
+    s_new = query @ raw_k[:, :, first:].repeat_interleave(group, 1).transpose(-1, -2) * d ** -0.5
+    s = torch.cat([s_past, s_new], -1)
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    index = torch.arange(first + n)
+    seen = valid.repeat_interleave(group, 1)[:, :, None, :] & (index[None, :] <= (first + torch.arange(n))[:, None])
+    if window:
+        seen = seen & (index[None, :] > (first + torch.arange(n))[:, None] - window)
+    expect = s.masked_fill(~seen, float("-inf")).softmax(-1) @ tier_v.repeat_interleave(group, 1)
+    torch.testing.assert_close(out, expect, atol=2e-5, rtol=0)

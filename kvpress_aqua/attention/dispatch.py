@@ -50,6 +50,23 @@ def _fused_kernel() -> Callable[..., Any] | None:
 _pending = threading.local()
 
 
+def _attend(inputs: AttentionInputs, query: torch.Tensor, new_mask: torch.Tensor, scale: float,
+            softcap: float | None, with_lse: bool = False) -> tuple[torch.Tensor, ...]:
+    """The attention op for the device: the fused kernel where it applies, else the reference."""
+    result = None
+    wanted = BACKEND == "triton" or (BACKEND == "auto" and query.is_cuda)
+    if wanted and (kernel := _fused_kernel()) is not None:
+        result = kernel(inputs, query, new_mask, scale, softcap, with_lse)
+    if result is None:
+        result = reference.reference_attention(inputs, query, new_mask, scale, softcap, with_lse)
+    return result
+
+
+def _attend_with_lse(inputs: AttentionInputs, query: torch.Tensor, new_mask: torch.Tensor, scale: float,
+                     softcap: float | None) -> tuple[torch.Tensor, ...]:
+    return _attend(inputs, query, new_mask, scale, softcap, with_lse=True)
+
+
 def hand_off(inputs: AttentionInputs) -> None:
     """Leave ``inputs`` for the next attention call of layer ``inputs.layer_idx``."""
     _pending.value = inputs
@@ -112,14 +129,13 @@ def compressed_attention(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     new_mask = reference.new_block_mask(attention_mask, n, query.device)
     held = inputs.past_keys.shape[-2]
-    # a retrieval layer: its held slots plus the rows retrieved from its tier, as plain inputs
-    attended = inputs if inputs.retrieval is None else retrieval.retrieve(inputs, query, scale)
-    result = None
-    wanted = BACKEND == "triton" or (BACKEND == "auto" and query.is_cuda)
-    if wanted and (kernel := _fused_kernel()) is not None:
-        result = kernel(attended, query, new_mask, scale, softcap)
-    if result is None:
-        result = reference.reference_attention(attended, query, new_mask, scale, softcap)
+    tier = inputs.retrieval
+    if tier is not None and n > 1 and retrieval.streams(inputs):
+        # an offloaded retrieval tier's chunk: held slots and the chunk, then the earlier rows block by block
+        result = retrieval.chunk_attention(inputs, query, new_mask, scale, softcap, _attend_with_lse)
+    else:  # a retrieval layer: its held slots plus the rows retrieved from its tier, as plain inputs
+        attended = inputs if tier is None else retrieval.retrieve(inputs, query, scale)
+        result = _attend(attended, query, new_mask, scale, softcap)
     out, mass_past, inputs.mass_new = result
     inputs.mass_past = mass_past[..., :held]
     if inputs.score_out is not None:  # a static decode step: the scores are folded in here, in place

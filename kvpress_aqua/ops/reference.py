@@ -64,7 +64,8 @@ def reference_attention(
     new_mask: torch.Tensor,
     scale: float,
     softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with_lse: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Attention of a chunk's queries over a compressed layer's past and the chunk itself.
 
     Parameters
@@ -79,13 +80,17 @@ def reference_attention(
         Score scale (``1/sqrt(d)`` usually).
     softcap : float, optional
         Gemma-2 style logit soft-capping.
+    with_lse : bool
+        Also return each query's float32 log-sum-exp of its scores ``(B, H, n)`` (natural log,
+        ``-inf`` for a query that sees nothing), so that attention over other keys can be merged.
 
     Returns
     -------
     tuple of torch.Tensor
         ``output (B, H, n, d_v)`` in the values' dtype; ``mass_past (B, H_kv, S)`` and
-        ``mass_new (B, H_kv, n)``, float32 (zeros unless ``inputs.want_mass``). A query that sees
-        nothing (a left-padding token) gets a zero output and gives no mass.
+        ``mass_new (B, H_kv, n)``, float32 (zeros unless ``inputs.want_mass``); the log-sum-exp
+        with ``with_lse``. A query that sees nothing (a left-padding token) gets a zero output and
+        gives no mass.
 
     """
     batch, heads, n, d = query.shape
@@ -105,6 +110,7 @@ def reference_attention(
     out = query.new_empty(batch, kv_heads, group, n, inputs.values_new.shape[-1], dtype=dtype)
     mass_past = torch.zeros(batch, kv_heads, slots, dtype=torch.float32, device=query.device)
     mass_new = torch.zeros(batch, kv_heads, n, dtype=torch.float32, device=query.device)
+    lse = torch.empty(batch, kv_heads, group, n, dtype=torch.float32, device=query.device) if with_lse else None
     rows = _rows_per_block(batch, heads, slots + n, n)
     mass_from = n - inputs.mass_rows if inputs.mass_rows is not None else 0  # first query row giving mass
     lowest = torch.finfo(torch.float32).min
@@ -147,6 +153,8 @@ def reference_attention(
         if slots:
             total += s_past.sum(-1, keepdim=True)
         norm = sees / total  # 0 for a query that sees nothing
+        if lse is not None:
+            lse[:, :, :, lo:hi] = (top + total.log()).masked_fill(~sees, float("-inf"))[..., 0]
         s_new.mul_(norm)
         o = flat(s_new.to(dtype)) @ inputs.values_new[:, :, :cols]
         giving = None if mass_from <= lo else (torch.arange(lo, hi, device=query.device) >= mass_from)[:, None]
@@ -158,6 +166,8 @@ def reference_attention(
             if inputs.want_mass:
                 mass_past += _row_sum(s_past, giving)
         out[:, :, :, lo:hi] = o.view(batch, kv_heads, group, r, -1)
+    if lse is not None:
+        return out.view(batch, heads, n, -1), mass_past, mass_new, lse.view(batch, heads, n)
     return out.view(batch, heads, n, -1), mass_past, mass_new
 
 

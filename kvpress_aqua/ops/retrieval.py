@@ -13,9 +13,13 @@ kernel) attends exactly over that set:
   kept for the group; :func:`proxy_scores`), takes the ``top_k`` per
   sequence and KV head, finds which of them the working set already holds (a sorted search) and
   copies only the others from the tier;
-- a chunk of several queries (a prefill chunk, a question) attends to every earlier token: the
-  tier rows before the chunk are copied for that call (exact prefill, as in LRQK, Quest and
-  ShadowKV, which all prefill densely);
+- a chunk of several queries (a prefill chunk, a question) attends to every earlier token (exact
+  prefill, as in LRQK, Quest and ShadowKV, which all prefill densely). With the tier on the
+  accelerator its earlier rows join the past block for that call; an offloaded tier
+  (:func:`streams`) goes through :func:`chunk_attention`, which runs the attention op over the
+  held slots and the chunk, then over the earlier rows a block at a time (each block copied to the
+  accelerator for its call), and merges the calls by their log-sum-exp, so the accelerator holds
+  one block of the earlier rows, never all of them;
 - a static decode step (the cache index a 0-d tensor, the tier allocated for every step) makes
   the same choice over the tier's whole capacity with tokens from the step's index on masked
   out, and reads the chosen rows straight from the tier (no working set, no host
@@ -28,12 +32,14 @@ proxy channels, ``k`` = ``top_k``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
+from . import limits
 from .inputs import AttentionInputs, RetrievalInputs
 
-__all__ = ["candidates", "proxy_scores", "retrieve", "select"]
+__all__ = ["candidates", "chunk_attention", "proxy_scores", "retrieve", "select"]
 
 
 def proxy_scores(query: torch.Tensor, basis: torch.Tensor, proxy_keys: torch.Tensor, valid: torch.Tensor,
@@ -133,7 +139,9 @@ def retrieve(inputs: AttentionInputs, query: torch.Tensor, scale: float) -> Atte
 
     Writes the new working set (``selected``, ``sel_keys``, ``sel_values``) and the counts
     (``hits``, ``fetched``) into ``inputs.retrieval`` at a decode step, and the count of rows copied
-    for a chunk; the returned inputs have no tier (``retrieval`` is ``None``).
+    for a chunk (every earlier row, appended whole: a tier on another device streams its chunks
+    through :func:`chunk_attention` instead); the returned inputs have no tier (``retrieval`` is
+    ``None``).
 
     Parameters
     ----------
@@ -159,13 +167,63 @@ def retrieve(inputs: AttentionInputs, query: torch.Tensor, scale: float) -> Atte
         keys, values, tier.hits, tier.fetched = _gather_rows(tier, selected, device)
         tier.selected, tier.sel_keys, tier.sel_values = selected, keys, values
         visible, index = selected >= 0, selected
-    else:  # a chunk (or a first token) attends to every earlier token
-        keys = tier.tier_keys[..., :first, :].to(device, non_blocking=True)
-        values = tier.tier_values[..., :first, :].to(device, non_blocking=True)
+    else:  # a chunk (or a first token) attends to every earlier token, copied for the call
+        keys, values = tier.tier_keys[..., :first, :], tier.tier_values[..., :first, :]
         tier.hits, tier.fetched = 0, int(allowed.shape[0] * allowed.shape[1] * first)
         visible = allowed
         index = torch.arange(first, device=device).expand_as(allowed)
     return _appended(inputs, keys, values, visible, index)
+
+
+def streams(inputs: AttentionInputs) -> bool:
+    """Whether a retrieval layer's chunk goes through :func:`chunk_attention`: its tier is on another device.
+
+    A tier on the accelerator is read in place by one call over held + earlier rows (a copy of the
+    past block, no transfer); an offloaded one would have every earlier row copied to the
+    accelerator at once, so it is streamed a block at a time instead.
+    """
+    return inputs.retrieval.tier_keys.device != inputs.past_keys.device
+
+
+def chunk_attention(inputs: AttentionInputs, query: torch.Tensor, new_mask: torch.Tensor, scale: float,
+                    softcap: float | None, attend: Callable[..., tuple[torch.Tensor, ...]]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A retrieval layer's chunk over its held slots, itself and every earlier tier row, a block of rows at a time.
+
+    ``attend(inputs, query, mask, scale, softcap)`` is the attention op with ``with_lse=True``
+    (output, masses, log-sum-exp). It runs once over the held slots and the chunk, then once per
+    block of earlier, not held tier rows (:func:`~kvpress_aqua.ops.limits.tier_block_rows` tokens,
+    copied to the accelerator for that call, the chunk's own keys masked out); the outputs are
+    merged by their log-sum-exp, exactly one softmax over all of them. Returns ``(output,
+    mass_past, mass_new)``, the masses those of the held slots' call (a retrieval layer ranks by
+    recency; it reads none). Records the rows copied in ``inputs.retrieval.fetched``.
+    """
+    tier, first = inputs.retrieval, int(inputs.first_index)
+    held = dataclasses.replace(inputs, retrieval=None)
+    out, mass_past, mass_new, lse = attend(held, query, new_mask, scale, softcap)
+    allowed = candidates(tier, first, inputs.window)
+    tier.hits, tier.fetched = 0, int(allowed.shape[0] * allowed.shape[1] * first)
+    block = limits.tier_block_rows(allowed.shape[0] * allowed.shape[1],
+                                   (tier.tier_keys.shape[-1] + tier.tier_values.shape[-1])
+                                   * tier.tier_keys.element_size())
+    device, unseen = inputs.past_keys.device, torch.zeros_like(new_mask)
+    merged = out.float()
+    for lo in range(0, first, block):
+        hi = min(first, lo + block)
+        index = torch.arange(lo, hi, device=device, dtype=torch.int32).expand(*allowed.shape[:2], -1)
+        rows = dataclasses.replace(
+            held, past_keys=tier.tier_keys[..., lo:hi, :].to(device),
+            past_values=tier.tier_values[..., lo:hi, :].to(device), past_visible=allowed[..., lo:hi],
+            past_index=index if inputs.window is not None else None, past_log_weight=None, exact_keys=None,
+            exact_basis=None, exact_slot=None, want_mass=False)
+        part, _, _, part_lse = attend(rows, query, unseen, scale, softcap)
+        top = torch.maximum(lse, part_lse)
+        safe = top.where(top > float("-inf"), 0.0)
+        mine, theirs = (lse - safe).exp(), (part_lse - safe).exp()
+        total = mine + theirs
+        merged = (merged * mine[..., None] + part.float() * theirs[..., None]) / total.where(total > 0, 1.0)[..., None]
+        lse = (safe + total.log()).where(total > 0, float("-inf"))
+    return merged.to(out.dtype), mass_past, mass_new
 
 
 def _retrieve_static(inputs: AttentionInputs, query: torch.Tensor, scale: float) -> AttentionInputs:

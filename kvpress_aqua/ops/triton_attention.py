@@ -261,8 +261,9 @@ def _key_validity(new_mask: torch.Tensor, batch: int, n: int) -> torch.Tensor | 
 
 
 def triton_attention(
-    inputs: AttentionInputs, query: torch.Tensor, new_mask: torch.Tensor, scale: float, softcap: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    inputs: AttentionInputs, query: torch.Tensor, new_mask: torch.Tensor, scale: float, softcap: float | None = None,
+    with_lse: bool = False,
+) -> tuple[torch.Tensor, ...] | None:
     """:func:`~kvpress_aqua.ops.reference.reference_attention` in one fused pass; ``None`` where it does not apply.
 
     Parameters and returns are the reference's. It does not apply (returns ``None``, the caller
@@ -286,13 +287,14 @@ def triton_attention(
     else:
         key_valid = new_mask.reshape(-1, 1).expand(batch, 1).to(torch.int8).contiguous()
     exact = inputs.exact_keys is not None and inputs.past_keys.shape[-2] > 0
-    return torch.ops.kvpress_aqua.fused_attention(
+    result = torch.ops.kvpress_aqua.fused_attention(
         query, inputs.past_keys, inputs.past_values, inputs.past_visible, inputs.keys_new, inputs.values_new,
         key_valid, inputs.past_index if inputs.window is not None else None, inputs.past_log_weight, inputs.key_basis,
         inputs.exact_keys if exact else None, inputs.exact_basis if exact else None,
         inputs.exact_slot if exact else None, scale, inputs.query_channels, inputs.window, first_index,
         inputs.want_mass, max(0, n - inputs.mass_rows) if inputs.mass_rows is not None else 0,
     )
+    return result if with_lse else result[:3]
 
 
 @torch.library.custom_op("kvpress_aqua::fused_attention", mutates_args=())
@@ -302,12 +304,13 @@ def fused_attention(
     past_log_weight: torch.Tensor | None, key_basis: torch.Tensor | None, exact_keys: torch.Tensor | None,
     exact_basis: torch.Tensor | None, exact_slot: torch.Tensor | None, scale: float, query_channels: int | None,
     window: int | None, first_index: int, want_mass: bool, mass_from: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused attention on plain tensors (the fields of :class:`~kvpress_aqua.ops.inputs.AttentionInputs`).
 
     ``key_valid`` is the int8 ``(B, n)`` validity of the chunk's keys (its mask is causal); the
     exact-token tensors are given together or not at all; only query rows ``t >= mass_from`` give mass
-    (one decode query always does). Returns ``(output, mass_past, mass_new)``.
+    (one decode query always does). Returns ``(output, mass_past, mass_new, lse)``, ``lse`` each
+    query's float32 log-sum-exp ``(B, H, n)`` (natural log, ``-inf`` where it sees nothing).
     """
     batch, heads, n, d = query.shape
     kv_heads = keys_new.shape[1]
@@ -378,10 +381,11 @@ def fused_attention(
         weight = torch.exp2(lse - total_lse.where(total_lse > float("-inf"), 0.0)).nan_to_num_(0.0)
         merged = (out * weight[..., None]).sum(0).to(values_new.dtype)
     output = merged.reshape(batch, kv_heads, group, n, dv).reshape(batch, heads, n, dv)
+    row_lse = (total_lse * LN2).reshape(batch, heads, n)
     mass_past = torch.zeros(batch, kv_heads, slots, dtype=torch.float32, device=query.device)
     mass_new = torch.zeros(batch, kv_heads, n, dtype=torch.float32, device=query.device)
     if not want_mass:
-        return output, mass_past, mass_new
+        return output, mass_past, mass_new, row_lse
     if write_scores:  # one small pass over the written scores gives both masses
         block = 128
         _decode_mass_kernel[(triton.cdiv(slots + n, block), batch * kv_heads)](
@@ -397,7 +401,7 @@ def fused_attention(
     if exact:
         mass_past = mass_past.scatter_add(2, at, _mass(qb, kb, visible_b, total_lse, n, scale_log2, index_b, window,
                                                        first_index, bias=bias_b, row_from=mass_from))
-    return output, mass_past, mass_new
+    return output, mass_past, mass_new, row_lse
 
 
 @fused_attention.register_fake
@@ -408,4 +412,5 @@ def _(query, past_keys, past_values, past_visible, keys_new, values_new, key_val
     kv_heads, slots = keys_new.shape[1], past_keys.shape[-2]
     return (query.new_empty(batch, heads, n, values_new.shape[-1], dtype=values_new.dtype),
             query.new_empty(batch, kv_heads, slots, dtype=torch.float32),
-            query.new_empty(batch, kv_heads, n, dtype=torch.float32))
+            query.new_empty(batch, kv_heads, n, dtype=torch.float32),
+            query.new_empty(batch, heads, n, dtype=torch.float32))

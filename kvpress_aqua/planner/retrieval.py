@@ -19,8 +19,11 @@ holds it equal to ``cache.nbytes()`` and ``cache.nbytes("host")``.
 
 Transients (estimates, charged as the attending layer's ``copy``): a growing tier replaces its
 tensors one at a time, so the largest old one lives beside its copy; a prefill chunk's attention
-copies the rows of every earlier token to the device (from a host tier) and concatenates them with
-the held slots (``ops.retrieval.retrieve``); a decode step builds the new working set, concatenates
+concatenates the held slots with every earlier token's rows when the tier is resident, and with an
+offloaded tier attends the held slots, then the earlier rows a block at a time, each block copied
+to the device for its call (``ops.retrieval.chunk_attention``,
+:func:`~kvpress_aqua.ops.limits.tier_block_rows` tokens), the calls merged in float32; a decode step
+builds the new working set, concatenates
 it with the held slots and scores every earlier token with the proxy (float32, per query head,
 twice: the logits and their log-softmax; int8 proxy keys are scored from a float32 copy), and
 gathers the rows it misses on the host first.
@@ -37,6 +40,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..core.accounting import SCORE_BYTES, VALID_BYTES, grown
+from ..ops.limits import tier_block_rows
 from .breakdown import Term
 
 __all__ = [
@@ -242,13 +246,18 @@ class TierLayout:
         device = self.layers * on_device + self.working((self.layers - 1) * latest + last) + bases * self.basis
         decode = n == 1 and offset > 0
         read = min(top_k, offset) if decode else offset
-        concat = self.rows * (past + read) * (self.row + VALID_BYTES)  # the past block rebuilt, and its visibility
         if decode:
+            concat = self.rows * (past + read) * (self.row + VALID_BYTES)  # the past block rebuilt, its visibility
             reading = self.working(read) + PROXY_SCORE_COPIES * self.batch * self.heads * offset * SCORE_BYTES
             reading += self.rows * offset * self.rank * SCORE_BYTES if self.int8 else 0  # int8 keys scored in float32
             gathered = self.rows * read * self.head_dim * self.elem if self.offload else 0
-        else:
-            reading, gathered = (self.tier(offset) if self.offload else 0), 0
+        elif self.offload:  # one block of earlier rows copied at a time, the merged and the block's outputs
+            block = min(offset, tier_block_rows(self.rows, self.row))
+            concat, gathered = 0, 0
+            reading = self.tier(block) + 2 * self.batch * self.heads * n * self.head_dim * SCORE_BYTES if offset else 0
+        else:  # the resident tier's earlier rows join the past block for the call
+            concat = self.rows * (past + read) * (self.row + VALID_BYTES)
+            reading, gathered = 0, 0
         proxy = max(self.rank, PROXY_SCALE_BYTES) if self.int8 else self.rank * self.elem
         widest = self.head_dim * self.elem if not self.offload else proxy
         grown = self.rows * old * widest  # the largest old tensor, alive beside its copy

@@ -78,8 +78,9 @@ class Retrieval(TokenPolicy):
     Notes
     -----
     Known limits: selection is per KV head, pooled over its query heads by the maximum; a chunk's
-    attention copies the tier rows before it to the accelerator for that call (transient, freed
-    after it: blockwise streaming is not done); the growing cache's host-to-device copies are
+    attention over an offloaded tier streams the earlier rows to the accelerator in blocks (one
+    attention call each, merged by log-sum-exp; not overlapped with compute); the growing
+    cache's host-to-device copies are
     synchronous (no side stream); retrieved rows are gathered and concatenated with the held slots
     before the attention (not fused into the kernel). A static cache
     (:meth:`~kvpress_aqua.core.cache.CompressedCache.make_static`, compiled decoding) reads every

@@ -37,6 +37,11 @@ def _run(model, cache, ids, prompt, chunk=None):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_top_k_covering_every_token_equals_dynamic_cache(arch):
+    _assert_covering_top_k_equals_dynamic_cache(arch)
+
+
+def _assert_covering_top_k_equals_dynamic_cache(arch):
+    """A 30-token prompt in chunks of 8, then 14 decode steps, top_k above every count: DynamicCache's logits."""
     overrides = {"sliding_window": 12} if arch == "mistral" else {}
     model = make_tiny_model(arch, **overrides)
     ids = torch.randint(3, 128, (2, 44), generator=torch.Generator().manual_seed(1))
@@ -44,6 +49,7 @@ def test_top_k_covering_every_token_equals_dynamic_cache(arch):
     policy = Retrieval(top_k=64, recent=4, sinks=2, proxy="lrqk", rank=4)
     got = _run(model, CompressedCache(model, policy), ids, 30, chunk=8)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    return model
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -57,13 +63,7 @@ def test_streamed_chunks_equal_dynamic_cache(arch, monkeypatch):
     monkeypatch.setattr(ops_retrieval, "streams", lambda inputs: True)
     monkeypatch.setattr(ops_retrieval, "chunk_attention", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(limits, "tier_block_rows", lambda rows, row_bytes: 7)  # several blocks per chunk
-    overrides = {"sliding_window": 12} if arch == "mistral" else {}
-    model = make_tiny_model(arch, **overrides)
-    ids = torch.randint(3, 128, (2, 44), generator=torch.Generator().manual_seed(1))
-    want = _run(model, DynamicCache(), ids, 30, chunk=8)
-    policy = Retrieval(top_k=64, recent=4, sinks=2, proxy="lrqk", rank=4)
-    got = _run(model, CompressedCache(model, policy), ids, 30, chunk=8)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    model = _assert_covering_top_k_equals_dynamic_cache(arch)
     assert len(calls) == 4 * model.config.num_hidden_layers  # every chunk of every layer streamed
 
 

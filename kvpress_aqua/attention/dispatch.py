@@ -62,11 +62,6 @@ def _attend(inputs: AttentionInputs, query: torch.Tensor, new_mask: torch.Tensor
     return result
 
 
-def _attend_with_lse(inputs: AttentionInputs, query: torch.Tensor, new_mask: torch.Tensor, scale: float,
-                     softcap: float | None) -> tuple[torch.Tensor, ...]:
-    return _attend(inputs, query, new_mask, scale, softcap, with_lse=True)
-
-
 def hand_off(inputs: AttentionInputs) -> None:
     """Leave ``inputs`` for the next attention call of layer ``inputs.layer_idx``."""
     _pending.value = inputs
@@ -132,7 +127,8 @@ def compressed_attention(
     tier = inputs.retrieval
     if tier is not None and n > 1 and retrieval.streams(inputs):
         # an offloaded retrieval tier's chunk: held slots and the chunk, then the earlier rows block by block
-        result = retrieval.chunk_attention(inputs, query, new_mask, scale, softcap, _attend_with_lse)
+        result = retrieval.chunk_attention(inputs, query, new_mask, scale, softcap,
+                                           functools.partial(_attend, with_lse=True))
     else:  # a retrieval layer: its held slots plus the rows retrieved from its tier, as plain inputs
         attended = inputs if tier is None else retrieval.retrieve(inputs, query, scale)
         result = _attend(attended, query, new_mask, scale, softcap)

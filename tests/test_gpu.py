@@ -156,3 +156,12 @@ def test_cuda_retrieval_covering_every_token_equals_dynamic_cache(offload):
     assert layer.tier.keys.is_pinned() == (offload == "cpu") and layer.tier.proxy.is_cuda
     assert cache.nbytes("host") == (sum(t.keys.nbytes + t.values.nbytes for t in (layer.tier for layer in cache.layers))
                                     if offload else 0)
+
+
+def test_cuda_offloaded_retrieval_after_a_one_token_prompt_equals_dynamic_cache():
+    """A one-token prompt's forward has no earlier tier row: its empty host slice still moves to the device."""
+    model = make_tiny_model("llama").cuda()
+    ids = torch.randint(3, 128, (1, 1), generator=torch.Generator().manual_seed(7)).cuda()
+    ref, ref_seq = _generate(model, ids, DynamicCache(), steps=8)
+    got, seq = _generate(model, ids, CompressedCache(model, Retrieval(top_k=32, recent=2, sinks=1, rank=2)), steps=8)
+    assert torch.equal(seq, ref_seq) and (got - ref).abs().max().item() < 1e-4

@@ -36,7 +36,14 @@ from ..evaluation.needle.tasks import Cell
 from ..presets.spec import planned_prefill_chunk
 from ..util.sizes import parse_tokens
 from ._tables import Column, bytes_column, fit_tables
-from .common import Interrupted, add_runtime_arguments, apply_threads, check_runtime_arguments, make_console
+from .common import (
+    Interrupted,
+    add_runtime_arguments,
+    apply_threads,
+    check_compile,
+    check_runtime_arguments,
+    make_console,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -84,10 +91,7 @@ def check_model_arguments(args: argparse.Namespace) -> int | None:
     if chunk is not None and chunk <= 0:
         raise ValueError(f"--prefill-chunk {args.prefill_chunk}: give a positive token count or 'none'")
     check_runtime_arguments(args)
-    device = args.device or ("cuda" if getattr(args, "gpus", 1) > 1 else "cpu")
-    if args.compile and not str(device).startswith("cuda"):
-        raise ValueError(f"--compile replays each decode step as a CUDA graph: add --device cuda (got --device "
-                         f"{device}), or leave --compile out")
+    check_compile(args.compile, args.device or ("cuda" if getattr(args, "gpus", 1) > 1 else "cpu"))
     return chunk
 
 

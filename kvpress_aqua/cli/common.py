@@ -28,6 +28,7 @@ __all__ = [
     "Interrupted",
     "add_runtime_arguments",
     "apply_threads",
+    "check_compile",
     "check_device",
     "check_dtype",
     "check_runtime_arguments",
@@ -177,6 +178,13 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None,
                    help="weight dtype: fp32, bf16 or fp16 (default fp32; bf16 or fp16 halve the memory on a GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def check_compile(compile_: bool, device: str) -> None:
+    """Refuse ``--compile`` (CUDA graphs) unless the model runs on CUDA."""
+    if compile_ and not str(device).startswith("cuda"):
+        raise ValueError(f"--compile replays each decode step as a CUDA graph: add --device cuda (got --device "
+                         f"{device}), or leave --compile out")
 
 
 def check_runtime_arguments(args: argparse.Namespace) -> dict[str, Any]:

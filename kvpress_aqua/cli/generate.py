@@ -18,6 +18,7 @@ from ._tables import Column, bytes_column, fit_tables
 from .common import (
     add_runtime_arguments,
     apply_threads,
+    check_compile,
     check_runtime_arguments,
     load_model_checked,
     make_console,
@@ -70,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prefill_chunk is not None and args.prefill_chunk <= 0:
         raise ValueError(f"--prefill-chunk {args.prefill_chunk}: give a positive token count, or leave it out")
     load_kwargs = check_runtime_arguments(args)
-    if args.compile and not str(args.device).startswith("cuda"):
-        raise ValueError(f"--compile replays each decode step as a CUDA graph: add --device cuda (got --device "
-                         f"{args.device}), or leave --compile out")
+    check_compile(args.compile, args.device)
     if args.prompt is not None and args.prompt_file is not None:
         raise ValueError("give --prompt or --prompt-file, not both")
     if args.prompt_file is not None and not args.prompt_file.is_file():

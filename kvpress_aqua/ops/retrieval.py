@@ -168,7 +168,8 @@ def retrieve(inputs: AttentionInputs, query: torch.Tensor, scale: float) -> Atte
         tier.selected, tier.sel_keys, tier.sel_values = selected, keys, values
         visible, index = selected >= 0, selected
     else:  # a chunk (or a first token) attends to every earlier token, copied for the call
-        keys, values = tier.tier_keys[..., :first, :], tier.tier_values[..., :first, :]
+        keys = tier.tier_keys[..., :first, :].to(device, non_blocking=True)
+        values = tier.tier_values[..., :first, :].to(device, non_blocking=True)
         tier.hits, tier.fetched = 0, int(allowed.shape[0] * allowed.shape[1] * first)
         visible = allowed
         index = torch.arange(first, device=device).expand_as(allowed)

@@ -18,7 +18,9 @@ the offload rows are a worst case for host-to-device traffic (their hit rate is 
 
 ``--cap-gb`` caps the process's GPU memory (``torch.cuda.set_per_process_memory_fraction``), as
 on a smaller accelerator. Output: one JSON row per cache (ms/step, tokens/s, device and host
-bytes, peak allocated, hit rate and bytes copied per step).
+bytes, peak allocated, the process's peak RSS so far, hit rate and bytes copied per step). An
+offloaded tier's host rows are locked page by page to their exact size
+(:func:`kvpress_aqua.util.pinned.pinned_zeros`).
 
 Run: python benchmarks/retrieval_speed.py --batch 8 --context 32768 --caches dynamic-eager,static-compiled,
          retrieval-resident --out FILE
@@ -39,6 +41,7 @@ from transformers import DynamicCache, StaticCache
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu_engine as engine  # noqa: E402 - the shared model, fill and timing helpers
+from rss import status_bytes  # noqa: E402
 
 from kvpress_aqua import CompressedCache  # noqa: E402
 from kvpress_aqua.policies import Retrieval  # noqa: E402
@@ -113,6 +116,7 @@ def run(model, name: str, batch: int, context: int, steps: int, warmup: int, top
     row.update(ms_per_step=round(ms, 3), tokens_per_s=round(batch * 1e3 / ms, 2))
     if cuda:
         row["peak_allocated"] = torch.cuda.max_memory_allocated()
+    row["host_rss_peak"] = status_bytes("VmHWM")  # of the process so far (pinned tier pages included)
     del cache
     return row
 

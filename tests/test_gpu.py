@@ -165,3 +165,21 @@ def test_cuda_offloaded_retrieval_after_a_one_token_prompt_equals_dynamic_cache(
     ref, ref_seq = _generate(model, ids, DynamicCache(), steps=8)
     got, seq = _generate(model, ids, CompressedCache(model, Retrieval(top_k=32, recent=2, sinks=1, rank=2)), steps=8)
     assert torch.equal(seq, ref_seq) and (got - ref).abs().max().item() < 1e-4
+
+
+def test_cuda_pinned_zeros_is_pinned_readable_by_the_gpu_and_unlocked_when_freed():
+    """Host pages locked by cudaHostRegister: fast copies, a device view over them, freed and locked again."""
+    from kvpress_aqua.core.tier import _device_view
+    from kvpress_aqua.util.pinned import pinned_zeros
+
+    device = torch.device("cuda", torch.cuda.current_device())  # a tier passes its proxy's device, index included
+    for i in range(4):  # each round frees the last one: its pages must be unlocked, or the next lock fails
+        host = pinned_zeros((3, 1_000_003), torch.bfloat16)
+        assert host.is_pinned()
+        host[1] = i + 0.5
+        copied = host.to(device, non_blocking=True)
+        torch.cuda.synchronize()
+        assert torch.equal(copied.cpu(), host)
+        view = _device_view(host, device)
+        assert view.is_cuda and torch.equal(view.cpu(), host)
+        del host, copied, view

@@ -4,9 +4,10 @@ A layer whose token policy retrieves (:class:`~kvpress_aqua.policies.retrieval.R
 its held slots (sinks and recent tokens) as any layer does, and also writes every token it sees
 into a :class:`RetrievalTier`:
 
-- on the tier's device (pinned host memory when the policy offloads and the model is on a GPU;
-  on a CPU-only machine a separate store on the same device, accounted apart): the keys in their
-  stored form (pruned under AQUA) and the values, row ``t`` for cache index ``t``;
+- on the tier's device (pinned host memory, locked to its exact size, when the policy offloads and
+  the model is on a GPU; on a CPU-only machine a separate store on the same device, accounted
+  apart): the keys in their stored form (pruned under AQUA) and the values, row ``t`` for cache
+  index ``t``;
 - on the accelerator: the proxy key of every token, its validity, and the working set (the rows
   the last decode step retrieved, with their token indices), so that the next step copies only
   the rows it does not already hold.
@@ -28,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from ..ops.inputs import RetrievalInputs
+from ..util.pinned import pinned_copy, pinned_zeros
 from .accounting import grown
 
 __all__ = ["RetrievalTier"]
@@ -106,9 +108,8 @@ class RetrievalTier:
         self.proxy_scale = torch.empty(batch, heads, 0, device=dev) if self.int8 else None
         self.valid = torch.empty(batch, heads, 0, dtype=torch.bool, device=dev)
         tier_dev = torch.device("cpu") if self.offload else dev
-        self.keys = torch.empty(batch, heads, 0, key_dim, dtype=like.dtype, device=tier_dev, pin_memory=self.pinned)
-        self.values = torch.empty(batch, heads, 0, value_dim, dtype=like.dtype, device=tier_dev,
-                                  pin_memory=self.pinned)
+        self.keys = torch.empty(batch, heads, 0, key_dim, dtype=like.dtype, device=tier_dev)
+        self.values = torch.empty(batch, heads, 0, value_dim, dtype=like.dtype, device=tier_dev)
         self.used = 0
 
     def _grow(self, needed: int, step: bool) -> None:
@@ -121,8 +122,11 @@ class RetrievalTier:
             old = getattr(self, name)
             if old is None:
                 continue
-            new = torch.zeros((*old.shape[:2], total, *old.shape[3:]), dtype=old.dtype, device=old.device,
-                              pin_memory=self.pinned and name in ("keys", "values"))
+            shape = (*old.shape[:2], total, *old.shape[3:])
+            if self.pinned and name in ("keys", "values"):
+                new = pinned_zeros(shape, old.dtype)
+            else:
+                new = torch.zeros(shape, dtype=old.dtype, device=old.device)
             new[:, :, :self.used] = old[:, :, :self.used]
             setattr(self, name, new)
 
@@ -245,7 +249,7 @@ class RetrievalTier:
             if tensor is not None:
                 moved = fn(tensor)
                 if self.pinned and name in ("keys", "values"):
-                    moved = moved.pin_memory()
+                    moved = pinned_copy(moved)
                 setattr(self, name, moved)
         if self.basis is not None and self.basis.ndim == 4:
             self.basis = fn(self.basis)
@@ -260,8 +264,9 @@ def _quantized(proxy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A tensor on ``device`` over the pinned host memory of ``host`` (mapped: the GPU reads it over PCIe).
 
-    Pinned memory from CUDA's host allocator is mapped into the unified address space, so its host
-    address is valid on the device; the view holds no reference: ``host`` must outlive it.
+    Host memory locked by :func:`~kvpress_aqua.util.pinned.pinned_zeros` is mapped into the unified
+    address space, so its host address is valid on the device; the view holds no reference: ``host``
+    must outlive it.
     """
     span = host.untyped_storage().nbytes() - host.storage_offset() * host.element_size()
     storage = torch._C._construct_storage_from_data_pointer(host.data_ptr(), device, span)

@@ -47,6 +47,19 @@ TINY = dict(SHAPE, hidden_size=256, intermediate_size=512, num_attention_heads=8
             vocab_size=512, num_hidden_layers=2)
 """``--tiny``: a 2-layer model of the same layout, to check the script on a CPU before a GPU run."""
 DEVICE = "cuda"
+PROFILE: dict = {"steps": 0, "last": None}
+"""``--profile N``: the last N timed steps of each decode run also run under the PyTorch profiler."""
+STREAM: dict = {"path": None}
+"""Where :func:`emit` appends each row as it is measured (``OUT.rows.jsonl``), so a cut run keeps its rows."""
+
+
+def emit(row: dict) -> None:
+    """Print one finished row and append it to the stream file."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if STREAM["path"] is not None:
+        with open(STREAM["path"], "a") as f:
+            f.write(line + "\n")
 
 
 def policies(name: str, context: int) -> tuple:
@@ -109,7 +122,7 @@ def run_prefill(model, batch: int, context: int, chunk: int, names: list[str]) -
             row = {"cache": name, "batch": batch, "context": context, "error": repr(err)[:500]}
             traceback.print_exc()
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        emit(row)
     dense = next((r for r in rows if r["cache"] == "dense" and "peak_allocated" in r), None)
     for r in rows:
         if dense and "peak_allocated" in r:
@@ -146,7 +159,12 @@ def _time_steps(step, model, cache, token, positions, mask_for, steps: int, warm
     """Median ms per decode step (CUDA events around each step) after ``warmup`` steps, and the warm-up seconds."""
     times = []
     start = time.perf_counter()
+    prof = None
     for i in range(warmup + steps):
+        if PROFILE["steps"] and i == warmup + steps - PROFILE["steps"]:
+            kind = torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
+            prof = torch.profiler.profile(activities=[kind])
+            prof.__enter__()
         if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
             torch.compiler.cudagraph_mark_step_begin()
         tick = time.perf_counter()
@@ -163,7 +181,18 @@ def _time_steps(step, model, cache, token, positions, mask_for, steps: int, warm
         if i >= warmup:
             times.append(begin.elapsed_time(end) if DEVICE == "cuda" else (time.perf_counter() - tick) * 1e3)
         positions = positions + 1
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        PROFILE["last"] = _top_kernels(prof, PROFILE["steps"])
     return statistics.median(times), warm
+
+
+def _top_kernels(prof, steps: int, top: int = 25) -> list[dict]:
+    """The kernels taking the most GPU time (CPU: self time of operators), per step (``steps`` averaged)."""
+    spent = (lambda e: e.device_time_total) if DEVICE == "cuda" else (lambda e: e.self_cpu_time_total)
+    events = sorted((e for e in prof.key_averages() if spent(e) > 0), key=lambda e: -spent(e))
+    return [{"kernel": e.key[:160], "us_per_step": round(spent(e) / steps, 1),
+             "calls_per_step": round(e.count / steps, 1)} for e in events[:top]]
 
 
 def run_decode(model, batch: int, context: int, steps: int, warmup: int, names: list[str]) -> list[dict]:
@@ -227,6 +256,8 @@ def run_decode(model, batch: int, context: int, steps: int, warmup: int, names: 
                    "tokens_per_s": round(batch * 1e3 / ms, 1), "warmup_seconds": round(warm, 1), "fullgraph": fullgraph,
                    "bytes_read": weights + kv_read, "roofline_ms": round((weights + kv_read) / HBM * 1e3, 3)}
             row["x_roofline"] = round(ms / row["roofline_ms"], 2)
+            if PROFILE["last"] is not None:
+                row["profile"], PROFILE["last"] = PROFILE["last"], None
             if isinstance(cache, CompressedCache):
                 row["kv_bytes"] = cache.nbytes()
                 cache.detach()
@@ -235,7 +266,7 @@ def run_decode(model, batch: int, context: int, steps: int, warmup: int, names: 
             row = {"cache": name, "batch": batch, "context": context, "error": repr(err)[:800]}
             traceback.print_exc()
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        emit(row)
     return rows
 
 
@@ -250,8 +281,13 @@ def main() -> None:
     parser.add_argument("--caches", default=None, help="comma list (default: all of the mode)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: checks the script only")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="decode: profile the last N timed steps and add the top kernels to each row")
     args = parser.parse_args()
     global DEVICE
+    PROFILE["steps"] = args.profile
+    STREAM["path"] = args.out.with_name(args.out.name + ".rows.jsonl")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.tiny:
         SHAPE.update(TINY)
         DEVICE = "cpu"
@@ -269,7 +305,6 @@ def main() -> None:
     previous = json.loads(args.out.read_text()) if args.out.exists() else None
     if previous:
         report["results"] = previous["results"] + rows
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -151,6 +151,8 @@ def main() -> None:
         engine.SHAPE, engine.DEVICE = engine.TINY, "cpu"
     if args.cap_gb and engine.DEVICE == "cuda":
         torch.cuda.set_per_process_memory_fraction(args.cap_gb * 1e9 / torch.cuda.get_device_properties(0).total_memory)
+    engine.STREAM["path"] = args.out.with_name(args.out.name + ".rows.jsonl")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     model = engine.make_model()
     rows = []
     for batch in args.batch:
@@ -162,8 +164,7 @@ def main() -> None:
                 traceback.print_exc()
             row["cap_gb"] = args.cap_gb
             rows.append(row)
-            print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+            engine.emit(row)
     args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if engine.DEVICE == "cuda" else "cpu",
                                     "rows": rows}, indent=1))
 

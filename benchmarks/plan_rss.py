@@ -6,8 +6,9 @@ run the plan's cache (chunked prefill through `cache.prefill`, then `new_tokens 
 and read the peak. Compared:
 
 - `cache_bytes`: the planner's KV prediction vs `cache.nbytes()` (should be equal);
-- `run_bytes`: the planner's peak above the loaded model (KV held + attention scores + activations +
-  layer copy + AQUA projections) vs the measured peak above the post-load baseline;
+- `run_bytes`: the planner's peak above the loaded model (KV held, on CPU a retrieval tier's host
+  rows too, attention scores, activations, layer copy, AQUA projections) vs the measured peak above
+  the post-load baseline;
 - `working_set_bytes`: the run bytes less the KV held at the peak and the projections (both exact),
   i.e. the attention scores, activations and layer copy the planner estimates;
 - `total_bytes`: the planner's total vs the absolute peak (CPU: VmHWM, whose non-weight part is
@@ -54,13 +55,21 @@ CPU_PLANS = {
     "4k-chunk512": dict(budget="1.3GB", context=4096, batch=1, new_tokens=16, prefill_chunk=512),
     "4k-batch2-tight": dict(budget="1.25GB", context=4096, batch=2, new_tokens=16, prefill_chunk=256),
     "8k-chunk256-tight": dict(budget="1.2GB", context=8000, batch=1, new_tokens=32, prefill_chunk=256),
+    "4k-retrieval": dict(budget="60MB", context=4096, batch=1, new_tokens=16, prefill_chunk=512,
+                         token_policy="retrieval", host_budget="400MB"),
 }
 GPU_PLANS = {
     "32k-batch4-chunk512": dict(budget="5GB", context=32768, batch=4, new_tokens=32, prefill_chunk=512),
     "16k-batch8-chunk256": dict(budget="4.5GB", context=16384, batch=8, new_tokens=32, prefill_chunk=256),
     "32k-batch1-chunk1k": dict(budget="4.5GB", context=32768, batch=1, new_tokens=32, prefill_chunk=1024),
     "4k-batch2-one-chunk": dict(budget="8GB", context=4096, batch=2, new_tokens=32, prefill_chunk=None),
+    "32k-batch4-retrieval-offload": dict(budget="1.5GB", context=32768, batch=4, new_tokens=32, prefill_chunk=1024,
+                                         token_policy="retrieval", host_budget="8GB"),
+    "16k-batch8-retrieval-int8": dict(budget="1GB", context=16384, batch=8, new_tokens=32, prefill_chunk=512,
+                                      token_policy="retrieval", host_budget="8GB", proxy_dtype="int8"),
 }
+RETRIEVAL_KEYS = ("token_policy", "host_budget", "proxy_dtype")
+"""Plan settings beyond the budget and shape, present only in retrieval plans (the tier on the host)."""
 CPU_MODES = ("default", "pinned")
 WITH_HALF_K = {"4k-chunk512", "8k-chunk256-tight", "32k-batch4-chunk512"}
 """Plans whose k_ratio 0.5 candidate is measured too (so AQUA's projections and key bytes are covered)."""
@@ -159,6 +168,8 @@ def run_one(shape_name: str, init: str, device: str, dtype: str, name: str, inde
         "k_ratio": cand.k_ratio, "token_budget": cand.token_budget, "policies": [dict(e) for e in entries],
         "verdict": cand.verdict, "estimated_quality": round(cand.quality, 4),
         "cache_bytes_predicted": m.cache_bytes, "cache_bytes_measured": cache.nbytes(),
+        "host_bytes_predicted": m.host, "host_bytes_measured": cache.nbytes("host"),
+        "host_peak_bytes_predicted": m.host_peak,
         "peak_bytes": peak, "baseline_bytes": baseline,
         "weights_bytes_predicted": m.weights, "overhead_bytes_planned": m.overhead,
         "peak_phase_predicted": m.peak_phase,
@@ -171,7 +182,8 @@ def _compare(rows: dict[str, dict], device: str) -> dict:
     """One candidate's predictions against its measurements (one row per mode)."""
     first = next(iter(rows.values()))
     b = first["predicted_breakdown"]
-    exact = b["peak_kv"] + b["projections"]
+    # a retrieval tier's host rows are in the CPU's RSS, not in a GPU's max_memory_allocated
+    exact = b["peak_kv"] + b["projections"] + (first["host_peak_bytes_predicted"] if device == "cpu" else 0)
     run = exact + b["attention"] + b["activations"] + b["copy"]
     total = first["weights_bytes_predicted"] + run + (0 if device == "cuda" else first["overhead_bytes_planned"])
     out = {k: v for k, v in first.items() if k not in ("peak_bytes", "baseline_bytes")}
@@ -197,7 +209,8 @@ def repredict(path: Path) -> list[dict]:
     report = json.loads(path.read_text())
     rows = []
     for r in report["results"]:
-        settings = {k: r[k] for k in ("budget", "context", "batch", "new_tokens", "prefill_chunk")}
+        keys = ("budget", "context", "batch", "new_tokens", "prefill_chunk", *RETRIEVAL_KEYS)
+        settings = {k: r[k] for k in keys if k in r}
         mm = _plan(report["shape"], report["dtype"], settings).memory_model
         m = mm.evaluate(round(r["k_ratio"] * mm.shape.info.head_dim), r["token_budget"])
         exact = m.peak_kv + m.projections

@@ -123,3 +123,29 @@ def test_make_static_needs_a_prompt_and_one_token_per_step():
     cache.make_static(4)
     with pytest.raises(ValueError, match="one token per step"), torch.no_grad():
         model(torch.randint(3, 128, (1, 3)), **cache_kwargs(model, cache))
+
+
+@pytest.mark.parametrize("policies", [(SlidingWindow(4, 200),), (TOVA(heavy=100, recent=100, sinks=4),),
+                                      (SlidingWindow(4, 200), Aqua(k_ratio=0.5, basis="identity"))],
+                         ids=["sliding", "tova", "sliding-aqua"])
+def test_inductor_writes_the_held_buffers_in_place(policies):
+    """The compiled step loops over no whole held key or value buffer: each step writes one slot of it, in place.
+
+    A whole-buffer loop is a copy of the buffer (a full read and write of the layer's cache at every
+    step); the store's ``scatter_`` made inductor emit one per buffer per layer.
+    """
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model = make_tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 300), generator=torch.Generator().manual_seed(5))
+    cache = CompressedCache(model, *policies, prefill_chunk=128)
+    step = compiled_step(mode=None)  # inductor, C++ code on the CPU
+    with torch._inductor.config.patch(fx_graph_cache=False):  # a cache hit would generate no code to read
+        _, code = run_and_get_code(lambda: generate_static(model, cache, ids, 3, step=step))
+    assert code
+    store = cache.layers[0].slots
+    for buffer in (store.keys, store.values):
+        assert not re.search(rf"<\s*static_cast<int64_t>\({buffer.numel()}L\)", "\n".join(code)), buffer.shape

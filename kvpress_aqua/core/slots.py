@@ -107,15 +107,21 @@ class SlotStore:
     def overwrite(
         self, victim: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, token_index: int | torch.Tensor
     ) -> None:
-        """Store one token in place over slot ``victim`` ``(B, H, 1)`` of each row (static shapes)."""
-        index, valid = self._meta(token_index, 1)
-        self.keys.scatter_(2, victim[..., None].expand(-1, -1, -1, self.keys.shape[-1]), keys)
-        self.values.scatter_(2, victim[..., None].expand(-1, -1, -1, self.values.shape[-1]), values)
-        self.index.scatter_(2, victim, index)
-        self.valid.scatter_(2, victim, valid)
+        """Store one token in place over slot ``victim`` ``(B, H, 1)`` of each row (static shapes).
+
+        The writes are indexed assignments (``index_put_``), which ``torch.compile`` keeps in place;
+        a ``scatter_`` into the buffer made it copy the whole buffer at every step.
+        """
+        batch, heads = victim.shape[:2]
+        at = (torch.arange(batch, device=victim.device)[:, None], torch.arange(heads, device=victim.device),
+              victim[..., 0])
+        self.keys[at] = keys[:, :, 0]
+        self.values[at] = values[:, :, 0]
+        self.index[at] = (token_index + torch.zeros_like(victim[..., 0])).to(self.index.dtype)
+        self.valid[at] = True
         for tensor in (self.score, self.log_weight):
             if tensor is not None:
-                tensor.scatter_(2, victim, 0.0)
+                tensor[at] = 0.0
 
     def keep(self, slots: torch.Tensor) -> None:
         """Keep only ``slots`` ``(B, H, k)`` of each row, in that order; the result is new, compact tensors."""

@@ -3,7 +3,7 @@
 ``torch.empty(..., pin_memory=True)`` takes its memory from CUDA's caching host allocator, which
 rounds every block up to a power of two: a 1.34 GB tier block locks 2 GiB, and a retrieval tier of
 86 GB asks for 128 GB of page-locked memory, more than a 125 GiB host has (measured on the lent
-H200 host: batch 20 x 32k of the Llama-3.1-8B shape failed to allocate). :func:`pinned_zeros`
+H200 host: batch 20 x 32k of the Llama-3.1-8B shape could not fill its tier). :func:`pinned_zeros`
 instead takes ordinary pageable memory and locks the pages the tensor covers with
 ``cudaHostRegister``; the pages are unlocked (``cudaHostUnregister``) when the last tensor over
 them is freed. Such memory is pinned for CUDA (``Tensor.is_pinned()`` is true, copies to the GPU

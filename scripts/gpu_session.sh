@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The lent GPU's runs, in the order a session makes them (run on the device machine, from the repo root).
+#
+#   bash scripts/gpu_session.sh STEP [STEP...]      each STEP's files go under $OUT (default /tmp/out)
+#
+# Steps:
+#   site      install the carried wheels (.whl/: gguf, platformdirs, rich) into /tmp/site; every step
+#             needs it, on a fresh machine first (a machine is fresh after 30 s idle)
+#   tests     the GPU tests: tests/test_gpu.py and tests/test_placement.py (no -x: every row reports)
+#   engine    benchmarks/gpu_engine.py decode at 8 x 32k (profiled) and at 1 x 32k and 1 x 128k
+#   planner   benchmarks/plan_rss.py --device cuda (every GPU plan, the retrieval ones included)
+#
+# Each benchmark appends its rows to OUT/*.rows.jsonl as they are measured, so a step cut by the
+# call's time limit keeps what it measured; every step runs under its own `timeout`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD:/tmp/site"
+
+site() {
+    python3 -c "import gguf, platformdirs" 2>/dev/null && return
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/gguf*.whl \
+        .whl/platformdirs*.whl
+    python3 -c "import rich" 2>/dev/null ||
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/rich*.whl
+}
+
+tests() {
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_placement.py \
+        >"$OUT/tests.log" 2>&1
+    tail -n 15 "$OUT/tests.log"
+}
+
+engine() {
+    timeout 300 python3 benchmarks/gpu_engine.py decode --batch 8 --context 32768 --steps 12 --warmup 3 --profile 3 \
+        --caches static-compiled-held,sliding,sliding-aqua,h2o,tova --out "$OUT/engine-8x32k.json" | cut -c1-200
+    timeout 200 python3 benchmarks/gpu_engine.py decode --batch 1 --context 131072 --steps 12 --warmup 3 \
+        --caches static-compiled,sliding,tova --out "$OUT/engine-1x128k.json" | cut -c1-200
+}
+
+planner() {
+    timeout 240 python3 benchmarks/plan_rss.py --device cuda --out "$OUT/plan_rss-cuda.json" >"$OUT/planner.log" 2>&1
+    tail -n 5 "$OUT/planner.log"
+}
+
+for step in "$@"; do
+    case "$step" in
+        site | tests | engine | planner) echo "== $step" && "$step" ;;
+        *) echo "unknown step '$step': use site, tests, engine or planner" >&2 && exit 2 ;;
+    esac
+done

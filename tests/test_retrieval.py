@@ -166,6 +166,31 @@ def test_retrieve_picks_the_proxy_top_k_and_fetches_only_misses():
     torch.testing.assert_close(out, expect, atol=1e-5, rtol=0)
 
 
+def test_misses_are_read_from_the_mapped_views_when_the_tier_has_them():
+    """An offloaded tier on a GPU hands the attention device views of its pinned rows: misses come from them."""
+    torch.manual_seed(1)
+    batch, kv_heads, d, seen = 1, 2, 8, 20
+    tier_k, tier_v = torch.randn(batch, kv_heads, seen + 1, d), torch.randn(batch, kv_heads, seen + 1, d)
+    basis = torch.linalg.qr(torch.randn(kv_heads, d, d)).Q[..., :3]
+    old = torch.tensor([[[2, 5, 7], [3, 4, 6]]])
+    at = old[..., None].expand(-1, -1, -1, d)
+    tier = RetrievalInputs(tier_keys=tier_k, tier_values=tier_v, tier_valid=torch.ones(batch, kv_heads, seen + 1,
+                           dtype=torch.bool), proxy_keys=tier_k @ basis[None], proxy_basis=basis,
+                           held_index=torch.tensor([0, 19]).expand(batch, kv_heads, 2).int(), top_k=6,
+                           ws_index=old, ws_keys=tier_k.gather(2, at), ws_values=tier_v.gather(2, at),
+                           mapped_keys=tier_k + 100, mapped_values=tier_v + 100)  # told apart from the host rows
+    inputs = AttentionInputs(layer_idx=0, past_keys=tier_k[:, :, [0, 19]], past_values=tier_v[:, :, [0, 19]],
+                             past_visible=torch.ones(batch, kv_heads, 2, dtype=torch.bool),
+                             keys_new=tier_k[:, :, seen:], values_new=tier_v[:, :, seen:], first_index=seen,
+                             retrieval=tier)
+    attended = retrieve(inputs, torch.randn(batch, kv_heads * 2, 1, d), d ** -0.5)
+    chosen = tier.selected[..., None].expand(-1, -1, -1, d)
+    hit = torch.isin(tier.selected, old)[..., None]
+    assert 0 < int(hit.sum()) < tier.selected.numel() and tier.fetched == tier.selected.numel() - tier.hits
+    torch.testing.assert_close(attended.past_keys[:, :, 2:], tier_k.gather(2, chosen) + 100 * ~hit)
+    torch.testing.assert_close(attended.past_values[:, :, 2:], tier_v.gather(2, chosen) + 100 * ~hit)
+
+
 @pytest.mark.parametrize("proxy_dtype, proxy_bytes", [("model", 4 * 4), ("int8", 4 + 4)])
 def test_tier_bytes_are_exact_and_split_by_tier(proxy_dtype, proxy_bytes):
     model = make_tiny_model("llama")

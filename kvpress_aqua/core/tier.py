@@ -192,13 +192,17 @@ class RetrievalTier:
                 proxy_basis=self.basis, proxy_scale=self.proxy_scale, held_index=held_index, top_k=self.top_k,
                 counts=self.static_counts,
             )
-        used = self.used
+        used, mapped = self.used, {}
+        if self.pinned and self.keys.numel():  # a decode step's misses are read by the accelerator in place
+            device = self.valid.device
+            mapped = dict(mapped_keys=_device_view(self.keys, device)[:, :, :used],
+                          mapped_values=_device_view(self.values, device)[:, :, :used])
         return RetrievalInputs(
             tier_keys=self.keys[:, :, :used], tier_values=self.values[:, :, :used],
             tier_valid=self.valid[..., :used], proxy_keys=self.proxy[:, :, :used], proxy_basis=self.basis,
             proxy_scale=None if self.proxy_scale is None else self.proxy_scale[..., :used],
             held_index=held_index, top_k=self.top_k,
-            ws_index=self.ws_index, ws_keys=self.ws_keys, ws_values=self.ws_values,
+            ws_index=self.ws_index, ws_keys=self.ws_keys, ws_values=self.ws_values, **mapped,
         )
 
     def fold(self, retrieval: RetrievalInputs, new_valid: torch.Tensor, first: int) -> None:

@@ -47,6 +47,11 @@ class RetrievalInputs:
     counts : torch.Tensor or None
         A static tier's int64 ``(2,)`` device counters (decode steps, rows read), advanced in place by
         the attention; its ``T`` is the tier's capacity and a step's cache index is a 0-d tensor.
+    mapped_keys, mapped_values : torch.Tensor or None
+        The rows of ``tier_keys`` and ``tier_values`` as accelerator tensors over their pinned host
+        memory (an offloaded tier on a GPU): a decode step reads its misses from them on the device,
+        so only those rows cross the host link, with no gather on the host. ``None``: misses are
+        gathered where the tier lies and copied.
 
     """
 
@@ -67,6 +72,8 @@ class RetrievalInputs:
     hits: int = 0
     fetched: int = 0
     counts: torch.Tensor | None = None
+    mapped_keys: torch.Tensor | None = None
+    mapped_values: torch.Tensor | None = None
 
 
 @dataclass

@@ -113,7 +113,11 @@ def select(scores: torch.Tensor, allowed: torch.Tensor, top_k: int) -> torch.Ten
 
 def _gather_rows(retrieval: RetrievalInputs, selected: torch.Tensor, device: torch.device
                  ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """The selected rows on ``device``: from the working set where it has them, else copied from the tier."""
+    """The selected rows on ``device``: from the working set where it has them, else read from the tier.
+
+    A tier with mapped views (:attr:`RetrievalInputs.mapped_keys`) is read by the device itself;
+    otherwise the misses are gathered on the tier's device and copied.
+    """
     tier_k, tier_v = retrieval.tier_keys, retrieval.tier_values
     batch, heads, k = selected.shape
     old = retrieval.ws_index
@@ -127,6 +131,8 @@ def _gather_rows(retrieval: RetrievalInputs, selected: torch.Tensor, device: tor
         keys = tier_k.new_zeros(batch, heads, k, tier_k.shape[-1], device=device)
         values = tier_v.new_zeros(batch, heads, k, tier_v.shape[-1], device=device)
     miss = (selected >= 0) & ~hit
+    if retrieval.mapped_keys is not None:  # pinned host rows the accelerator reads where they lie
+        tier_k, tier_v = retrieval.mapped_keys, retrieval.mapped_values
     b, h, _ = (i.to(tier_k.device) for i in miss.nonzero(as_tuple=True))
     t = selected[miss].to(tier_k.device)
     keys[miss] = tier_k[b, h, t].to(device, non_blocking=True)

@@ -15,6 +15,7 @@ number of tokens at a rate: BalanceKV's count (its 32 sinks and 32 recent tokens
 middle); the budget policies split that count by the registry (4 sinks, the rest half and half).
 
 Run: python benchmarks/attention_error.py [--context 2112] [--queries 64] [--sequences 2] [--out FILE]
+     python benchmarks/attention_error.py --context 1088 --sequences 8 --rates 16 --block 512 --out FILE
 """
 
 from __future__ import annotations
@@ -88,10 +89,11 @@ def replay(layer_idx: int, policy: TokenPolicy | None, q: torch.Tensor, k: torch
     return out, held
 
 
-def policies_at(rate: int, context: int) -> dict[str, TokenPolicy]:
-    """Every compared policy at one rate, all keeping BalanceKV's count of the context."""
+def policies_at(rate: int, context: int, block: int = 128) -> dict[str, TokenPolicy]:
+    """Every compared policy at one rate, all keeping BalanceKV's count of the context (blocks of ``block``)."""
     halvings = int(math.log2(rate))
-    chosen: dict[str, TokenPolicy] = {"balancekv": BalanceKV(halvings=halvings), "uniform": Uniform(halvings=halvings)}
+    chosen: dict[str, TokenPolicy] = {"balancekv": BalanceKV(halvings=halvings, block=block),
+                                      "uniform": Uniform(halvings=halvings, block=block)}
     kept = chosen["balancekv"].held(context)
     for name in BUDGETED:
         knobs = token_entry(name, kept)
@@ -113,19 +115,20 @@ def run(args: argparse.Namespace) -> dict:
     results = []
     for layer_idx, (q, k, v) in enumerate(layers):
         full, _ = replay(layer_idx, None, q, k, v, args.context)
-        for rate in RATES:
-            for name, policy in policies_at(rate, args.context).items():
+        for rate in args.rates:
+            for name, policy in policies_at(rate, args.context, args.block).items():
                 out, held = replay(layer_idx, policy, q, k, v, args.context)
                 error = ((out - full).float().norm() / full.float().norm()).item()
                 results.append(dict(layer=layer_idx, rate=rate, policy=name, kept=held, error=error))
         shown = (f"1/{r} {_err(results, layer_idx, r, 'balancekv'):.3f} vs {_err(results, layer_idx, r, 'uniform'):.3f}"
-                 for r in RATES)
+                 for r in args.rates)
         print(f"layer {layer_idx} (balancekv vs uniform): " + ", ".join(shown), file=sys.stderr)
     return dict(
         meta=dict(model=args.model or "SmolLM2-135M-Instruct", context=args.context, queries=args.queries,
+                  rates=list(args.rates), block=args.block,
                   sequences=args.sequences, text="first half of the essays haystack (held out of calibration)",
                   seconds=round(time.perf_counter() - start, 1), command=" ".join(sys.argv)),
-        summary=summarise(results, len(layers)),
+        summary=summarise(results, len(layers), args.rates),
         results=results,
     )
 
@@ -134,10 +137,10 @@ def _err(results: list[dict], layer: int, rate: int, policy: str) -> float:
     return next(r["error"] for r in results if (r["layer"], r["rate"], r["policy"]) == (layer, rate, policy))
 
 
-def summarise(results: list[dict], layers: int) -> dict:
+def summarise(results: list[dict], layers: int, rates: tuple[int, ...] = RATES) -> dict:
     """Per rate: each policy's mean error over layers, and on how many layers BalanceKV beats uniform sampling."""
     summary = {}
-    for rate in RATES:
+    for rate in rates:
         at = [r for r in results if r["rate"] == rate]
         names = sorted({r["policy"] for r in at})
         wins = sum(_err(at, layer, rate, "balancekv") < _err(at, layer, rate, "uniform") for layer in range(layers))
@@ -153,9 +156,10 @@ def summarise(results: list[dict], layers: int) -> dict:
 def plot(report: dict, path: Path) -> None:
     """Mean error over layers against the rate, one line per policy (log scales)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    rates = report["meta"].get("rates", RATES)
     for name in ("balancekv", "uniform", "snapkv", "h2o", "tova", "sliding"):
-        ys = [report["summary"][f"1/{r}"]["mean_error"][name] for r in RATES]
-        ax.plot([1 / r for r in RATES], ys, marker="o", label=name)
+        ys = [report["summary"][f"1/{r}"]["mean_error"][name] for r in rates]
+        ax.plot([1 / r for r in rates], ys, marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("fraction of the middle kept (every policy keeps the same token count)")
@@ -175,6 +179,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=64, help="held-out queries whose attention is compared")
     parser.add_argument("--sequences", type=int, default=2, help="passages (the batch)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rates", type=lambda text: tuple(int(r) for r in text.split(",")), default=RATES,
+                        help="comma-separated powers of two, the middle kept at 1/rate (default 2,4,8,16)")
+    parser.add_argument("--block", type=int, default=128, help="block size of BalanceKV and uniform sampling")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attention_error-smollm2.json"))
     args = parser.parse_args()
     report = run(args)

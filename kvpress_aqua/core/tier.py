@@ -87,6 +87,8 @@ class RetrievalTier:
         self.used = 0
         self._steps = self.hits = self._fetched = self._retrieved = self.chunk_fetched = 0
         self.static = False
+        # device views of pinned rows (an offloaded tier on a GPU), made with the rows; a static
+        # tier's rows themselves otherwise
         self.key_view: torch.Tensor | None = None
         self.value_view: torch.Tensor | None = None
         self.static_counts: torch.Tensor | None = None
@@ -111,6 +113,7 @@ class RetrievalTier:
         self.keys = torch.empty(batch, heads, 0, key_dim, dtype=like.dtype, device=tier_dev)
         self.values = torch.empty(batch, heads, 0, value_dim, dtype=like.dtype, device=tier_dev)
         self.used = 0
+        self._map()
 
     def _grow(self, needed: int, step: bool) -> None:
         """Room for ``needed`` rows: exactly that for a chunk, in steps of 1/16 (at least 16) for a decode step."""
@@ -129,6 +132,15 @@ class RetrievalTier:
                 new = torch.zeros(shape, dtype=old.dtype, device=old.device)
             new[:, :, :self.used] = old[:, :, :self.used]
             setattr(self, name, new)
+        self._map()
+
+    def _map(self) -> None:
+        """Device views of new pinned rows (:func:`_device_view`): the accelerator reads them in place."""
+        if not self.pinned:
+            return
+        device = self.valid.device
+        self.key_view, self.value_view = ((_device_view(self.keys, device), _device_view(self.values, device))
+                                          if self.keys.numel() else (None, None))
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, proxy: torch.Tensor) -> None:
         """Write ``n`` new tokens (rows ``used .. used + n``): stored keys, values, proxy keys; valid until folded."""
@@ -161,9 +173,7 @@ class RetrievalTier:
         self._grow(self.used + new_tokens, step=False)
         self.ws_index = self.ws_keys = self.ws_values = None
         device = self.valid.device
-        if self.pinned:
-            self.key_view, self.value_view = _device_view(self.keys, device), _device_view(self.values, device)
-        else:
+        if not self.pinned:  # a pinned tier's views were made with its rows
             self.key_view, self.value_view = self.keys, self.values
         self.static_counts = torch.zeros(2, dtype=torch.int64, device=device)  # decode steps, rows read
         for tensor in (self.key_view, self.value_view, self.valid, self.proxy, self.proxy_scale, self.static_counts):
@@ -192,11 +202,9 @@ class RetrievalTier:
                 proxy_basis=self.basis, proxy_scale=self.proxy_scale, held_index=held_index, top_k=self.top_k,
                 counts=self.static_counts,
             )
-        used, mapped = self.used, {}
-        if self.pinned and self.keys.numel():  # a decode step's misses are read by the accelerator in place
-            device = self.valid.device
-            mapped = dict(mapped_keys=_device_view(self.keys, device)[:, :, :used],
-                          mapped_values=_device_view(self.values, device)[:, :, :used])
+        used = self.used
+        mapped = {} if not self.pinned or self.key_view is None else dict(  # misses read on the accelerator
+            mapped_keys=self.key_view[:, :, :used], mapped_values=self.value_view[:, :, :used])
         return RetrievalInputs(
             tier_keys=self.keys[:, :, :used], tier_values=self.values[:, :, :used],
             tier_valid=self.valid[..., :used], proxy_keys=self.proxy[:, :, :used], proxy_basis=self.basis,
@@ -255,6 +263,7 @@ class RetrievalTier:
                 if self.pinned and name in ("keys", "values"):
                     moved = pinned_copy(moved)
                 setattr(self, name, moved)
+        self._map()
         if self.basis is not None and self.basis.ndim == 4:
             self.basis = fn(self.basis)
 

@@ -115,10 +115,11 @@ class SlotStore:
         batch, heads = victim.shape[:2]
         at = (torch.arange(batch, device=victim.device)[:, None], torch.arange(heads, device=victim.device),
               victim[..., 0])
+        index, valid = self._meta(token_index, 1)
         self.keys[at] = keys[:, :, 0]
         self.values[at] = values[:, :, 0]
-        self.index[at] = (token_index + torch.zeros_like(victim[..., 0])).to(self.index.dtype)
-        self.valid[at] = True
+        self.index[at] = index[..., 0]
+        self.valid[at] = valid[..., 0]
         for tensor in (self.score, self.log_weight):
             if tensor is not None:
                 tensor[at] = 0.0

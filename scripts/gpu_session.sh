@@ -7,7 +7,8 @@
 #   site      install the carried wheels (.whl/: gguf, platformdirs, rich) into /tmp/site; every step
 #             needs it, on a fresh machine first (a machine is fresh after 30 s idle)
 #   tests     the GPU tests: tests/test_gpu.py and tests/test_placement.py (no -x: every row reports)
-#   engine    benchmarks/gpu_engine.py decode at 8 x 32k (profiled) and at 1 x 32k and 1 x 128k
+#   engine    benchmarks/gpu_engine.py decode at 8 x 32k (profiled)
+#   engine1   benchmarks/gpu_engine.py decode at 1 x 32k and 1 x 128k (its own call: ~350 s)
 #   planner   benchmarks/plan_rss.py --device cuda (every GPU plan, the retrieval ones included)
 #
 # Each benchmark appends its rows to OUT/*.rows.jsonl as they are measured, so a step cut by the
@@ -33,10 +34,16 @@ tests() {
 }
 
 engine() {
-    timeout 300 python3 benchmarks/gpu_engine.py decode --batch 8 --context 32768 --steps 12 --warmup 3 --profile 3 \
-        --caches static-compiled-held,sliding,sliding-aqua,h2o,tova --out "$OUT/engine-8x32k.json" | cut -c1-200
-    timeout 200 python3 benchmarks/gpu_engine.py decode --batch 1 --context 131072 --steps 12 --warmup 3 \
-        --caches static-compiled,sliding,tova --out "$OUT/engine-1x128k.json" | cut -c1-200
+    # about 50 s of compilation per cache: 5 caches took 254 s on the H200 (one call each, with site)
+    timeout 560 python3 benchmarks/gpu_engine.py decode --batch 8 --context 32768 --steps 12 --warmup 3 --profile 2 \
+        --caches sliding,sliding-aqua,h2o,tova,static-compiled-held --out "$OUT/engine-8x32k.json" | cut -c1-200
+}
+
+engine1() {
+    timeout 230 python3 benchmarks/gpu_engine.py decode --batch 1 --context 32768 --steps 12 --warmup 3 \
+        --caches sliding,tova,sliding-aqua,static-compiled --out "$OUT/engine-1x32k.json" | cut -c1-200
+    timeout 300 python3 benchmarks/gpu_engine.py decode --batch 1 --context 131072 --steps 12 --warmup 3 \
+        --caches sliding,static-compiled,static-compiled-held,tova --out "$OUT/engine-1x128k.json" | cut -c1-200
 }
 
 planner() {
@@ -46,7 +53,7 @@ planner() {
 
 for step in "$@"; do
     case "$step" in
-        site | tests | engine | planner) echo "== $step" && "$step" ;;
-        *) echo "unknown step '$step': use site, tests, engine or planner" >&2 && exit 2 ;;
+        site | tests | engine | engine1 | planner) echo "== $step" && "$step" ;;
+        *) echo "unknown step '$step': use site, tests, engine, engine1 or planner" >&2 && exit 2 ;;
     esac
 done

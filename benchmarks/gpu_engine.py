@@ -33,6 +33,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 from kvpress_aqua import CompressedCache
 from kvpress_aqua.evaluation.static_decode import compiled_step, decode_step
+from kvpress_aqua.ops.triton_attention import tuned_configs
 from kvpress_aqua.planner.memory import MemoryModel
 from kvpress_aqua.planner.model_shape import resolve_model
 from kvpress_aqua.policies import H2O, TOVA, Aqua, SlidingWindow
@@ -63,11 +64,17 @@ def emit(row: dict) -> None:
 
 
 def policies(name: str, context: int) -> tuple:
-    """The compressed caches at a quarter of the context's tokens (``*-aqua`` adds AQUA at half the key channels)."""
+    """The compressed caches at a quarter of the context's tokens.
+
+    ``*-aqua`` adds AQUA at half the key channels with its default exact tokens (4 + 64 at full
+    width); ``*-aqua-mem`` the same without exact tokens (every key at half width: memory mode only).
+    """
     quarter = context // 4
     heavy, recent = (quarter - 4) // 2, quarter - 4 - (quarter - 4) // 2
     token = {"sliding": SlidingWindow(sinks=4, window=quarter - 4), "h2o": H2O(heavy=heavy, recent=recent, sinks=4),
              "tova": TOVA(heavy=heavy, recent=recent, sinks=4)}[name.split("-")[0]]
+    if name.endswith("-aqua-mem"):
+        return token, Aqua(k_ratio=0.5, basis="identity", exact_sinks=0, exact_recent=0)
     return (token, Aqua(k_ratio=0.5, basis="identity")) if name.endswith("-aqua") else (token,)
 
 
@@ -258,6 +265,8 @@ def run_decode(model, batch: int, context: int, steps: int, warmup: int, names: 
             row["x_roofline"] = round(ms / row["roofline_ms"], 2)
             if PROFILE["last"] is not None:
                 row["profile"], PROFILE["last"] = PROFILE["last"], None
+            if DEVICE == "cuda" and isinstance(cache, CompressedCache):
+                row["decode_kernel_configs"] = tuned_configs()
             if isinstance(cache, CompressedCache):
                 row["kv_bytes"] = cache.nbytes()
                 cache.detach()

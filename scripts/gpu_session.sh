@@ -6,8 +6,9 @@
 # Steps:
 #   site      install the carried wheels (.whl/: gguf, platformdirs, rich) into /tmp/site; every step
 #             needs it, on a fresh machine first (a machine is fresh after 30 s idle)
-#   tests     the GPU tests: tests/test_gpu.py and tests/test_placement.py (no -x: every row reports)
-#   engine    benchmarks/gpu_engine.py decode at 8 x 32k (profiled)
+#   tests     the GPU tests: tests/test_gpu.py, tests/test_placement.py, the kernel tests in bf16 (no -x)
+#   engine    benchmarks/gpu_engine.py decode at 8 x 32k (profiled): sliding, AQUA memory mode, H2O, TOVA
+#   engine2   the same shape: sliding, AQUA with exact tokens, StaticCache + compile holding the same tokens
 #   engine1   benchmarks/gpu_engine.py decode at 1 x 32k and 1 x 128k (its own call: ~350 s)
 #   planner   benchmarks/plan_rss.py --device cuda (every GPU plan, the retrieval ones included)
 #
@@ -28,15 +29,20 @@ site() {
 }
 
 tests() {
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_placement.py \
+    timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_placement.py tests/test_triton_attention.py \
         >"$OUT/tests.log" 2>&1
     tail -n 15 "$OUT/tests.log"
 }
 
 engine() {
-    # about 50 s of compilation per cache: 5 caches took 254 s on the H200 (one call each, with site)
+    # about 50 s of compilation (and the decode kernel's tuning) per cache: 5 caches took 254 s on the H200
     timeout 560 python3 benchmarks/gpu_engine.py decode --batch 8 --context 32768 --steps 12 --warmup 3 --profile 2 \
-        --caches sliding,sliding-aqua,h2o,tova,static-compiled-held --out "$OUT/engine-8x32k.json" | cut -c1-200
+        --caches sliding,sliding-aqua-mem,h2o,tova --out "$OUT/engine-8x32k.json" | cut -c1-200
+}
+
+engine2() {
+    timeout 560 python3 benchmarks/gpu_engine.py decode --batch 8 --context 32768 --steps 12 --warmup 3 --profile 2 \
+        --caches sliding,sliding-aqua,static-compiled-held --out "$OUT/engine-8x32k-b.json" | cut -c1-200
 }
 
 engine1() {
@@ -53,7 +59,7 @@ planner() {
 
 for step in "$@"; do
     case "$step" in
-        site | tests | engine | engine1 | planner) echo "== $step" && "$step" ;;
-        *) echo "unknown step '$step': use site, tests, engine, engine1 or planner" >&2 && exit 2 ;;
+        site | tests | engine | engine2 | engine1 | planner) echo "== $step" && "$step" ;;
+        *) echo "unknown step '$step': use site, tests, engine, engine2, engine1 or planner" >&2 && exit 2 ;;
     esac
 done

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvpress_aqua.ops.inputs import AttentionInputs
-from kvpress_aqua.ops.reference import reference_attention
+from kvpress_aqua.ops.reference import fold_scores, reference_attention
 
 triton_attention = pytest.importorskip("kvpress_aqua.ops.triton_attention").triton_attention
 
@@ -80,6 +80,7 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
     dict(pad=(3, 0), n=7), dict(d=24, pruned=8), dict(weighted=True), dict(weighted=True, n=1),
     dict(weighted=True, pruned=8, exact=6), dict(mass_rows=2), dict(mass_rows=3, pruned=8, exact=6, window=9),
     dict(mass_rows=1, n=1), dict(pruned=8, exact=6, window=9), dict(pruned=8, exact=6, window=9, n=1),
+    dict(n=1, slots=700, weighted=True), dict(n=1, slots=1000, group=4, pruned=8, exact=6),
 ], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "plain")
 def test_fused_attention_equals_the_reference(dtype, kw):
     inputs, query, mask = _case(0, dtype, **kw)
@@ -112,3 +113,24 @@ def test_masks_and_options_it_cannot_run_fall_back():
     inputs, query, mask = _case(2, torch.float32, n=6)
     assert triton_attention(inputs, query, mask, 0.25, softcap=30.0) is None
     assert triton_attention(inputs, query, torch.ones_like(mask), 0.25) is None  # not causal
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.0, 0.5])
+@pytest.mark.parametrize("kw", [dict(), dict(slots=700), dict(pruned=8, exact=6)],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "plain")
+def test_a_static_decode_step_folds_its_mass_into_the_score_buffer(decay, kw):
+    """H2O's decay 1, TOVA's 0: the buffer ends as the reference's fold of the reference's masses."""
+    inputs, query, mask = _case(4, torch.float32, n=1, pad=(0, 0), **kw)
+    batch, kv_heads, slots = inputs.past_visible.shape
+    gen = torch.Generator().manual_seed(5)
+    before = torch.rand(batch, kv_heads, slots, generator=gen).to(DEVICE)
+    slot = torch.randint(0, slots, (batch, kv_heads, 1), generator=gen).to(DEVICE)
+    inputs.past_visible = inputs.past_visible.scatter(2, slot, False)  # the new token's slot, as a static step's
+    inputs.score_out, inputs.new_slots, inputs.score_decay = before.clone(), slot, decay
+    got = triton_attention(inputs, query, mask, 0.25)
+    want = before.clone()
+    _, mass_past, mass_new = reference_attention(inputs, query, mask, 0.25)
+    fold_scores(want, decay, mass_past, mass_new, slot)
+    torch.testing.assert_close(inputs.score_out, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], mass_past, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(inputs.score_out, before)

@@ -52,13 +52,19 @@ _pending = threading.local()
 
 def _attend(inputs: AttentionInputs, query: torch.Tensor, new_mask: torch.Tensor, scale: float,
             softcap: float | None, with_lse: bool = False) -> tuple[torch.Tensor, ...]:
-    """The attention op for the device: the fused kernel where it applies, else the reference."""
+    """The attention op for the device: the fused kernel where it applies, else the reference.
+
+    Either way a static decode step's mass ends up folded into ``inputs.score_out`` (the kernel
+    folds it itself; after the reference it is folded here).
+    """
     result = None
     wanted = BACKEND == "triton" or (BACKEND == "auto" and query.is_cuda)
     if wanted and (kernel := _fused_kernel()) is not None:
         result = kernel(inputs, query, new_mask, scale, softcap, with_lse)
     if result is None:
         result = reference.reference_attention(inputs, query, new_mask, scale, softcap, with_lse)
+        if inputs.score_out is not None:
+            reference.fold_scores(inputs.score_out, inputs.score_decay, result[1], result[2], inputs.new_slots)
     return result
 
 
@@ -134,9 +140,5 @@ def compressed_attention(
         result = _attend(attended, query, new_mask, scale, softcap)
     out, mass_past, inputs.mass_new = result
     inputs.mass_past = mass_past[..., :held]
-    if inputs.score_out is not None:  # a static decode step: the scores are folded in here, in place
-        if inputs.score_decay != 1.0:
-            inputs.score_out.mul_(inputs.score_decay)
-        inputs.score_out.add_(inputs.mass_past).scatter_add_(2, inputs.new_slots, inputs.mass_new)
     inputs.new_valid = new_mask.diagonal(dim1=-2, dim2=-1).reshape(-1, n).expand(query.shape[0], n)
     return out.transpose(1, 2).contiguous(), None

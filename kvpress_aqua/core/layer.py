@@ -24,6 +24,7 @@ import torch
 
 from ..attention import dispatch
 from ..ops.inputs import AttentionInputs
+from ..ops.reference import fold_scores
 from ..policies.base import ChannelPolicy, SlotView, TokenPolicy
 from .accounting import capped_budget, grown_capacity
 from .contract import LayerContract
@@ -267,11 +268,7 @@ class CompressedLayer(StaticDecoding, LayerContract):
             n = new_slots.shape[-1]
             self.exact.store(dropped, new_slots, new_valid, self.seen - n, self.left_pad[:, 0].long())
         if store.score is not None:
-            decay = self.token_policy.score_decay
-            if decay != 1.0:
-                store.score.mul_(decay)
-            store.score[..., :inputs.mass_past.shape[-1]] += inputs.mass_past
-            store.score.scatter_add_(2, new_slots, inputs.mass_new)
+            fold_scores(store.score, self.token_policy.score_decay, inputs.mass_past, inputs.mass_new, new_slots)
 
     def _write_one(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Store one decoded token in the decode buffer: the next empty slot, else the lowest-ranked one.

@@ -21,7 +21,7 @@ import torch
 from . import limits
 from .inputs import AttentionInputs
 
-__all__ = ["new_block_mask", "reference_attention", "top_channels"]
+__all__ = ["fold_scores", "new_block_mask", "reference_attention", "top_channels"]
 
 
 
@@ -179,3 +179,17 @@ def _past_visibility(inputs: AttentionInputs, lo: int, hi: int) -> torch.Tensor:
     query_index = inputs.first_index + torch.arange(lo, hi, device=visible.device)
     lowest = (query_index - inputs.window)[:, None]  # (rows, 1)
     return visible & (inputs.past_index[:, :, None, None, :] > lowest)
+
+
+def fold_scores(score: torch.Tensor, decay: float, mass_past: torch.Tensor, mass_new: torch.Tensor,
+                new_slots: torch.Tensor) -> None:
+    """Fold one call's attention mass into a layer's score buffer ``(B, H_kv, S)``, in place.
+
+    ``score = score * decay + mass_past`` on the slots both cover (the first ones), then
+    ``mass_new (B, H_kv, n)`` added at the new tokens' slots ``new_slots`` (int64, same shape).
+    """
+    if decay != 1.0:
+        score.mul_(decay)
+    held = min(score.shape[-1], mass_past.shape[-1])
+    score[..., :held] += mass_past[..., :held]
+    score.scatter_add_(2, new_slots, mass_new)

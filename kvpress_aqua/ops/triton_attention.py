@@ -27,9 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from .inputs import AttentionInputs
+from .triton_mass import decode_mass, pow2, precision, segment_mass, strides3
 
-__all__ = ["fused_attention", "triton_attention"]
+__all__ = ["fused_attention", "triton_attention", "tuned_configs"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -141,104 +143,55 @@ def _attention_kernel(
 
 
 @triton.jit
-def _mass_kernel(Q, q_b, q_h, q_r, K, k_b, k_h, k_n, VIS, vis_b, vis_h, IDX, idx_b, idx_h, BIAS, bias_b, bias_h,
-                 LSE, l_b, l_h,
-                 MASS, m_b, m_h, kv_heads, rows_total, n, keys, first_index, window, scale_log2, w, row_from,
-                 W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Attention weight each key of a segment received, summed over the query rows of its KV head from ``row_from``."""
-    pid_n = tl.program_id(0)
+def _combine_kernel(OUT, o_s, o_b, o_h, o_r, LSE, l_s, l_b, l_h, MERGED, m_b, m_h, m_r, TOTAL, t_b, t_h,
+                    kv_heads, rows_total, splits, dv, SPLITS: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Merge the splits of the past (flash-decoding): outputs weighted by their share of the total softmax."""
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // kv_heads
     h = bh % kv_heads
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < keys
-    ch = tl.arange(0, W)
-    k = tl.load(K + b * k_b + h * k_h + cols[:, None] * k_n + ch[None, :],
-                mask=col_ok[:, None] & (ch[None, :] < w), other=0.0)
-    vis = tl.load(VIS + b * vis_b + h * vis_h + cols, mask=col_ok, other=0) != 0
-    if HAS_WINDOW:
-        idx = tl.load(IDX + b * idx_b + h * idx_h + cols, mask=col_ok, other=0)
-    if HAS_BIAS:
-        bias = tl.load(BIAS + b * bias_b + h * bias_h + cols, mask=col_ok, other=0.0) * 1.4426950408889634
-    total = tl.zeros([BLOCK_N], tl.float32)
-    for start in range(0, rows_total, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < rows_total
-        t = rows % n
-        q = tl.load(Q + b * q_b + h * q_h + rows[:, None] * q_r + ch[None, :],
-                    mask=row_ok[:, None] & (ch[None, :] < w), other=0.0)
-        lse = tl.load(LSE + b * l_b + h * l_h + rows, mask=row_ok, other=float("-inf"))
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        if HAS_BIAS:
-            s += bias[None, :]
-        mask = (row_ok & (t >= row_from))[:, None] & col_ok[None, :] & vis[None, :] & (lse[:, None] != float("-inf"))
-        if HAS_WINDOW:
-            mask = mask & (idx[None, :] > (first_index + t)[:, None] - window)
-        if CAUSAL:
-            mask = mask & (cols[None, :] <= t[:, None])
-        p = tl.where(mask, tl.exp2(s - tl.where(mask, lse[:, None], 0.0)), 0.0)
-        total += tl.sum(p, 0)
-    tl.store(MASS + b * m_b + h * m_h + cols, total, mask=col_ok)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < rows_total
+    part = tl.arange(0, SPLITS)
+    lse = tl.load(LSE + part[:, None] * l_s + b * l_b + h * l_h + rows[None, :],
+                  mask=(part < splits)[:, None] & row_ok[None, :], other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(tl.exp2(lse - top[None, :]), 0)
+    seen = total > 0
+    total_lse = tl.where(seen, top + tl.log2(tl.where(seen, total, 1.0)), float("-inf"))
+    tl.store(TOTAL + b * t_b + h * t_h + rows, total_lse, mask=row_ok)
+    dch = tl.arange(0, DV)
+    acc = tl.zeros([BLOCK_R, DV], tl.float32)
+    base = tl.where(seen, total_lse, 0.0)
+    for i in range(0, splits):
+        share = tl.load(LSE + i * l_s + b * l_b + h * l_h + rows, mask=row_ok, other=float("-inf"))
+        share = tl.where(seen, tl.exp2(share - base), 0.0)
+        out = tl.load(OUT + i * o_s + b * o_b + h * o_h + rows[:, None] * o_r + dch[None, :],
+                      mask=row_ok[:, None] & (dch[None, :] < dv), other=0.0)
+        acc += share[:, None] * out
+    tl.store(MERGED + b * m_b + h * m_h + rows[:, None] * m_r + dch[None, :], acc.to(MERGED.dtype.element_ty),
+             mask=row_ok[:, None] & (dch[None, :] < dv))
 
 
-def _precision(x: torch.Tensor) -> str:
-    """``ieee`` for float32 operands (exact float32 products, as PyTorch's matmul), else the default."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+_DECODE_BLOCK_N = 128
+"""The largest ``BLOCK_N`` of the tuned decode configurations: a decode split's length is a multiple of it."""
+
+_attention_decode = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+             for block_n in (64, _DECODE_BLOCK_N) for warps in (4, 8) for stages in (2, 3)],
+    key=["WA", "WB", "DV", "BLOCK_M", "HAS_B", "HAS_WINDOW", "WRITE_SCORES", "HAS_BIAS"],
+)(_attention_kernel)
+"""The decode pass on CUDA, its tile width, warps and pipeline depth measured once per kernel variant (the
+first call of each; a CUDA graph's warm-up run makes it before the capture)."""
 
 
-@triton.jit
-def _decode_mass_kernel(SC, sc_b, sc_h, sc_r, LSE, l_b, l_h, PAST, p_b, p_h, NEW, n_b, n_h, kv_heads, rows_total, S,
-                        total, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Mass per key from a decode pass's raw scores (log2 units): past keys ``[0, S)``, new keys after them."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // kv_heads
-    h = bh % kv_heads
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < total
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for start in range(0, rows_total, BLOCK_R):
-        rows = start + tl.arange(0, BLOCK_R)
-        row_ok = rows < rows_total
-        lse = tl.load(LSE + b * l_b + h * l_h + rows, mask=row_ok, other=float("-inf"))
-        s = tl.load(SC + b * sc_b + h * sc_h + rows[:, None] * sc_r + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=float("-inf"))
-        ok = (s != float("-inf")) & (lse[:, None] != float("-inf"))
-        acc += tl.sum(tl.where(ok, tl.exp2(s - tl.where(ok, lse[:, None], 0.0)), 0.0), 0)
-    tl.store(PAST + b * p_b + h * p_h + cols, acc, mask=cols < S)
-    tl.store(NEW + b * n_b + h * n_h + cols - S, acc, mask=col_ok & (cols >= S))
+def tuned_configs() -> dict[str, str]:
+    """The decode configuration measured best for each kernel variant run so far, for benchmark reports.
 
-
-def _pow2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
-
-
-def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def _mass(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, lse: torch.Tensor, n: int, scale_log2: float,
-          index: torch.Tensor | None = None, window: int | None = None, first_index: int = 0,
-          causal: bool = False, bias: torch.Tensor | None = None, row_from: int = 0) -> torch.Tensor:
-    """Mass per key ``(B, H_kv, keys)`` of one segment from the final log-sum-exp (log2) of rows ``t >= row_from``."""
-    batch, kv_heads, rows, width = q.shape
-    count = keys.shape[-2]
-    mass = torch.zeros(batch, kv_heads, count, dtype=torch.float32, device=q.device)
-    if count == 0:
-        return mass
-    block_n = 32
-    idx = index if index is not None else visible
-    weight = bias if bias is not None else lse
-    _mass_kernel[(triton.cdiv(count, block_n), batch * kv_heads)](
-        q, *_strides3(q), keys, *_strides3(keys), visible, visible.stride(0), visible.stride(1),
-        idx, idx.stride(0), idx.stride(1), weight, weight.stride(0), weight.stride(1), lse, lse.stride(0),
-        lse.stride(1), mass, mass.stride(0), mass.stride(1),
-        kv_heads, rows, n, count, first_index, window or 0, scale_log2, width, row_from,
-        W=_pow2(width), BLOCK_M=16, BLOCK_N=block_n, HAS_WINDOW=window is not None, CAUSAL=causal,
-        PRECISION=_precision(q), HAS_BIAS=bias is not None,
-    )
-    return mass
+    Keys are the variants' widths and segments (the autotuner's key), values the chosen configurations.
+    """
+    return {str(key): str(config) for key, config in _attention_decode.cache.items()}
 
 
 def _splits(slots: int, programs: int, block_n: int, device: torch.device) -> tuple[int, int]:
@@ -268,7 +221,9 @@ def triton_attention(
 
     Parameters and returns are the reference's. It does not apply (returns ``None``, the caller
     runs the reference) with logit soft-capping, with a chunk mask other than causal plus key
-    padding, or on a sliding-window layer of a static cache. The work is the custom op
+    padding, or on a sliding-window layer of a static cache. Where it applies and
+    ``inputs.score_out`` is set (a static decode step), it also folds the mass into that buffer,
+    as :func:`~kvpress_aqua.ops.reference.fold_scores` does. The work is the custom op
     ``torch.ops.kvpress_aqua.fused_attention``, which ``torch.compile`` keeps whole (a CUDA graph
     records its launches).
     """
@@ -293,24 +248,43 @@ def triton_attention(
         inputs.exact_keys if exact else None, inputs.exact_basis if exact else None,
         inputs.exact_slot if exact else None, scale, inputs.query_channels, inputs.window, first_index,
         inputs.want_mass, max(0, n - inputs.mass_rows) if inputs.mass_rows is not None else 0,
+        inputs.score_out, inputs.new_slots, inputs.score_decay,
     )
     return result if with_lse else result[:3]
 
 
-@torch.library.custom_op("kvpress_aqua::fused_attention", mutates_args=())
+def _merge(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(output, lse)`` of the whole past from its splits' ``(splits, B, H_kv, rows, dv)`` and ``(splits, ...)``."""
+    splits, batch, kv_heads, rows, dv = out.shape
+    if splits == 1:
+        return out[0], lse[0]
+    merged = torch.empty(batch, kv_heads, rows, dv, dtype=dtype, device=out.device)
+    total = torch.empty(batch, kv_heads, rows, dtype=torch.float32, device=out.device)
+    block_r = 16
+    _combine_kernel[(triton.cdiv(rows, block_r), batch * kv_heads)](
+        out, out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse, lse.stride(0), lse.stride(1),
+        lse.stride(2), merged, *strides3(merged), total, total.stride(0), total.stride(1),
+        kv_heads, rows, splits, dv, SPLITS=triton.next_power_of_2(splits), DV=pow2(dv), BLOCK_R=block_r)
+    return merged, total
+
+
+@torch.library.custom_op("kvpress_aqua::fused_attention", mutates_args=("score_out",))
 def fused_attention(
     query: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor, past_visible: torch.Tensor,
     keys_new: torch.Tensor, values_new: torch.Tensor, key_valid: torch.Tensor, past_index: torch.Tensor | None,
     past_log_weight: torch.Tensor | None, key_basis: torch.Tensor | None, exact_keys: torch.Tensor | None,
     exact_basis: torch.Tensor | None, exact_slot: torch.Tensor | None, scale: float, query_channels: int | None,
     window: int | None, first_index: int, want_mass: bool, mass_from: int = 0,
+    score_out: torch.Tensor | None = None, new_slots: torch.Tensor | None = None, score_decay: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused attention on plain tensors (the fields of :class:`~kvpress_aqua.ops.inputs.AttentionInputs`).
 
     ``key_valid`` is the int8 ``(B, n)`` validity of the chunk's keys (its mask is causal); the
     exact-token tensors are given together or not at all; only query rows ``t >= mass_from`` give mass
-    (one decode query always does). Returns ``(output, mass_past, mass_new, lse)``, ``lse`` each
-    query's float32 log-sum-exp ``(B, H, n)`` (natural log, ``-inf`` where it sees nothing).
+    (one decode query always does). Given ``score_out`` (a static decode step's score buffer) it
+    folds the mass into it in place (see :func:`~kvpress_aqua.ops.reference.fold_scores`).
+    Returns ``(output, mass_past, mass_new, lse)``, ``lse`` each query's float32 log-sum-exp
+    ``(B, H, n)`` (natural log, ``-inf`` where it sees nothing).
     """
     batch, heads, n, d = query.shape
     kv_heads = keys_new.shape[1]
@@ -338,15 +312,15 @@ def fused_attention(
         bias_b = past_log_weight.gather(2, at).contiguous() if past_log_weight is not None else None
         index_b = past_index.gather(2, at).contiguous() if window is not None else visible_b
         qb = torch.cat([qa, q_raw @ exact_basis], dim=-1).contiguous()
-        is_exact = torch.zeros_like(visible_a, dtype=torch.int32).scatter_add_(2, at, row_valid.int()) > 0
-        visible_a = visible_a & ~is_exact
+        # an exact row's slot leaves the past segment (rows of no token keep their slot's own visibility)
+        visible_a = visible_a.to(torch.int8).scatter_reduce(2, at, (~row_valid).to(torch.int8), "amin")
     else:
         qb = kb = vb = visible_b = index_b = q_raw  # placeholders: segment B is compiled out
         bias_b = None
-    visible_a = visible_a.to(torch.int8)
     index = past_index if window is not None else visible_a
     block_m = 16 if rows <= 16 else 64
-    block_n = 64
+    tuned = n == 1 and query.is_cuda
+    block_n = _DECODE_BLOCK_N if tuned else 64
     row_tiles = triton.cdiv(rows, block_m)
     splits, split_len = _splits(slots, row_tiles * batch * kv_heads, block_n, query.device)
     out_dtype = values_new.dtype if splits == 1 else torch.float32
@@ -357,57 +331,52 @@ def fused_attention(
               if write_scores else lse)
     bias_a = past_log_weight if past_log_weight is not None else lse
     bias_b_ptr = bias_b if bias_b is not None else lse
-    _attention_kernel[(row_tiles, batch * kv_heads, splits)](
-        qa, *_strides3(qa), past_keys, *_strides3(past_keys), past_values, *_strides3(past_values), visible_a,
+    kernel, config = (_attention_decode, {}) if tuned else (_attention_kernel, {"BLOCK_N": block_n})
+    kernel[(row_tiles, batch * kv_heads, splits)](
+        qa, *strides3(qa), past_keys, *strides3(past_keys), past_values, *strides3(past_values), visible_a,
         visible_a.stride(0), visible_a.stride(1), index, index.stride(0), index.stride(1),
         bias_a, bias_a.stride(0), bias_a.stride(1),
-        qb, *_strides3(qb), kb, *_strides3(kb), vb, *_strides3(vb), visible_b, visible_b.stride(0),
+        qb, *strides3(qb), kb, *strides3(kb), vb, *strides3(vb), visible_b, visible_b.stride(0),
         visible_b.stride(1), index_b, index_b.stride(0), index_b.stride(1),
         bias_b_ptr, bias_b_ptr.stride(0), bias_b_ptr.stride(1),
-        q_raw, *_strides3(q_raw), keys_new, *_strides3(keys_new), values_new, *_strides3(values_new), key_valid,
+        q_raw, *strides3(q_raw), keys_new, *strides3(keys_new), values_new, *strides3(values_new), key_valid,
         key_valid.stride(0),
         out, out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse, lse.stride(0), lse.stride(1),
         lse.stride(2), scores, scores.stride(0), scores.stride(1), scores.stride(2) if write_scores else 0,
         kv_heads, rows, n, slots, exact_slot.shape[-1] if exact else 0, split_len, first_index,
         window or 0, scale_log2, qa.shape[-1], d, dv,
-        WA=_pow2(qa.shape[-1]), WB=_pow2(d), DV=_pow2(dv), BLOCK_M=block_m, BLOCK_N=block_n,
+        WA=pow2(qa.shape[-1]), WB=pow2(d), DV=pow2(dv), BLOCK_M=block_m,
         HAS_A=slots > 0, HAS_B=exact, HAS_C=True, HAS_WINDOW=window is not None and slots > 0,
-        WRITE_SCORES=write_scores, PRECISION=_precision(qa), HAS_BIAS=past_log_weight is not None,
+        WRITE_SCORES=write_scores, PRECISION=precision(qa), HAS_BIAS=past_log_weight is not None, **config,
     )
-    if splits == 1:
-        total_lse, merged = lse[0], out[0]
-    else:
-        total_lse = torch.logsumexp(lse * LN2, dim=0) / LN2
-        weight = torch.exp2(lse - total_lse.where(total_lse > float("-inf"), 0.0)).nan_to_num_(0.0)
-        merged = (out * weight[..., None]).sum(0).to(values_new.dtype)
+    merged, total_lse = _merge(out, lse, values_new.dtype)
     output = merged.reshape(batch, kv_heads, group, n, dv).reshape(batch, heads, n, dv)
     row_lse = (total_lse * LN2).reshape(batch, heads, n)
-    mass_past = torch.zeros(batch, kv_heads, slots, dtype=torch.float32, device=query.device)
-    mass_new = torch.zeros(batch, kv_heads, n, dtype=torch.float32, device=query.device)
     if not want_mass:
-        return output, mass_past, mass_new, row_lse
-    if write_scores:  # one small pass over the written scores gives both masses
-        block = 128
-        _decode_mass_kernel[(triton.cdiv(slots + n, block), batch * kv_heads)](
-            scores, scores.stride(0), scores.stride(1), scores.stride(2), total_lse, total_lse.stride(0),
-            total_lse.stride(1), mass_past, mass_past.stride(0), mass_past.stride(1), mass_new, mass_new.stride(0),
-            mass_new.stride(1), kv_heads, rows, slots, slots + n, BLOCK_R=16, BLOCK_N=block)
+        return (output, torch.zeros(batch, kv_heads, slots, dtype=torch.float32, device=query.device),
+                torch.zeros(batch, kv_heads, n, dtype=torch.float32, device=query.device), row_lse)
+    folds = write_scores and score_out is not None and not exact
+    if write_scores:  # one small pass over the written scores gives both masses (and folds them, where it can)
+        mass_past, mass_new = decode_mass(scores, total_lse, slots, *((score_out, new_slots, score_decay)
+                                                                    if folds else ()))
     else:
-        if slots:
-            mass_past = _mass(qa, past_keys, visible_a, total_lse, n, scale_log2, past_index, window, first_index,
-                              bias=past_log_weight, row_from=mass_from)
-        mass_new = _mass(q_raw, keys_new, key_valid[:, None, :].expand(batch, kv_heads, n), total_lse, n,
-                         scale_log2, causal=True, row_from=mass_from)
+        mass_past = (segment_mass(qa, past_keys, visible_a, total_lse, n, scale_log2, past_index, window,
+                                  first_index, bias=past_log_weight, row_from=mass_from) if slots else
+                     torch.zeros(batch, kv_heads, 0, dtype=torch.float32, device=query.device))
+        mass_new = segment_mass(q_raw, keys_new, key_valid[:, None, :].expand(batch, kv_heads, n), total_lse, n,
+                                scale_log2, causal=True, row_from=mass_from)
     if exact:
-        mass_past = mass_past.scatter_add(2, at, _mass(qb, kb, visible_b, total_lse, n, scale_log2, index_b, window,
-                                                       first_index, bias=bias_b, row_from=mass_from))
+        mass_past = mass_past.scatter_add(2, at, segment_mass(qb, kb, visible_b, total_lse, n, scale_log2, index_b,
+                                                              window, first_index, bias=bias_b, row_from=mass_from))
+    if score_out is not None and not folds:
+        reference.fold_scores(score_out, score_decay, mass_past, mass_new, new_slots)
     return output, mass_past, mass_new, row_lse
 
 
 @fused_attention.register_fake
 def _(query, past_keys, past_values, past_visible, keys_new, values_new, key_valid, past_index, past_log_weight,
       key_basis, exact_keys, exact_basis, exact_slot, scale, query_channels, window, first_index, want_mass,
-      mass_from=0):
+      mass_from=0, score_out=None, new_slots=None, score_decay=1.0):
     batch, heads, n, _ = query.shape
     kv_heads, slots = keys_new.shape[1], past_keys.shape[-2]
     return (query.new_empty(batch, heads, n, values_new.shape[-1], dtype=values_new.dtype),

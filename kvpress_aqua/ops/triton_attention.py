@@ -38,6 +38,18 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _online(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
+    """One tile's step of the online softmax: scores ``s`` (log2 units, ``-inf`` where masked), values ``v``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h,
              K, k_b, k_h, k_n, V, v_b, v_h, v_n, VIS, vis_b, vis_h, IDX, idx_b, idx_h, BIAS, bias_b, bias_h,
              lo, hi, first_index, window, scale_log2, SC, sc_b, sc_h, sc_r, sc_col,
@@ -68,15 +80,48 @@ def _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h,
         if WRITE_SCORES:
             tl.store(SC + b * sc_b + h * sc_h + rows[:, None] * sc_r + sc_col + cols[None, :], s,
                      mask=row_ok[:, None] & col_ok[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
         v = tl.load(V + b * v_b + h * v_h + cols[:, None] * v_n + dch[None, :],
                     mask=col_ok[:, None] & (dch[None, :] < dv), other=0.0)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _online(acc, m_i, l_i, s, v, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _exact_segment(acc, m_i, l_i, q_a, q_e, row_ok, t, b, h,
+                   KA, ka_b, ka_h, ka_n, EK, ek_b, ek_h, ek_n, VA, va_b, va_h, va_n, VIS, vis_b, vis_h,
+                   IDX, idx_b, idx_h, BIAS, bias_b, bias_h, SLOT, sl_b, sl_h, E, first_index, window, scale_log2,
+                   WA: tl.constexpr, wa, WE: tl.constexpr, we, DV: tl.constexpr, dv, BLOCK_N: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """AQUA's exact rows: each row's slot read in place, plus the row's own dropped key channels.
+
+    The slot's stored channels, value, visibility, index and log-weight are read where they are, so
+    the slot's score is the full-width one; a row of slot ``-1`` stands for no token.
+    """
+    ch_a = tl.arange(0, WA)
+    ch_e = tl.arange(0, WE)
+    dch = tl.arange(0, DV)
+    for start in range(0, E, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        slot = tl.load(SLOT + b * sl_b + h * sl_h + cols, mask=cols < E, other=-1)
+        ok = slot >= 0
+        at = tl.where(ok, slot, 0)
+        k_a = tl.load(KA + b * ka_b + h * ka_h + at[:, None] * ka_n + ch_a[None, :],
+                      mask=ok[:, None] & (ch_a[None, :] < wa), other=0.0)
+        k_e = tl.load(EK + b * ek_b + h * ek_h + cols[:, None] * ek_n + ch_e[None, :],
+                      mask=ok[:, None] & (ch_e[None, :] < we), other=0.0)
+        s = (tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
+             + tl.dot(q_e, tl.trans(k_e), input_precision=PRECISION)) * scale_log2
+        if HAS_BIAS:
+            s += tl.load(BIAS + b * bias_b + h * bias_h + at, mask=ok, other=0.0)[None, :] * 1.4426950408889634
+        vis = tl.load(VIS + b * vis_b + h * vis_h + at, mask=ok, other=0)
+        mask = row_ok[:, None] & (ok & (vis != 0))[None, :]
+        if HAS_WINDOW:
+            idx = tl.load(IDX + b * idx_b + h * idx_h + at, mask=ok, other=0)
+            mask = mask & (idx[None, :] > (first_index + t)[:, None] - window)
+        s = tl.where(mask, s, float("-inf"))
+        v = tl.load(VA + b * va_b + h * va_h + at[:, None] * va_n + dch[None, :],
+                    mask=ok[:, None] & (dch[None, :] < dv), other=0.0)
+        acc, m_i, l_i = _online(acc, m_i, l_i, s, v, PRECISION)
     return acc, m_i, l_i
 
 
@@ -84,12 +129,12 @@ def _segment(acc, m_i, l_i, q, rows, row_ok, t, b, h,
 def _attention_kernel(
     QA, qa_b, qa_h, qa_r, KA, ka_b, ka_h, ka_n, VA, va_b, va_h, va_n, VISA, visa_b, visa_h, IDXA, idxa_b, idxa_h,
     BA, ba_b, ba_h,
-    QB, qb_b, qb_h, qb_r, KB, kb_b, kb_h, kb_n, VB, vb_b, vb_h, vb_n, VISB, visb_b, visb_h, IDXB, idxb_b, idxb_h,
-    BB, bb_b, bb_h,
+    QE, qe_b, qe_h, qe_r, EK, ek_b, ek_h, ek_n, VISB, visb_b, visb_h, SLOT, sl_b, sl_h,
     QC, qc_b, qc_h, qc_r, KC, kc_b, kc_h, kc_n, VC, vc_b, vc_h, vc_n, VALC, valc_b,
     OUT, o_s, o_b, o_h, o_r, LSE, l_s, l_b, l_h, SC, sc_b, sc_h, sc_r,
-    kv_heads, rows_total, n, S, E, split_len, first_index, window, scale_log2, wa, wb, dv,
-    WA: tl.constexpr, WB: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    kv_heads, rows_total, n, S, E, split_len, first_index, window, scale_log2, wa, wb, we, dv,
+    WA: tl.constexpr, WB: tl.constexpr, WE: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_WINDOW: tl.constexpr,
     WRITE_SCORES: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
@@ -117,13 +162,17 @@ def _attention_kernel(
                                  WRITE_SCORES, PRECISION, HAS_BIAS)
     if split == 0:
         if HAS_B:
-            ch_b = tl.arange(0, WB)
-            q_b = tl.load(QB + b * qb_b + h * qb_h + rows[:, None] * qb_r + ch_b[None, :],
-                          mask=row_ok[:, None] & (ch_b[None, :] < wb), other=0.0)
-            acc, m_i, l_i = _segment(acc, m_i, l_i, q_b, rows, row_ok, t, b, h, KB, kb_b, kb_h, kb_n, VB, vb_b, vb_h,
-                                     vb_n, VISB, visb_b, visb_h, IDXB, idxb_b, idxb_h, BB, bb_b, bb_h, 0, E,
-                                     first_index, window, scale_log2, SC, sc_b, sc_h, sc_r, 0, WB, wb, DV, dv,
-                                     BLOCK_N, True, HAS_WINDOW, False, False, PRECISION, HAS_BIAS)
+            ch_a = tl.arange(0, WA)
+            q_a = tl.load(QA + b * qa_b + h * qa_h + rows[:, None] * qa_r + ch_a[None, :],
+                          mask=row_ok[:, None] & (ch_a[None, :] < wa), other=0.0)
+            ch_e = tl.arange(0, WE)
+            q_e = tl.load(QE + b * qe_b + h * qe_h + rows[:, None] * qe_r + ch_e[None, :],
+                          mask=row_ok[:, None] & (ch_e[None, :] < we), other=0.0)
+            acc, m_i, l_i = _exact_segment(acc, m_i, l_i, q_a, q_e, row_ok, t, b, h, KA, ka_b, ka_h, ka_n, EK, ek_b,
+                                           ek_h, ek_n, VA, va_b, va_h, va_n, VISB, visb_b, visb_h, IDXA, idxa_b,
+                                           idxa_h, BA, ba_b, ba_h, SLOT, sl_b, sl_h, E, first_index, window,
+                                           scale_log2, WA, wa, WE, we, DV, dv, BLOCK_N, HAS_WINDOW, PRECISION,
+                                           HAS_BIAS)
         if HAS_C:
             ch_c = tl.arange(0, WB)
             q_c = tl.load(QC + b * qc_b + h * qc_h + rows[:, None] * qc_r + ch_c[None, :],
@@ -180,7 +229,7 @@ _DECODE_BLOCK_N = 128
 _attention_decode = triton.autotune(
     configs=[triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
              for block_n in (64, _DECODE_BLOCK_N) for warps in (4, 8) for stages in (2, 3)],
-    key=["WA", "WB", "DV", "BLOCK_M", "HAS_B", "HAS_WINDOW", "WRITE_SCORES", "HAS_BIAS"],
+    key=["WA", "WB", "WE", "DV", "BLOCK_M", "HAS_B", "HAS_WINDOW", "WRITE_SCORES", "HAS_BIAS"],
 )(_attention_kernel)
 """The decode pass on CUDA, its tile width, warps and pipeline depth measured once per kernel variant (the
 first call of each; a CUDA graph's warm-up run makes it before the capture)."""
@@ -303,20 +352,13 @@ def fused_attention(
             qa = torch.zeros_like(qa).scatter_(-1, top, qa.gather(-1, top))
     qa = qa.contiguous()
     visible_a = past_visible
-    if exact:
+    if exact:  # segment B reads each exact row's slot in place; the slot leaves the past segment
         row_valid = exact_slot >= 0
         at = exact_slot.clamp_min(0)
-        kb = torch.cat([past_keys.gather(2, at[..., None].expand(-1, -1, -1, past_keys.shape[-1])), exact_keys], dim=-1)
-        vb = past_values.gather(2, at[..., None].expand(-1, -1, -1, dv))
-        visible_b = (row_valid & past_visible.gather(2, at)).to(torch.int8)
-        bias_b = past_log_weight.gather(2, at).contiguous() if past_log_weight is not None else None
-        index_b = past_index.gather(2, at).contiguous() if window is not None else visible_b
-        qb = torch.cat([qa, q_raw @ exact_basis], dim=-1).contiguous()
-        # an exact row's slot leaves the past segment (rows of no token keep their slot's own visibility)
+        q_e = (q_raw @ exact_basis).contiguous()
         visible_a = visible_a.to(torch.int8).scatter_reduce(2, at, (~row_valid).to(torch.int8), "amin")
     else:
-        qb = kb = vb = visible_b = index_b = q_raw  # placeholders: segment B is compiled out
-        bias_b = None
+        q_e = exact_keys = exact_slot = q_raw  # placeholders: segment B is compiled out
     index = past_index if window is not None else visible_a
     block_m = 16 if rows <= 16 else 64
     tuned = n == 1 and query.is_cuda
@@ -330,22 +372,20 @@ def fused_attention(
     scores = (torch.empty(batch, kv_heads, rows, slots + n, dtype=torch.float32, device=query.device)
               if write_scores else lse)
     bias_a = past_log_weight if past_log_weight is not None else lse
-    bias_b_ptr = bias_b if bias_b is not None else lse
     kernel, config = (_attention_decode, {}) if tuned else (_attention_kernel, {"BLOCK_N": block_n})
     kernel[(row_tiles, batch * kv_heads, splits)](
         qa, *strides3(qa), past_keys, *strides3(past_keys), past_values, *strides3(past_values), visible_a,
         visible_a.stride(0), visible_a.stride(1), index, index.stride(0), index.stride(1),
         bias_a, bias_a.stride(0), bias_a.stride(1),
-        qb, *strides3(qb), kb, *strides3(kb), vb, *strides3(vb), visible_b, visible_b.stride(0),
-        visible_b.stride(1), index_b, index_b.stride(0), index_b.stride(1),
-        bias_b_ptr, bias_b_ptr.stride(0), bias_b_ptr.stride(1),
+        q_e, *strides3(q_e), exact_keys, *strides3(exact_keys), past_visible, past_visible.stride(0),
+        past_visible.stride(1), exact_slot, exact_slot.stride(0), exact_slot.stride(1),
         q_raw, *strides3(q_raw), keys_new, *strides3(keys_new), values_new, *strides3(values_new), key_valid,
         key_valid.stride(0),
         out, out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse, lse.stride(0), lse.stride(1),
         lse.stride(2), scores, scores.stride(0), scores.stride(1), scores.stride(2) if write_scores else 0,
         kv_heads, rows, n, slots, exact_slot.shape[-1] if exact else 0, split_len, first_index,
-        window or 0, scale_log2, qa.shape[-1], d, dv,
-        WA=pow2(qa.shape[-1]), WB=pow2(d), DV=pow2(dv), BLOCK_M=block_m,
+        window or 0, scale_log2, qa.shape[-1], d, q_e.shape[-1], dv,
+        WA=pow2(qa.shape[-1]), WB=pow2(d), WE=pow2(q_e.shape[-1]), DV=pow2(dv), BLOCK_M=block_m,
         HAS_A=slots > 0, HAS_B=exact, HAS_C=True, HAS_WINDOW=window is not None and slots > 0,
         WRITE_SCORES=write_scores, PRECISION=precision(qa), HAS_BIAS=past_log_weight is not None, **config,
     )
@@ -365,9 +405,14 @@ def fused_attention(
                      torch.zeros(batch, kv_heads, 0, dtype=torch.float32, device=query.device))
         mass_new = segment_mass(q_raw, keys_new, key_valid[:, None, :].expand(batch, kv_heads, n), total_lse, n,
                                 scale_log2, causal=True, row_from=mass_from)
-    if exact:
-        mass_past = mass_past.scatter_add(2, at, segment_mass(qb, kb, visible_b, total_lse, n, scale_log2, index_b,
-                                                              window, first_index, bias=bias_b, row_from=mass_from))
+    if exact:  # the exact rows' mass, from their full-width keys gathered for it
+        kb = torch.cat([past_keys.gather(2, at[..., None].expand(-1, -1, -1, past_keys.shape[-1])), exact_keys], -1)
+        visible_b = (row_valid & past_visible.gather(2, at)).to(torch.int8)
+        bias_b = past_log_weight.gather(2, at).contiguous() if past_log_weight is not None else None
+        index_b = past_index.gather(2, at).contiguous() if window is not None else visible_b
+        mass_b = segment_mass(torch.cat([qa, q_e], -1).contiguous(), kb, visible_b, total_lse, n, scale_log2,
+                              index_b, window, first_index, bias=bias_b, row_from=mass_from)
+        mass_past = mass_past.scatter_add(2, at, mass_b)
     if score_out is not None and not folds:
         reference.fold_scores(score_out, score_decay, mass_past, mass_new, new_slots)
     return output, mass_past, mass_new, row_lse

@@ -323,15 +323,16 @@ def fused_attention(
     keys_new: torch.Tensor, values_new: torch.Tensor, key_valid: torch.Tensor, past_index: torch.Tensor | None,
     past_log_weight: torch.Tensor | None, key_basis: torch.Tensor | None, exact_keys: torch.Tensor | None,
     exact_basis: torch.Tensor | None, exact_slot: torch.Tensor | None, scale: float, query_channels: int | None,
-    window: int | None, first_index: int, want_mass: bool, mass_from: int = 0,
-    score_out: torch.Tensor | None = None, new_slots: torch.Tensor | None = None, score_decay: float = 1.0,
+    window: int | None, first_index: int, want_mass: bool, mass_from: int, score_out: torch.Tensor | None,
+    new_slots: torch.Tensor | None, score_decay: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused attention on plain tensors (the fields of :class:`~kvpress_aqua.ops.inputs.AttentionInputs`).
 
     ``key_valid`` is the int8 ``(B, n)`` validity of the chunk's keys (its mask is causal); the
     exact-token tensors are given together or not at all; only query rows ``t >= mass_from`` give mass
-    (one decode query always does). Given ``score_out`` (a static decode step's score buffer) it
-    folds the mass into it in place (see :func:`~kvpress_aqua.ops.reference.fold_scores`).
+    (one decode query always does). Given ``score_out`` (a static decode step's score buffer) it folds
+    the mass into it in place (see :func:`~kvpress_aqua.ops.reference.fold_scores`). No argument has a
+    default: torch 2.11 drops trailing arguments equal to their defaults before it finds the mutated one.
     Returns ``(output, mass_past, mass_new, lse)``, ``lse`` each query's float32 log-sum-exp
     ``(B, H, n)`` (natural log, ``-inf`` where it sees nothing).
     """
@@ -421,7 +422,7 @@ def fused_attention(
 @fused_attention.register_fake
 def _(query, past_keys, past_values, past_visible, keys_new, values_new, key_valid, past_index, past_log_weight,
       key_basis, exact_keys, exact_basis, exact_slot, scale, query_channels, window, first_index, want_mass,
-      mass_from=0, score_out=None, new_slots=None, score_decay=1.0):
+      mass_from, score_out, new_slots, score_decay):
     batch, heads, n, _ = query.shape
     kv_heads, slots = keys_new.shape[1], past_keys.shape[-2]
     return (query.new_empty(batch, heads, n, values_new.shape[-1], dtype=values_new.dtype),

@@ -80,7 +80,7 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
     dict(pad=(3, 0), n=7), dict(d=24, pruned=8), dict(weighted=True), dict(weighted=True, n=1),
     dict(weighted=True, pruned=8, exact=6), dict(mass_rows=2), dict(mass_rows=3, pruned=8, exact=6, window=9),
     dict(mass_rows=1, n=1), dict(pruned=8, exact=6, window=9), dict(pruned=8, exact=6, window=9, n=1),
-    dict(n=1, slots=700, weighted=True), dict(n=1, slots=1000, group=4, pruned=8, exact=6),
+    dict(n=1, slots=700, weighted=True), dict(n=1, slots=1000, group=4, pruned=8, exact=6), dict(n=1, group=1),
 ], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "plain")
 def test_fused_attention_equals_the_reference(dtype, kw):
     inputs, query, mask = _case(0, dtype, **kw)

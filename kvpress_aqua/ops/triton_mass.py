@@ -170,10 +170,11 @@ def decode_mass(scores: torch.Tensor, lse: torch.Tensor, slots: int, score_out: 
         raise ValueError("decode_mass folds the mass of one new token: give new_slots (B, H_kv, 1) and n = 1")
     target = score_out if fold else mass_past
     slot = new_slots if fold else mass_past
-    block = 128
+    block_r = min(16, triton.next_power_of_2(rows))  # a GQA group's rows (4 on Llama-3.1-8B) in one tile
+    block = 2048 // block_r
     _decode_mass_kernel[(triton.cdiv(total, block), batch * kv_heads)](
         scores, *strides3(scores), lse, lse.stride(0), lse.stride(1), mass_past, mass_past.stride(0),
         mass_past.stride(1), mass_new, mass_new.stride(0), mass_new.stride(1), target, target.stride(0),
         target.stride(1), slot, slot.stride(0), slot.stride(1), float(score_decay), kv_heads, rows, slots, total,
-        target.shape[-1] if fold else 0, BLOCK_R=16, BLOCK_N=block, FOLD=fold)
+        target.shape[-1] if fold else 0, BLOCK_R=block_r, BLOCK_N=block, FOLD=fold)
     return mass_past, mass_new

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import reference
 from .inputs import AttentionInputs
-from .triton_mass import decode_mass, pow2, precision, segment_mass, strides3
+from .triton_mass import decode_mass, pow2, precision, program_tile, segment_mass, strides3
 
 __all__ = ["fused_attention", "triton_attention", "tuned_configs"]
 
@@ -138,12 +138,8 @@ def _attention_kernel(
     HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_WINDOW: tl.constexpr,
     WRITE_SCORES: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    b, h, rows = program_tile(kv_heads, BLOCK_M)
     split = tl.program_id(2)
-    b = bh // kv_heads
-    h = bh % kv_heads
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < rows_total
     t = rows % n  # rows are (group member, chunk position), position fastest
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -195,11 +191,7 @@ def _attention_kernel(
 def _combine_kernel(OUT, o_s, o_b, o_h, o_r, LSE, l_s, l_b, l_h, MERGED, m_b, m_h, m_r, TOTAL, t_b, t_h,
                     kv_heads, rows_total, splits, dv, SPLITS: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr):
     """Merge the splits of the past (flash-decoding): outputs weighted by their share of the total softmax."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // kv_heads
-    h = bh % kv_heads
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    b, h, rows = program_tile(kv_heads, BLOCK_R)
     row_ok = rows < rows_total
     part = tl.arange(0, SPLITS)
     lse = tl.load(LSE + part[:, None] * l_s + b * l_b + h * l_h + rows[None, :],

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["decode_mass", "pow2", "precision", "segment_mass", "strides3"]
+__all__ = ["decode_mass", "pow2", "precision", "program_tile", "segment_mass", "strides3"]
 
 LOG2E = 1.4426950408889634
 
@@ -39,17 +39,20 @@ def precision(x: torch.Tensor) -> str:
 
 
 @triton.jit
+def program_tile(kv_heads, BLOCK: tl.constexpr):
+    """The program's sequence, KV head (grid axis 1: ``batch * kv_heads``) and tile of ``BLOCK`` indices (axis 0)."""
+    bh = tl.program_id(1)
+    return bh // kv_heads, bh % kv_heads, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _mass_kernel(Q, q_b, q_h, q_r, K, k_b, k_h, k_n, VIS, vis_b, vis_h, IDX, idx_b, idx_h, BIAS, bias_b, bias_h,
                  LSE, l_b, l_h,
                  MASS, m_b, m_h, kv_heads, rows_total, n, keys, first_index, window, scale_log2, w, row_from,
                  W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Attention weight each key of a segment received, summed over the query rows of its KV head from ``row_from``."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // kv_heads
-    h = bh % kv_heads
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, h, cols = program_tile(kv_heads, BLOCK_N)
     col_ok = cols < keys
     ch = tl.arange(0, W)
     k = tl.load(K + b * k_b + h * k_h + cols[:, None] * k_n + ch[None, :],
@@ -120,11 +123,7 @@ def _decode_mass_kernel(SC, sc_b, sc_h, sc_r, LSE, l_b, l_h, PAST, p_b, p_h, NEW
     at its slot ``SLOT``: every program sums the new key's column itself, so no program waits
     for another.
     """
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // kv_heads
-    h = bh % kv_heads
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, h, cols = program_tile(kv_heads, BLOCK_N)
     col_ok = cols < total
     acc = tl.zeros([BLOCK_N], tl.float32)
     new_mass = tl.zeros([BLOCK_R], tl.float32)

@@ -29,6 +29,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from kvpress_aqua import CompressedCache
@@ -191,6 +192,7 @@ def _time_steps(step, model, cache, token, positions, mask_for, steps: int, warm
     if prof is not None:
         prof.__exit__(None, None, None)
         PROFILE["last"] = _top_kernels(prof, PROFILE["steps"])
+        PROFILE["totals"] = _kernel_totals(prof, PROFILE["steps"])
     return statistics.median(times), warm
 
 
@@ -200,6 +202,14 @@ def _top_kernels(prof, steps: int, top: int = 25) -> list[dict]:
     events = sorted((e for e in prof.key_averages() if spent(e) > 0), key=lambda e: -spent(e))
     return [{"kernel": e.key[:160], "us_per_step": round(spent(e) / steps, 1),
              "calls_per_step": round(e.count / steps, 1)} for e in events[:top]]
+
+
+def _kernel_totals(prof, steps: int) -> dict:
+    """Every kernel's time and launches per step: what the top list leaves out, and how much of the step is gaps."""
+    spent = (lambda e: e.device_time_total) if DEVICE == "cuda" else (lambda e: e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if spent(e) > 0]
+    return {"kernel_us_per_step": round(sum(spent(e) for e in events) / steps, 1),
+            "launches_per_step": round(sum(e.count for e in events) / steps, 1)}
 
 
 def run_decode(model, batch: int, context: int, steps: int, warmup: int, names: list[str]) -> list[dict]:
@@ -212,6 +222,7 @@ def run_decode(model, batch: int, context: int, steps: int, warmup: int, names: 
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
         torch._dynamo.reset()
+        skips = counters["inductor"]["cudagraph_skips"]  # a step CUDA graphs do not capture launches one by one
         token = torch.randint(0, SHAPE["vocab_size"], (batch, 1), device=DEVICE)
         try:
             with torch.inference_mode():
@@ -265,6 +276,8 @@ def run_decode(model, batch: int, context: int, steps: int, warmup: int, names: 
             row["x_roofline"] = round(ms / row["roofline_ms"], 2)
             if PROFILE["last"] is not None:
                 row["profile"], PROFILE["last"] = PROFILE["last"], None
+                row.update(PROFILE.pop("totals"))
+            row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
             if DEVICE == "cuda" and isinstance(cache, CompressedCache):
                 row["decode_kernel_configs"] = tuned_configs()
             if isinstance(cache, CompressedCache):

@@ -3,10 +3,11 @@
 import pytest
 import torch
 from tiny_models import make_tiny_model
+from torch._dynamo.utils import counters
 from transformers import DynamicCache
 
 from kvpress_aqua import CompressedCache
-from kvpress_aqua.policies import H2O, Retrieval, SlidingWindow
+from kvpress_aqua.policies import H2O, TOVA, Retrieval, SlidingWindow
 from kvpress_aqua.policies.aqua import Aqua
 from kvpress_aqua.util.compat import cache_kwargs
 
@@ -97,16 +98,24 @@ def test_cuda_kernel_path_equals_the_reference(arch, policies, monkeypatch):
     assert (fused - reference).abs().max().item() < 1e-4
 
 
-def test_cuda_compiled_static_decode_with_cuda_graphs_gives_the_same_tokens():
+@pytest.mark.parametrize("policies", [
+    (H2O(heavy=10, recent=4, sinks=1),), (TOVA(heavy=10, recent=4, sinks=1),),
+    (SlidingWindow(sinks=1, window=13), Aqua(k_ratio=0.5, basis="identity", exact_sinks=0, exact_recent=0)),
+    (SlidingWindow(sinks=1, window=13), Aqua(k_ratio=0.5, basis="identity", exact_sinks=1, exact_recent=4)),
+], ids=["h2o", "tova", "sliding-aqua-mem", "sliding-aqua-exact"])
+def test_cuda_compiled_static_decode_with_cuda_graphs_gives_the_same_tokens(policies):
+    """The compiled step gives the eager static tokens, and CUDA graphs capture it (no kernel-by-kernel step)."""
     from kvpress_aqua.evaluation.static_decode import compiled_step, generate_static
 
+    torch._dynamo.reset()
     model = make_tiny_model("llama").cuda()
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(5)).cuda()
-    policy = H2O(heavy=10, recent=4, sinks=1)
-    want = generate_static(model, CompressedCache(model, policy, prefill_chunk=16), ids, 12)
+    want = generate_static(model, CompressedCache(model, *policies, prefill_chunk=16), ids, 12)
+    skips = counters["inductor"]["cudagraph_skips"]
     step = compiled_step()  # inductor + CUDA graphs
-    got = generate_static(model, CompressedCache(model, policy, prefill_chunk=16), ids, 12, step=step)
+    got = generate_static(model, CompressedCache(model, *policies, prefill_chunk=16), ids, 12, step=step)
     assert torch.equal(got, want)
+    assert counters["inductor"]["cudagraph_skips"] == skips
 
 
 @pytest.mark.parametrize("offload", ["cpu", None])

@@ -96,7 +96,7 @@ def segment_mass(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, lse
     """
     batch, kv_heads, rows, width = q.shape
     count = keys.shape[-2]
-    mass = torch.zeros(batch, kv_heads, count, dtype=torch.float32, device=q.device)
+    mass = torch.empty(batch, kv_heads, count, dtype=torch.float32, device=q.device)  # every key is written
     if count == 0:
         return mass
     block_n = 32

@@ -89,10 +89,10 @@ def replay(layer_idx: int, policy: TokenPolicy | None, q: torch.Tensor, k: torch
     return out, held
 
 
-def policies_at(rate: int, context: int, block: int = 128) -> dict[str, TokenPolicy]:
+def policies_at(rate: int, context: int, block: int = 128, temperature: float = 1.0) -> dict[str, TokenPolicy]:
     """Every compared policy at one rate, all keeping BalanceKV's count of the context (blocks of ``block``)."""
     halvings = int(math.log2(rate))
-    chosen: dict[str, TokenPolicy] = {"balancekv": BalanceKV(halvings=halvings, block=block),
+    chosen: dict[str, TokenPolicy] = {"balancekv": BalanceKV(halvings=halvings, block=block, temperature=temperature),
                                       "uniform": Uniform(halvings=halvings, block=block)}
     kept = chosen["balancekv"].held(context)
     for name in BUDGETED:
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
     for layer_idx, (q, k, v) in enumerate(layers):
         full, _ = replay(layer_idx, None, q, k, v, args.context)
         for rate in args.rates:
-            for name, policy in policies_at(rate, args.context, args.block).items():
+            for name, policy in policies_at(rate, args.context, args.block, args.temperature).items():
                 out, held = replay(layer_idx, policy, q, k, v, args.context)
                 error = ((out - full).float().norm() / full.float().norm()).item()
                 results.append(dict(layer=layer_idx, rate=rate, policy=name, kept=held, error=error))
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"layer {layer_idx} (balancekv vs uniform): " + ", ".join(shown), file=sys.stderr)
     return dict(
         meta=dict(model=args.model or "SmolLM2-135M-Instruct", context=args.context, queries=args.queries,
-                  rates=list(args.rates), block=args.block,
+                  rates=list(args.rates), block=args.block, temperature=args.temperature,
                   sequences=args.sequences, text="first half of the essays haystack (held out of calibration)",
                   seconds=round(time.perf_counter() - start, 1), command=" ".join(sys.argv)),
         summary=summarise(results, len(layers), args.rates),
@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--rates", type=lambda text: tuple(int(r) for r in text.split(",")), default=RATES,
                         help="comma-separated powers of two, the middle kept at 1/rate (default 2,4,8,16)")
     parser.add_argument("--block", type=int, default=128, help="block size of BalanceKV and uniform sampling")
+    parser.add_argument("--temperature", type=float, default=1.0, help="BalanceKV's kernel temperature")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attention_error-smollm2.json"))
     args = parser.parse_args()
     report = run(args)

@@ -232,6 +232,7 @@ def test_a_static_cache_refuses_a_choosing_policy():
     (lambda: BalanceKV(block=6, halvings=2), "multiple of 2\\*\\*halvings = 4"),
     (lambda: Uniform(halvings=-1), "halvings=-1"),
     (lambda: BalanceKV(gamma=0), "gamma=0"),
+    (lambda: BalanceKV(temperature=0), "temperature=0"),
     (lambda: SnapKV(heavy=4, kernel=4), "odd"),
     (lambda: SnapKV(heavy=4, window=0), "at least one query"),
 ])
@@ -251,3 +252,16 @@ def test_a_head_chooses_the_same_tokens_whichever_rank_holds_it(policy):
     assert torch.equal(share, every[:, 2:])
     alone = policy.choose(keys[:, 2:], values[:, 2:], Draws(torch.Generator().manual_seed(5)))
     assert not torch.equal(alone, every[:, 2:])  # drawing for the held heads only would choose otherwise
+
+
+def test_the_kernel_temperature_scales_the_key_logits():
+    """``temperature t`` halves a block as temperature 1 halves it with keys scaled by ``sqrt(t)`` (exact for 1/4)."""
+    gen = torch.Generator().manual_seed(11)
+    keys, values = torch.randn(2, 3, 32, 8, generator=gen) * 3, torch.randn(2, 3, 32, 8, generator=gen)
+
+    def halve(policy, k):
+        return policy.halve(k, values, Draws(torch.Generator().manual_seed(0)))
+
+    cool = halve(BalanceKV(temperature=0.25), keys)
+    assert torch.equal(cool, halve(BalanceKV(), keys * 0.5))
+    assert not torch.equal(cool, halve(BalanceKV(), keys))

@@ -40,6 +40,10 @@ class BalanceKV(BlockSummary):
     value_offset : float or None, default None
         ``c``, weighing the normaliser's balance against the values'; ``None``: the block's mean
         ``||v||^2`` (the paper's code adds 0.025).
+    temperature : float, default 1
+        ``t`` in the kernel ``exp(t <k_i, k_j> / sqrt(d))`` (the paper's code's ``temp``). Below 1
+        the kernel weighs the keys' first moments more than their self-similarity, as a query whose
+        ``<q, k>`` is much smaller than ``||k||^2`` sees them.
 
     Notes
     -----
@@ -58,6 +62,7 @@ class BalanceKV(BlockSummary):
 
     gamma: float = math.inf
     value_offset: float | None = None
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +70,8 @@ class BalanceKV(BlockSummary):
             raise ValueError(f"BalanceKV(gamma={self.gamma}): must be > 0")
         if self.value_offset is not None and self.value_offset < 0:
             raise ValueError(f"BalanceKV(value_offset={self.value_offset}): must be >= 0 (or None)")
+        if not self.temperature > 0:
+            raise ValueError(f"BalanceKV(temperature={self.temperature}): must be > 0")
 
     def choose(self, keys: torch.Tensor, values: torch.Tensor, draws: Draws) -> torch.Tensor:
         """Positions each block keeps after ``halvings`` balanced halvings, ascending."""
@@ -95,7 +102,7 @@ class BalanceKV(BlockSummary):
         """
         m = keys.shape[-2]
         centred = keys - keys.mean(-2, keepdim=True)
-        logits = centred @ centred.transpose(-1, -2) / math.sqrt(keys.shape[-1])
+        logits = centred @ centred.transpose(-1, -2) * (self.temperature / math.sqrt(keys.shape[-1]))
         # the largest logit is on the diagonal; subtracting it scales the kernel, not the walk's choices
         logits = logits - logits.diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None]
         offset = (values.pow(2).sum(-1).mean(-1)[..., None, None] if self.value_offset is None

@@ -191,24 +191,21 @@ def _time_steps(step, model, cache, token, positions, mask_for, steps: int, warm
         positions = positions + 1
     if prof is not None:
         prof.__exit__(None, None, None)
-        PROFILE["last"] = _top_kernels(prof, PROFILE["steps"])
-        PROFILE["totals"] = _kernel_totals(prof, PROFILE["steps"])
+        PROFILE["last"] = _kernels(prof, PROFILE["steps"])
     return statistics.median(times), warm
 
 
-def _top_kernels(prof, steps: int, top: int = 25) -> list[dict]:
-    """The kernels taking the most GPU time (CPU: self time of operators), per step (``steps`` averaged)."""
+def _kernels(prof, steps: int, top: int = 25) -> dict:
+    """The kernels taking the most GPU time per step (CPU: self time of operators), and all kernels' totals.
+
+    ``steps`` profiled steps are averaged. The totals (time and launches of every kernel) show what
+    the top list leaves out; the rest of the step is gaps between kernels.
+    """
     spent = (lambda e: e.device_time_total) if DEVICE == "cuda" else (lambda e: e.self_cpu_time_total)
     events = sorted((e for e in prof.key_averages() if spent(e) > 0), key=lambda e: -spent(e))
-    return [{"kernel": e.key[:160], "us_per_step": round(spent(e) / steps, 1),
-             "calls_per_step": round(e.count / steps, 1)} for e in events[:top]]
-
-
-def _kernel_totals(prof, steps: int) -> dict:
-    """Every kernel's time and launches per step: what the top list leaves out, and how much of the step is gaps."""
-    spent = (lambda e: e.device_time_total) if DEVICE == "cuda" else (lambda e: e.self_cpu_time_total)
-    events = [e for e in prof.key_averages() if spent(e) > 0]
-    return {"kernel_us_per_step": round(sum(spent(e) for e in events) / steps, 1),
+    return {"profile": [{"kernel": e.key[:160], "us_per_step": round(spent(e) / steps, 1),
+                         "calls_per_step": round(e.count / steps, 1)} for e in events[:top]],
+            "kernel_us_per_step": round(sum(spent(e) for e in events) / steps, 1),
             "launches_per_step": round(sum(e.count for e in events) / steps, 1)}
 
 
@@ -275,12 +272,12 @@ def run_decode(model, batch: int, context: int, steps: int, warmup: int, names: 
                    "bytes_read": weights + kv_read, "roofline_ms": round((weights + kv_read) / HBM * 1e3, 3)}
             row["x_roofline"] = round(ms / row["roofline_ms"], 2)
             if PROFILE["last"] is not None:
-                row["profile"], PROFILE["last"] = PROFILE["last"], None
-                row.update(PROFILE.pop("totals"))
+                row.update(PROFILE["last"])
+                PROFILE["last"] = None
             row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
-            if DEVICE == "cuda" and isinstance(cache, CompressedCache):
-                row["decode_kernel_configs"] = tuned_configs()
             if isinstance(cache, CompressedCache):
+                if DEVICE == "cuda":
+                    row["decode_kernel_configs"] = tuned_configs()
                 row["kv_bytes"] = cache.nbytes()
                 cache.detach()
             del cache

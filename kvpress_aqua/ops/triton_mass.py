@@ -20,8 +20,6 @@ import triton.language as tl
 
 __all__ = ["decode_mass", "pow2", "precision", "program_tile", "segment_mass", "strides3"]
 
-LOG2E = 1.4426950408889634
-
 
 def pow2(x: int) -> int:
     """The block width for ``x`` channels: a power of two, at least 16 (``tl.dot``'s minimum)."""

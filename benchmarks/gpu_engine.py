@@ -49,7 +49,7 @@ TINY = dict(SHAPE, hidden_size=256, intermediate_size=512, num_attention_heads=8
             vocab_size=512, num_hidden_layers=2)
 """``--tiny``: a 2-layer model of the same layout, to check the script on a CPU before a GPU run."""
 DEVICE = "cuda"
-PROFILE: dict = {"steps": 0, "last": None}
+PROFILE: dict = {"steps": 0, "last": None, "host_ms": None, "pipelined_ms": None}
 """``--profile N``: the last N timed steps of each decode run also run under the PyTorch profiler."""
 STREAM: dict = {"path": None}
 """Where :func:`emit` appends each row as it is measured (``OUT.rows.jsonl``), so a cut run keeps its rows."""
@@ -164,14 +164,20 @@ def _time_compiled(model, cache, token, positions, mask_for, steps: int, warmup:
 
 
 def _time_steps(step, model, cache, token, positions, mask_for, steps: int, warmup: int) -> tuple[float, float]:
-    """Median ms per decode step (CUDA events around each step) after ``warmup`` steps, and the warm-up seconds."""
-    times = []
+    """Median ms per decode step (CUDA events around each step) after ``warmup`` steps, and the warm-up seconds.
+
+    ``PROFILE["host_ms"]`` gets the median time the host takes to enqueue a step: the GPU waits for it
+    (each step here ends with a synchronisation, as a generation loop's stopping check does).
+    """
+    times, host = [], []
     start = time.perf_counter()
     prof = None
     for i in range(warmup + steps):
         if PROFILE["steps"] and i == warmup + steps - PROFILE["steps"]:
-            kind = torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
-            prof = torch.profiler.profile(activities=[kind])
+            kinds = [torch.profiler.ProfilerActivity.CPU]
+            if DEVICE == "cuda":
+                kinds.append(torch.profiler.ProfilerActivity.CUDA)
+            prof = torch.profiler.profile(activities=kinds)
             prof.__enter__()
         if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
             torch.compiler.cudagraph_mark_step_begin()
@@ -181,6 +187,8 @@ def _time_steps(step, model, cache, token, positions, mask_for, steps: int, warm
             begin.record()
         logits = step(model, cache, token, positions, mask_for(i))
         token = logits.argmax(-1, keepdim=True)
+        if i >= warmup:
+            host.append((time.perf_counter() - tick) * 1e3)
         if DEVICE == "cuda":
             end.record()
             torch.cuda.synchronize()
@@ -192,7 +200,34 @@ def _time_steps(step, model, cache, token, positions, mask_for, steps: int, warm
     if prof is not None:
         prof.__exit__(None, None, None)
         PROFILE["last"] = _kernels(prof, PROFILE["steps"])
+    PROFILE["host_ms"] = round(statistics.median(host), 3)
+    pipelined = _pipelined(step, model, cache, token, positions, mask_for, steps, warmup + steps)
+    PROFILE["pipelined_ms"] = round(pipelined, 3)
     return statistics.median(times), warm
+
+
+def _pipelined(step, model, cache, token, positions, mask_for, steps: int, first: int) -> float:
+    """Ms per step over ``steps`` steps enqueued back to back, one synchronisation at the end.
+
+    This is how :func:`~kvpress_aqua.evaluation.static_decode.generate_static` runs (no stopping
+    check between steps): the host enqueues a step while the GPU runs the one before, so the time is
+    the GPU's, gaps inside the CUDA graph included, as long as the host keeps ahead.
+    """
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+    tick = time.perf_counter()
+    for i in range(first, first + steps):
+        if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+            torch.compiler.cudagraph_mark_step_begin()
+        token = step(model, cache, token, positions, mask_for(i)).argmax(-1, keepdim=True)
+        positions = positions + 1
+    if DEVICE != "cuda":
+        return (time.perf_counter() - tick) * 1e3 / steps
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / steps
 
 
 def _kernels(prof, steps: int, top: int = 25) -> dict:
@@ -201,12 +236,17 @@ def _kernels(prof, steps: int, top: int = 25) -> dict:
     ``steps`` profiled steps are averaged. The totals (time and launches of every kernel) show what
     the top list leaves out; the rest of the step is gaps between kernels.
     """
-    spent = (lambda e: e.device_time_total) if DEVICE == "cuda" else (lambda e: e.self_cpu_time_total)
-    events = sorted((e for e in prof.key_averages() if spent(e) > 0), key=lambda e: -spent(e))
+    spent = (lambda e: e.self_device_time_total) if DEVICE == "cuda" else (lambda e: e.self_cpu_time_total)
+    averages = prof.key_averages()
+    on_device = (lambda e: e.device_type.name == "CUDA") if DEVICE == "cuda" else (lambda e: True)
+    events = sorted((e for e in averages if spent(e) > 0 and on_device(e)), key=lambda e: -spent(e))
+    host = sorted((e for e in averages if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
     return {"profile": [{"kernel": e.key[:160], "us_per_step": round(spent(e) / steps, 1),
                          "calls_per_step": round(e.count / steps, 1)} for e in events[:top]],
             "kernel_us_per_step": round(sum(spent(e) for e in events) / steps, 1),
-            "launches_per_step": round(sum(e.count for e in events) / steps, 1)}
+            "launches_per_step": round(sum(e.count for e in events) / steps, 1),
+            "host_profile": [{"op": e.key[:100], "self_us_per_step": round(e.self_cpu_time_total / steps, 1),
+                              "calls_per_step": round(e.count / steps, 1)} for e in host[:12]]}
 
 
 def run_decode(model, batch: int, context: int, steps: int, warmup: int, names: list[str]) -> list[dict]:
@@ -214,7 +254,7 @@ def run_decode(model, batch: int, context: int, steps: int, warmup: int, names: 
     layers, kv_heads, d = SHAPE["num_hidden_layers"], SHAPE["num_key_value_heads"], SHAPE["head_dim"]
     weights = sum(p.nbytes for p in model.parameters())
     held = context // 4
-    total = warmup + steps
+    total = warmup + 2 * steps  # the synchronised steps, then as many pipelined (_pipelined)
     for name in names:
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
@@ -274,6 +314,9 @@ def run_decode(model, batch: int, context: int, steps: int, warmup: int, names: 
             if PROFILE["last"] is not None:
                 row.update(PROFILE["last"])
                 PROFILE["last"] = None
+            row["host_ms_per_step"] = PROFILE["host_ms"]
+            row["pipelined_ms_per_step"] = PROFILE["pipelined_ms"]
+            row["pipelined_x_roofline"] = round(PROFILE["pipelined_ms"] / row["roofline_ms"], 2)
             row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
             if isinstance(cache, CompressedCache):
                 if DEVICE == "cuda":

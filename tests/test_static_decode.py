@@ -113,6 +113,20 @@ def test_a_static_cache_keeps_its_tensors_in_place():
     assert cache.get_seq_length() == 21
 
 
+def test_make_static_marks_every_tensor_a_step_reads_as_keeping_its_address():
+    """A CUDA graph copies an unmarked input into its own buffer at every replay (AQUA's bases, once per layer)."""
+    model = make_tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(3))
+    aqua = _aqua(model)
+    cache = CompressedCache(model, H2O(heavy=6, recent=3), aqua)
+    with torch.no_grad():
+        cache.prefill(ids)
+    assert not any(hasattr(t, "_dynamo_static_input_type") for t in aqua.tensors())
+    cache.make_static(5)
+    tensors = [*aqua.tensors(), *(t for layer in cache.layers for t in layer.slots.tensors().values())]
+    assert all(getattr(t, "_dynamo_static_input_type", None) is not None for t in tensors)
+
+
 def test_make_static_needs_a_prompt_and_one_token_per_step():
     model = make_tiny_model("llama")
     cache = CompressedCache(model, H2O(heavy=6, recent=3))

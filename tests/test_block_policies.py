@@ -265,3 +265,19 @@ def test_the_kernel_temperature_scales_the_key_logits():
     cool = halve(BalanceKV(temperature=0.25), keys)
     assert torch.equal(cool, halve(BalanceKV(), keys * 0.5))
     assert not torch.equal(cool, halve(BalanceKV(), keys))
+
+
+def test_centred_values_make_the_walk_blind_to_a_shift_of_the_block_s_values():
+    """``centre_values`` balances ``v - vbar``: adding one vector to every value changes no choice."""
+    gen = torch.Generator().manual_seed(12)
+    keys, values = torch.randn(2, 3, 32, 8, generator=gen), torch.randn(2, 3, 32, 8, generator=gen)
+    values = 1.5 * values / values.norm(dim=-1, keepdim=True)  # ||v|| in [1.2, 1.8] shifted: one bucket
+    shift = torch.randn(2, 3, 1, 8, generator=gen)
+    shifted = values + 0.3 * shift / shift.norm(dim=-1, keepdim=True)
+
+    def halve(policy, v):
+        return policy.halve(keys, v, Draws(torch.Generator().manual_seed(0)))
+
+    assert torch.equal(halve(BalanceKV(), values), halve(BalanceKV(), shifted))
+    raw = BalanceKV(centre_values=False)
+    assert not torch.equal(halve(raw, values), halve(raw, shifted))

@@ -163,6 +163,13 @@ def _time_compiled(model, cache, token, positions, mask_for, steps: int, warmup:
         return (*_time_steps(step, model, cache, token, positions, mask_for, steps, warmup), False)
 
 
+def _next_token(step, model, cache, token, positions, mask) -> torch.Tensor:
+    """One greedy decode step (a new CUDA-graph step first): the next token ``(batch, 1)``."""
+    if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+        torch.compiler.cudagraph_mark_step_begin()
+    return step(model, cache, token, positions, mask).argmax(-1, keepdim=True)
+
+
 def _time_steps(step, model, cache, token, positions, mask_for, steps: int, warmup: int) -> tuple[float, float]:
     """Median ms per decode step (CUDA events around each step) after ``warmup`` steps, and the warm-up seconds.
 
@@ -179,14 +186,11 @@ def _time_steps(step, model, cache, token, positions, mask_for, steps: int, warm
                 kinds.append(torch.profiler.ProfilerActivity.CUDA)
             prof = torch.profiler.profile(activities=kinds)
             prof.__enter__()
-        if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
-            torch.compiler.cudagraph_mark_step_begin()
         tick = time.perf_counter()
         if DEVICE == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-        logits = step(model, cache, token, positions, mask_for(i))
-        token = logits.argmax(-1, keepdim=True)
+        token = _next_token(step, model, cache, token, positions, mask_for(i))
         if i >= warmup:
             host.append((time.perf_counter() - tick) * 1e3)
         if DEVICE == "cuda":
@@ -219,9 +223,7 @@ def _pipelined(step, model, cache, token, positions, mask_for, steps: int, first
         begin.record()
     tick = time.perf_counter()
     for i in range(first, first + steps):
-        if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
-            torch.compiler.cudagraph_mark_step_begin()
-        token = step(model, cache, token, positions, mask_for(i)).argmax(-1, keepdim=True)
+        token = _next_token(step, model, cache, token, positions, mask_for(i))
         positions = positions + 1
     if DEVICE != "cuda":
         return (time.perf_counter() - tick) * 1e3 / steps

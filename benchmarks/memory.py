@@ -11,9 +11,13 @@ RSS above the post-load baseline and the wall time. Two ways of feeding the prom
   (``generate-*`` rows, against ``DynamicCache`` in ``generate-full``) or with generate's own
   ``prefill_chunk_size=512`` (``generate-chunked-*``).
 
+``--only`` also takes any shipped preset's name (``kvtool presets``): its cache fed by ``prefill``
+in chunks of 512, like the compressed rows above.
+
 The prompt is random token ids from a fixed seed: bytes do not depend on text.
 
 Run: python benchmarks/memory.py [--tokens 4096] [--out benchmarks/results/memory.json]
+     python benchmarks/memory.py --only full-chunked snapkv-25 balancekv-25 --out FILE
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import time
 from pathlib import Path
 
 from rss import reset_peak_rss, status_bytes
+
+from kvpress_aqua.presets.spec import list_presets
 
 CONFIGS = {
     "full": "full",
@@ -42,6 +48,8 @@ CONFIGS = {
     "generate-chunked-h2o-25": "h2o-25",
 }
 CHUNK = 512
+CHOICES = [*CONFIGS, *(name for name in list_presets() if name not in CONFIGS and name != "full")]
+"""``--only``: the configurations above, then every other shipped preset (prefilled in chunks)."""
 
 
 def run_one(name: str, tokens: int, new_tokens: int) -> dict:
@@ -54,7 +62,7 @@ def run_one(name: str, tokens: int, new_tokens: int) -> dict:
 
     model, _ = load_model()
     ids = torch.randint(100, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
-    spec = parse_policy(CONFIGS[name])
+    spec = parse_policy(CONFIGS.get(name, name))
     generate = name.startswith("generate-")
     chunk = None if name == "full" or generate else CHUNK
     generate_chunk = {"prefill_chunk_size": CHUNK} if name.startswith("generate-chunked-") else {}
@@ -104,8 +112,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
-    parser.add_argument("--only", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="configurations to run")
+    parser.add_argument("--one", choices=CHOICES, help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="+", choices=CHOICES, default=list(CONFIGS),
+                        help="configurations to run (default: the named configurations, no extra presets)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "memory.json")
     args = parser.parse_args()
     if args.one:

@@ -70,9 +70,9 @@ prefill() {
     local presets
     presets=$(python3 -c "from kvpress_aqua.presets.spec import list_presets as l
 print(','.join(sorted((n for n in l() if n != 'full'), key=lambda n: (not n.endswith(('-25', '-4x')), n))))")
-    timeout 150 python3 benchmarks/gpu_engine.py prefill --batch 8 --context 8192 --chunk 1024 \
+    timeout 200 python3 benchmarks/gpu_engine.py prefill --batch 8 --context 8192 --chunk 1024 \
         --caches "dense,$presets" --out "$OUT/prefill-8x8k.json" | cut -c1-200
-    timeout 400 python3 benchmarks/gpu_engine.py prefill --batch 8 --context 32768 --chunk 2048 \
+    timeout 380 python3 benchmarks/gpu_engine.py prefill --batch 8 --context 32768 --chunk 2048 \
         --caches "dense,$presets" --out "$OUT/prefill-8x32k.json" | cut -c1-200
 }
 

@@ -48,9 +48,9 @@ SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, 
              vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
              num_hidden_layers=32)
 HBM = 4.8e12
-PRESETS = tuple(name for name in list_presets() if name != "full")
-"""``prefill --caches`` takes these shipped presets' names too (``kvtool presets``), beside the names below."""
 """Bytes per second of the H200's HBM (datasheet)."""
+PRESETS = tuple(name for name in list_presets() if name != "full")
+"""``prefill --caches`` takes these shipped presets' names too (``kvtool presets``), beside :func:`policies`' names."""
 TINY = dict(SHAPE, hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
             vocab_size=512, num_hidden_layers=2)
 """``--tiny``: a 2-layer model of the same layout, to check the script on a CPU before a GPU run."""
@@ -121,7 +121,7 @@ def predicted_peak(model, pols: tuple, batch: int, context: int, chunk: int) -> 
     if token is None:
         knob = None
     elif isinstance(token, Retrieval):
-        knob = max(token._top_k, default=token.top_k)
+        knob = max(token.layer_top_k(i) for i in range(SHAPE["num_hidden_layers"]))
     else:
         knob = token.halvings if mm.keeps_rate else token.budget
     return mm.evaluate(round(aqua.k_ratio * d) if aqua else d, knob).total

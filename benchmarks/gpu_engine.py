@@ -237,11 +237,8 @@ def _time_steps(step, model, cache, token, positions, mask_for, steps: int, warm
         prof.__exit__(None, None, None)
         PROFILE["last"] = _kernels(prof, PROFILE["steps"])
     PROFILE["host_ms"] = round(statistics.median(host), 3)
-    samples = []
-    for r in range(PROFILE["repeats"]):
-        first = warmup + (1 + r) * steps
-        samples.append(round(_pipelined(step, model, cache, token, positions + (first - warmup - steps), mask_for,
-                                        steps, first), 3))
+    samples = [round(_pipelined(step, model, cache, token, positions + r * steps, mask_for, steps,
+                                warmup + (1 + r) * steps), 3) for r in range(PROFILE["repeats"])]
     PROFILE["samples"] = samples
     PROFILE["pipelined_ms"] = statistics.median(samples)
     return statistics.median(times), warm

